@@ -1,0 +1,114 @@
+"""Atomic file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+No partial file is ever visible under a final name: a reader sees the old complete file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success it is fsynced and renamed onto ``final``.
+
+    On any exception (disk full included) the temp file is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def write_text(final: str | os.PathLike, text: str) -> None:
+    write_bytes(final, text.encode("utf-8"))
+
+
+def write_json(final: str | os.PathLike, obj: Any) -> None:
+    write_text(final, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def write_with(final: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Atomically create ``final`` with a function that writes to a given path (e.g. safetensors.save_file)."""
+    with atomic_path(final) as tmp:
+        writer(tmp)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line (a JSON record) durably.
+
+    A single ``write`` of a line with O_APPEND, then fsync. A crash can leave at most a torn last line,
+    which readers skip (see ``read_jsonl``); complete earlier lines are never touched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        # a torn tail from an earlier crash would glue onto this record: start on a fresh line
+        if os.fstat(fd).st_size > 0:
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read complete JSON lines; a torn or garbled line (from a crash mid-append) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+

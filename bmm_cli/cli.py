@@ -1,0 +1,181 @@
+"""The ``bmm`` command: a thin typer app. Each command parses, then calls the library function of the same name.
+
+Results go to stdout (``--json`` for a machine-readable summary), progress and messages to stderr. Errors are one
+line, ``bmm: error: ...``, with a non-zero exit code (2 bad input, 3 work-dir state, 4 numerics, 130 interrupted);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from . import __version__
+from .errors import BmmError
+from .progress import set_quiet
+
+app = typer.Typer(
+    name="bmm",
+    help="Bayesian Model Merging: merge fine-tuned checkpoints of one base model with the closed-form MAP merge.\n\n"
+    "Pipeline: taskvec -> anchor -> gram -> solve -> search (merge runs them all). Every stage writes to a work "
+    "directory and resumes where it stopped.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        typer.echo(f"bmm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines on stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version_cb, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug or os.environ.get("BMM_DEBUG", "") not in ("", "0")
+    set_quiet(quiet)
+
+
+def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        text = human(result)
+        if text:
+            sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
+WORK_OPT = typer.Option(..., "--work", "-w", help="Work directory holding the stages.")
+FORCE_OPT = typer.Option(False, "--force", help="Redo the stage when its inputs or options changed.")
+
+
+@app.command()
+def version(as_json: bool = JSON_OPT) -> None:
+    """Print bmm's version and its main dependencies' versions."""
+    import safetensors
+    import torch
+
+    info: dict[str, Any] = {"bmm": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+                            "cuda": torch.cuda.is_available()}
+    _emit(info, as_json, lambda r: "\n".join(f"{k} {v}" for k, v in r.items()))
+
+
+@app.command()
+def plan(
+    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
+    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    blocks: int = typer.Option(1, "--blocks", min=1, help="Number of block-groups to show."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor."""
+    from .taskvec import plan_summary
+
+    res = plan_summary(base, experts, num_groups=blocks)
+
+    def human(r: dict) -> str:
+        lines = [
+            f"base         {r['base']}  ({r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters)",
+            f"experts      {len(r['experts'])}: " + ", ".join(r["experts"]),
+            f"blocks       {r['blocks']} in " + ", ".join(f"{s} ({n})" for s, n in r["stacks"].items()),
+            f"solvable     {r['modules']} modules, {r['solvable_parameters'] / 1e6:.1f}M parameters: "
+            + ", ".join(f"{g} {n}" for g, n in r["modules_per_group"].items()),
+            f"others       {len(r['others'])} tensors merged by the anchor's rule",
+            f"taskvec disk {r['taskvec_bytes_fp32'] / 1e9:.2f} GB (float32)",
+        ]
+        for g, ids in r["block_groups"].items():
+            lines.append(f"block-group {g}: {ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else f"block-group {g}: -")
+        if r["unknown"]:
+            lines.append(f"UNKNOWN      {len(r['unknown'])} 2-D block tensors match no rule (merged as others):")
+            lines += [f"  {k}" for k in r["unknown"]]
+        return "\n".join(lines)
+
+    _emit(res, as_json, human)
+
+
+@app.command()
+def taskvec(
+    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
+    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    work: Path = WORK_OPT,
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of task vectors (float32 keeps them exact)."),
+    allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch",
+                                              help="Accept experts stored in another dtype than the base."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage 1: write the experts' task vectors (W_t - W_pre) of every solvable module, one block at a time."""
+    from .stage import work_lock
+    from .taskvec import taskvec as run
+
+    with work_lock(work):
+        res = run(base, experts, work, dtype=dtype, force=force, allow_dtype_mismatch=allow_dtype_mismatch)
+    _emit(res, as_json, lambda r: r["dir"])
+
+
+def _expand_lists(argv: list[str]) -> list[str]:
+    """Let ``--experts A B C`` work like ``--experts A --experts B --experts C`` (as users of mergekit expect)."""
+    multi = {"--experts", "-e", "--calib", "--opt"}
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg in multi:
+            current = arg
+            out.append(arg)
+            continue
+        if arg.startswith("-"):
+            current = None
+            out.append(arg)
+            continue
+        if current is not None and out and out[-1] != current:
+            out.append(current)
+        out.append(arg)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = _expand_lists(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args or os.environ.get("BMM_DEBUG", "") not in ("", "0")
+    try:
+        app(args=args, prog_name="bmm", standalone_mode=False)
+    except BmmError as exc:
+        if debug:
+            raise
+        print(f"bmm: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("bmm: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("bmm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # usage errors and the unexpected
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # usage errors
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        print(f"bmm: internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,59 @@
+"""Checks on all inputs before any heavy work; each failure is one line naming the file and tensor."""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .progress import info
+from .store import Checkpoint
+
+_EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
+
+
+def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mismatch: bool = False) -> None:
+    """Every expert must have the base's keys, shapes and dtypes."""
+    if not experts:
+        raise InputError("no experts given: pass --experts E1 E2 ...")
+    seen: dict[str, int] = {}
+    for i, e in enumerate(experts):
+        if str(e.root) == str(base.root):
+            raise InputError(f"expert {e.root} is the base model itself; its task vector would be zero")
+        if str(e.root) in seen:
+            raise InputError(f"expert {e.root} is given twice (positions {seen[str(e.root)] + 1} and {i + 1})")
+        seen[str(e.root)] = i
+    if len(experts) == 1:
+        info("bmm: warning: only one expert; the merge reduces to a regularized copy of it")
+    base_vocab = base.config().get("vocab_size")
+    for e in experts:
+        bkeys, ekeys = set(base.meta), set(e.meta)
+        missing = [k for k in base.meta if k not in ekeys]
+        extra = [k for k in e.meta if k not in bkeys]
+        for k in missing + extra:
+            if "lm_head" in k:
+                who, other = (e, base) if k in missing else (base, e)
+                raise InputError(
+                    f"{who.root}: has no {k!r} but {other.root} has one: one checkpoint ties lm_head to the input "
+                    "embeddings and the other does not; save both with the same tie_word_embeddings setting"
+                )
+        if missing:
+            raise InputError(f"{e.root}: tensor {missing[0]!r} of the base is missing ({len(missing)} missing in all); "
+                             "is this a fine-tune of the same base model?")
+        if extra:
+            raise InputError(f"{e.meta[extra[0]].file}: tensor {extra[0]!r} is not in the base ({len(extra)} extra in "
+                             "all); is this a fine-tune of the same base model?")
+        e_vocab = e.config().get("vocab_size")
+        for k, bm in base.meta.items():
+            em = e.meta[k]
+            if em.shape != bm.shape:
+                if any(h in k for h in _EMBED_HINTS) or (base_vocab and e_vocab and base_vocab != e_vocab):
+                    raise InputError(
+                        f"{em.file}: tensor {k!r} has shape {list(em.shape)} but the base has {list(bm.shape)}: the "
+                        f"vocabulary was resized (vocab_size {e_vocab} vs {base_vocab}); merge only checkpoints with "
+                        "the base's vocabulary"
+                    )
+                raise InputError(f"{em.file}: tensor {k!r} has shape {list(em.shape)} but the base has "
+                                 f"{list(bm.shape)}; it is not a fine-tune of this base")
+            if em.dtype != bm.dtype and not allow_dtype_mismatch:
+                raise InputError(
+                    f"{em.file}: tensor {k!r} is {em.dtype} but the base stores it as {bm.dtype}; save the expert in "
+                    "the base's dtype or pass --allow-dtype-mismatch (math is fp32 either way)"
+                )

@@ -1,0 +1,196 @@
+"""Work-directory stages: a sub-directory per stage with shards and a ``stage.json`` manifest, plus the lock.
+
+A stage is identified by its inputs' fingerprints and its options. Rerunning with the same ones skips the shards
+already done (a shard counts as done only when the manifest lists it and the file has the recorded size); with
+different ones the stage refuses (``StateError``) unless ``force`` wipes it. Shards and the manifest are written
+atomically, shard first, so a kill at any point leaves a consistent stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import atomic, faults
+from .errors import InputError, StateError
+from .store import ShardReader, save_tensors
+
+MANIFEST = "stage.json"
+FORMAT_VERSION = 1
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stage:
+    def __init__(self, work: Path, name: str, *, inputs: dict, options: dict, force: bool = False,
+                 command: str = ""):
+        self.work = Path(work)
+        self.name = name
+        self.dir = self.work / name
+        self.path = self.dir / MANIFEST
+        self.inputs = inputs
+        self.options = options
+        ident = {"inputs": inputs, "options": options, "format": FORMAT_VERSION}
+        self.id = digest(ident)
+        old = self._load()
+        if old is not None and old.get("id") != self.id:
+            if not force:
+                what = _what_changed(old, inputs, options)
+                raise StateError(
+                    f"{self.path}: stage '{name}' was made with different {what}; "
+                    f"rerun with --force to redo it, or use another --work directory"
+                )
+            shutil.rmtree(self.dir)
+            old = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if old is None:
+            self.manifest = {"stage": name, "id": self.id, "format": FORMAT_VERSION, "inputs": inputs,
+                             "options": options, "shards": {}, "complete": False, "command": command,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self._save()
+        else:
+            self.manifest = old
+
+    # -- manifest ------------------------------------------------------------------------------------------------
+    def _load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError
+            return data
+        except ValueError:
+            raise StateError(f"{self.path}: unreadable manifest; delete {self.dir} (or pass --force) to redo the stage")
+
+    def _save(self) -> None:
+        atomic.write_json(self.path, self.manifest)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def done(self, shard: str) -> bool:
+        rec = self.manifest["shards"].get(shard)
+        if rec is None:
+            return False
+        p = self.dir / f"{shard}.safetensors"
+        return p.is_file() and p.stat().st_size == rec.get("bytes")
+
+    def shard_path(self, shard: str) -> Path:
+        return self.dir / f"{shard}.safetensors"
+
+    def write(self, shard: str, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
+        size = save_tensors(self.shard_path(shard), tensors, metadata={"bmm": f"{self.name}/{shard}"})
+        faults.hit(f"{self.name.split('-')[0]}.shard")
+        self.manifest["shards"][shard] = {"bytes": size, **(info or {})}
+        self.manifest["complete"] = False
+        self._save()
+
+    def read(self, shard: str) -> ShardReader:
+        if not self.done(shard):
+            raise StateError(f"{self.dir}: shard {shard} is missing or incomplete; rerun `bmm {self.name.split('-')[0]}`")
+        return ShardReader(self.shard_path(shard))
+
+    def finish(self, **summary: Any) -> None:
+        self.manifest["complete"] = True
+        self.manifest["summary"] = summary
+        self.manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._save()
+
+    def set(self, key: str, value: Any) -> None:
+        self.manifest[key] = value
+        self._save()
+
+
+def load_manifest(work: Path, name: str, *, need: str) -> dict:
+    """The manifest of a finished stage another stage depends on; a clear error naming the command to run."""
+    path = Path(work) / name / MANIFEST
+    if not path.exists():
+        raise InputError(f"{path} not found: run `{need}` first (or `bmm merge`, which runs every stage)")
+    data = json.loads(path.read_text())
+    if not data.get("complete"):
+        raise InputError(f"{path}: stage '{name}' did not finish; rerun `{need}` (it resumes)")
+    return data
+
+
+def _what_changed(old: dict, inputs: dict, options: dict) -> str:
+    parts = []
+    if old.get("inputs") != inputs:
+        parts.append("inputs")
+    if old.get("options") != options:
+        diff = sorted(k for k in set(options) | set(old.get("options", {}))
+                      if options.get(k) != old.get("options", {}).get(k))
+        parts.append("options (" + ", ".join(diff) + ")" if diff else "options")
+    if not parts:
+        parts.append("format version")
+    return " and ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one process per work directory
+
+
+@contextlib.contextmanager
+def work_lock(work: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<work>/.bmm.lock``.
+
+    The kernel drops the lock when its process dies (SIGKILL included), so a lock file left by a killed run is stale
+    by construction: the next run takes it over and says so. A live holder makes the second process refuse.
+    """
+    work = Path(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--work {work}: cannot create ({exc.strerror})") from None
+    path = work / ".bmm.lock"
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _read_holder(fd)
+            raise StateError(
+                f"{work} is in use by another bmm process ({holder}); wait for it to finish or stop it"
+            ) from None
+        previous = _read_holder(fd)
+        if previous != "unknown holder":
+            from .progress import info
+
+            info(f"bmm: took over a stale lock on {work} ({previous}, no longer running)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        if not raw:
+            return "unknown holder"
+        d = json.loads(raw.decode())
+        return f"pid {d.get('pid')} on {d.get('host')} since {d.get('since')}"
+    except (OSError, ValueError):
+        return "unknown holder"

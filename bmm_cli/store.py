@@ -1,0 +1,594 @@
+"""Checkpoint I/O: the one place that opens model files.
+
+Reading: a local directory or a hub id, single-file or sharded safetensors, one tensor at a time (``safe_open``),
+never the whole model. Headers are parsed and validated without torch so that a truncated shard, a corrupt header or
+an index that points at a missing file is reported before any heavy work. Pickle checkpoints (``.bin``, ``.pt``) are
+refused and never unpickled.
+
+Writing: Hugging Face layout (``model-0000i-of-0000n.safetensors`` + index, or one ``model.safetensors``), config and
+tokenizer files copied from the base, a model card; every file atomic, the directory swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import atomic, faults
+from .errors import InputError, NumericError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MARKER_NAME = "bmm_merge.json"  # marks a directory as a bmm output (safe to replace)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# files copied from the base into a merged model (everything a loader needs besides the weights)
+COPY_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bfloat16' / 'bf16' / 'float32' / 'fp16' ... -> torch dtype."""
+    aliases = {
+        "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "f16": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float64": torch.float64, "fp64": torch.float64,
+    }
+    try:
+        return aliases[name.strip().lower()]
+    except KeyError:
+        raise InputError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16, float64") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# instrumentation: how many tensors read from checkpoints are alive at once (tests bound it)
+
+
+class _Residency:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._release)
+        return t
+
+    def _release(self) -> None:
+        with self.lock:
+            self.live -= 1
+
+    def reset_peak(self) -> None:
+        with self.lock:
+            self.peak = self.live
+
+
+residency = _Residency()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# headers
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    key: str
+    dtype: str  # safetensors dtype name (F32, BF16, ...)
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES.get(self.dtype, 4)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
+    """Parse and validate a safetensors header without torch; returns (header dict, raw header bytes).
+
+    Checks that the file is complete: the last tensor's data must end exactly at the file's end.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
+                raise InputError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes); "
+                                 "re-download or re-save the file")
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__}); re-download or re-save it") from None
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = info["dtype"]
+            shape = [int(d) for d in info["shape"]]
+            start, stop = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors header entry for tensor {key!r}") from None
+        if dtype not in DTYPE_BYTES:
+            raise InputError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        nbytes = DTYPE_BYTES[dtype]
+        for d in shape:
+            nbytes *= d
+        if stop - start != nbytes or start < 0:
+            raise InputError(f"{path}: corrupt safetensors header: tensor {key!r} offsets do not match its shape")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise InputError(
+            f"{path}: truncated or padded safetensors file ({size} bytes, header says {8 + n + end}); "
+            "the download or copy is incomplete: fetch it again"
+        )
+    return header, raw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not spec.startswith((".", "~", "/"))
+        and all(c.isalnum() or c in "-_." for c in spec.replace("/", ""))
+    )
+
+
+def resolve_model_dir(spec: str | os.PathLike, *, role: str = "model") -> Path:
+    """A local directory, a single .safetensors file's directory, or a hub id -> a local directory."""
+    spec_s = str(spec)
+    path = Path(spec_s).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return path.parent.resolve()
+            if path.suffix in PICKLE_SUFFIXES:
+                raise InputError(f"{role} {path}: pickle checkpoints are refused (they can run code when loaded); "
+                                 "convert to safetensors first, e.g. save_pretrained(..., safe_serialization=True)")
+            raise InputError(f"{role} {path}: expected a model directory or a .safetensors file")
+        return path.resolve()
+    if not _looks_like_hub_id(spec_s):
+        raise InputError(f"{role} {spec_s}: no such file or directory (and not a hub id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise InputError(f"{role} {spec_s}: not a local path and huggingface_hub is not installed") from None
+    try:
+        local = snapshot_download(repo_id=spec_s, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # hub errors come in many classes (offline, 404, auth)
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it first or pass a local path"
+                if offline else "check the id, your network and HF_TOKEN")
+        raise InputError(f"{role} {spec_s}: cannot fetch from the hub ({exc.__class__.__name__}); {hint}") from None
+    return Path(local)
+
+
+class Checkpoint:
+    """A safetensors checkpoint opened lazily: metadata up front, tensors one at a time."""
+
+    def __init__(self, root: Path, files: dict[str, Path], meta: dict[str, TensorMeta], spec: str):
+        self.root = root
+        self.spec = spec
+        self.files = files  # shard name -> path
+        self.meta = meta  # key -> TensorMeta (in file order)
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- opening -------------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, spec: str | os.PathLike, *, role: str = "model") -> "Checkpoint":
+        root = resolve_model_dir(spec, role=role)
+        index = root / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            names = sorted(set(weight_map.values()))
+            for name in names:
+                if not (root / name).is_file():
+                    raise InputError(f"{index} points at {name}, which is missing from {root}; "
+                                     "the download is incomplete: fetch the missing shard")
+        else:
+            names = sorted(p.name for p in root.glob("*.safetensors"))
+            if not names:
+                pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES) if root.is_dir() else []
+                if pickles:
+                    raise InputError(
+                        f"{role} {root}: only pickle checkpoints ({pickles[0]}); they are refused because loading them "
+                        "can run code: convert with save_pretrained(..., safe_serialization=True)")
+                raise InputError(f"{role} {root}: no .safetensors files found")
+            if len(names) > 1 and SINGLE_NAME in names:
+                names = [SINGLE_NAME]
+            weight_map = None
+        files = {name: root / name for name in names}
+        meta: dict[str, TensorMeta] = {}
+        for name, path in files.items():
+            header, _ = read_header(path)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(key) != name:
+                    if key not in weight_map:
+                        raise InputError(f"{path}: tensor {key!r} is not in {INDEX_NAME}; the index is stale")
+                    continue
+                if key in meta:
+                    raise InputError(f"{path}: tensor {key!r} is stored twice ({meta[key].file.name} too)")
+                meta[key] = TensorMeta(key, info["dtype"], tuple(int(d) for d in info["shape"]), path)
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in meta]
+            if missing:
+                raise InputError(f"{root / weight_map[missing[0]]}: tensor {missing[0]!r} listed in the index is not in "
+                                 "that file; the shard is stale or corrupt")
+        return cls(root, files, meta, str(spec))
+
+    # -- metadata ------------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.meta
+
+    def config(self) -> dict:
+        path = self.root / "config.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            raise InputError(f"{path}: not valid JSON") from None
+
+    def total_bytes(self) -> int:
+        return sum(m.nbytes for m in self.meta.values())
+
+    def fingerprint(self) -> dict:
+        """Identity of the inputs for stage manifests: paths, sizes and header hashes (no full-file hashing)."""
+        files = []
+        for name, path in sorted(self.files.items()):
+            _, raw = read_header(path)
+            files.append({"name": name, "bytes": path.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest()})
+        return {"path": str(self.root), "files": files}
+
+    # -- tensors -------------------------------------------------------------------------------------------------
+    def _handle(self, path: Path):
+        with self._lock:
+            h = self._handles.get(path)
+            if h is None:
+                try:
+                    h = safe_open(str(path), framework="pt", device="cpu")
+                except Exception as exc:
+                    raise InputError(f"{path}: cannot open ({exc}); the file is corrupt, fetch it again") from None
+                self._handles[path] = h
+            return h
+
+    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
+        """Read one tensor (a copy in its stored dtype). NaN/Inf in a float tensor is an error naming file+tensor."""
+        try:
+            m = self.meta[key]
+        except KeyError:
+            raise InputError(f"{self.root}: no tensor {key!r}") from None
+        try:
+            t = self._handle(m.file).get_tensor(key)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{m.file}: cannot read tensor {key!r} ({exc})") from None
+        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NumericError(f"{m.file}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken")
+        return residency.track(t)
+
+    def close(self) -> None:
+        with self._lock:
+            self._handles.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage shards (work directory files): plain safetensors, written atomically
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file atomically; returns its size in bytes.
+
+    At most one metadata entry: safetensors writes a metadata map in hash order, so several entries would make
+    the bytes differ from run to run (shards must be byte-identical after a resume).
+    """
+    if metadata and len(metadata) > 1:
+        raise ValueError("save_tensors: at most one metadata entry keeps the file bytes deterministic")
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic.write_with(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+    return path.stat().st_size
+
+
+class ShardReader:
+    """Lazy reader of one work-directory shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        read_header(path)  # validates completeness
+        self._h = safe_open(str(path), framework="pt", device="cpu")
+
+    def keys(self) -> list[str]:
+        return list(self._h.keys())
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self._h.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return residency.track(self._h.get_tensor(key))
+        except Exception:
+            raise InputError(f"{self.path}: missing tensor {key!r}; rerun the stage that writes it with --force") from None
+
+    def metadata(self) -> dict[str, str]:
+        return self._h.metadata() or {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing a Hugging Face model directory
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            num = s[: -len(u)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise InputError(f"--max-shard-size {text!r}: expected bytes like 5GB, 500MB or 2000000") from None
+    if value <= 0:
+        raise InputError(f"--max-shard-size {text!r} must be positive")
+    return value
+
+
+@dataclass
+class _ShardPlan:
+    name: str
+    keys: list[str]
+    nbytes: int
+
+
+def plan_shards(entries: list[tuple[str, int]], max_shard_size: int) -> list[_ShardPlan]:
+    """Greedy, in order: start a new shard when the next tensor would overflow (a lone big tensor gets its own)."""
+    shards: list[list[tuple[str, int]]] = [[]]
+    size = 0
+    for key, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, nbytes))
+        size += nbytes
+    n = len(shards)
+    out = []
+    for i, sh in enumerate(shards):
+        name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        out.append(_ShardPlan(name, [k for k, _ in sh], sum(b for _, b in sh)))
+    return out
+
+
+def check_output_dir(out: Path, *, force: bool) -> None:
+    """Refuse to replace a directory that is not a bmm output, unless --force."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is a file; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).exists() and not force:
+        raise InputError(f"--out {out} exists and is not a bmm output; choose another path or pass --force to replace it")
+
+
+class ModelWriter:
+    """Streams tensors into an HF-layout directory; the directory appears under its final name only when complete.
+
+    Tensors may arrive in any order; each output shard is written (atomically) as soon as all of its tensors have
+    arrived, so memory holds at most the shards in progress. Files go to a staging directory next to ``out``; shards
+    already completed there by an interrupted run with the same plan are kept (resume), and ``close`` swaps the
+    staging directory in place of ``out`` (the previous output stays intact until that instant).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard_size: int,
+        copy_from: Path | None,
+        force: bool = False,
+        plan_id: str = "",
+    ):
+        self.out = Path(out)
+        check_output_dir(self.out, force=force)
+        self.dtypes = {k: dt for k, _, dt in entries}
+        sized = [(k, _numel(shape) * torch.empty((), dtype=dt).element_size()) for k, shape, dt in entries]
+        self.shards = plan_shards(sized, max_shard_size)
+        self.shard_of = {k: sh for sh in self.shards for k in sh.keys}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {sh.name: {} for sh in self.shards}
+        self.copy_from = copy_from
+        self.staging = self.out.parent / f".{self.out.name}.bmm-partial"
+        plan_hash = hashlib.sha256(
+            json.dumps([plan_id, [(sh.name, sh.keys) for sh in self.shards],
+                        [(k, str(self.dtypes[k])) for k in self.dtypes]]).encode()).hexdigest()
+        progress_path = self.staging / ".progress.json"
+        done: list[str] = []
+        if progress_path.exists():
+            try:
+                prog = json.loads(progress_path.read_text())
+                if prog.get("plan") == plan_hash:
+                    done = [n for n in prog.get("done", []) if (self.staging / n).is_file()]
+            except ValueError:
+                done = []
+        if not done and self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.plan_hash = plan_hash
+        self.done = set(done)
+        self._progress_path = progress_path
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        atomic.write_json(self._progress_path, {"plan": self.plan_hash, "done": sorted(self.done)})
+
+    def shard_done(self, key: str) -> bool:
+        """True when the key's shard was completed by an earlier (interrupted) run: the caller may skip its work."""
+        return self.shard_of[key].name in self.done
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        sh = self.shard_of.get(key)
+        if sh is None:
+            raise KeyError(f"tensor {key!r} is not in the output plan")
+        if sh.name in self.done:
+            return
+        t = tensor.detach().to(device="cpu", dtype=self.dtypes[key]).contiguous()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NumericError(f"merged tensor {key!r} has NaN/Inf values; refusing to write it")
+        self.pending[sh.name][key] = t
+        if len(self.pending[sh.name]) == len(sh.keys):
+            tensors = self.pending.pop(sh.name)
+            save_tensors(self.staging / sh.name, {k: tensors[k] for k in sh.keys}, metadata={"format": "pt"})
+            self.pending[sh.name] = {}
+            self.done.add(sh.name)
+            self._write_progress()
+            faults.hit("write.shard")
+
+    def close(self, *, recipe: dict, card: str) -> Path:
+        missing = [sh.name for sh in self.shards if sh.name not in self.done]
+        if missing:
+            absent = [k for k in self.shard_of if self.shard_of[k].name in missing and k not in self.pending[self.shard_of[k].name]]
+            raise RuntimeError(f"output incomplete: shard {missing[0]} lacks tensor {absent[0] if absent else '?'}")
+        if len(self.shards) > 1:
+            total = sum(sh.nbytes for sh in self.shards)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: sh.name for sh in self.shards for k in sh.keys}}
+            atomic.write_json(self.staging / INDEX_NAME, index)
+        if self.copy_from is not None:
+            for name in COPY_PATTERNS:
+                src = self.copy_from / name
+                if src.is_file():
+                    atomic.write_bytes(self.staging / name, src.read_bytes())
+        atomic.write_text(self.staging / "README.md", card)
+        atomic.write_json(self.staging / MARKER_NAME, recipe)
+        self._progress_path.unlink(missing_ok=True)
+        swap_in_dir(self.staging, self.out)
+        return self.out
+
+
+def swap_in_dir(new: Path, final: Path) -> None:
+    """Replace directory ``final`` by ``new`` with renames: at every instant ``final`` is the old or the new one
+    (between the two renames it is briefly absent; a crash there leaves the old one at ``.<name>.bmm-old``)."""
+    old = final.parent / f".{final.name}.bmm-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    atomic.fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def model_card(recipe: dict) -> str:
+    """A short README.md for a merged model."""
+    lines = ["---", "tags:", "- merge", "- bmm", "- bayesian-model-merging"]
+    base = recipe.get("base")
+    if base:
+        lines += [f"base_model: {json.dumps(str(base))}"]
+    lines += ["---", "", f"# {recipe.get('title', 'Merged model')}", "",
+              "Merged with [bmm](https://arxiv.org/abs/2605.12843) (Bayesian Model Merging).", ""]
+    lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, ensure_ascii=False), "```", ""]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Checkpoint", "TensorMeta", "ModelWriter", "ShardReader", "save_tensors", "read_header", "plan_shards",
+    "parse_size", "parse_dtype", "resolve_model_dir", "check_output_dir", "swap_in_dir", "model_card", "residency",
+    "DTYPES", "DTYPE_NAMES", "MARKER_NAME", "INDEX_NAME", "SINGLE_NAME",
+]

@@ -1,0 +1,170 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bmm_cli import store
+from bmm_cli.errors import InputError, NumericError
+from bmm_cli.store import Checkpoint, ModelWriter, parse_size, plan_shards
+
+
+def test_open_single_and_sharded_agree(family):
+    b1, _ = family("llama")
+    b2, _ = family("llama", sharded=True)
+    c1, c2 = Checkpoint.open(b1), Checkpoint.open(b2)
+    assert len(c2.files) > 1 and len(c1.files) == 1
+    assert set(c1.keys()) == set(c2.keys())
+    for k in c1.keys():
+        assert torch.equal(c1.get(k), c2.get(k))
+        assert c1.meta[k].shape == c2.meta[k].shape
+
+
+def test_residency_counts_live_tensors(family):
+    b, _ = family("bert")
+    c = Checkpoint.open(b)
+    store.residency.reset_peak()
+    start = store.residency.live
+    for k in c.keys():
+        t = c.get(k)
+        del t
+    assert store.residency.peak <= start + 1
+    kept = [c.get(k) for k in c.keys()[:5]]
+    assert store.residency.live >= start + 5
+    del kept
+
+
+def test_refuses_pickle(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(InputError, match="pickle"):
+        Checkpoint.open(tmp_path)
+    with pytest.raises(InputError, match="pickle"):
+        Checkpoint.open(tmp_path / "pytorch_model.bin")
+
+
+def test_missing_path_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="no such file"):
+        Checkpoint.open(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE"):
+        Checkpoint.open("someorg/not-a-cached-model")
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"a": torch.ones(4, 4)}, str(d / "model.safetensors"))
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(InputError, match="truncated"):
+        Checkpoint.open(d)
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 10) + b"{not json!" + raw[18:])
+    with pytest.raises(InputError, match="corrupt safetensors header"):
+        Checkpoint.open(d)
+    (d / "model.safetensors").write_bytes(b"abc")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        Checkpoint.open(d)
+
+
+def test_index_pointing_at_missing_shard(family, tmp_path):
+    import shutil
+
+    b, _ = family("llama", sharded=True)
+    d = tmp_path / "copy"
+    shutil.copytree(b, d)
+    victim = sorted(d.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    with pytest.raises(InputError, match="missing"):
+        Checkpoint.open(d)
+
+
+def test_nan_is_reported_with_file_and_tensor(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    t = torch.ones(3, 3)
+    t[1, 1] = float("nan")
+    save_file({"w": t}, str(d / "model.safetensors"))
+    c = Checkpoint.open(d)
+    with pytest.raises(NumericError, match=r"model.safetensors: tensor 'w' has 1 NaN"):
+        c.get("w")
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("1000") == 1000
+    with pytest.raises(InputError):
+        parse_size("lots")
+
+
+def test_plan_shards_limits():
+    sh = plan_shards([("a", 40), ("b", 40), ("c", 100), ("d", 10)], 90)
+    assert [s.keys for s in sh] == [["a", "b"], ["c"], ["d"]]
+    assert sh[0].name == "model-00001-of-00003.safetensors"
+    assert plan_shards([("a", 1)], 90)[0].name == "model.safetensors"
+
+
+def _entries(tensors):
+    return [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+
+
+def test_model_writer_sharded_roundtrip(tmp_path, family):
+    b, _ = family("bert")
+    tensors = {f"t{i}": torch.randn(16, 16) for i in range(6)}
+    out = tmp_path / "out"
+    w = ModelWriter(out, _entries(tensors), max_shard_size=16 * 16 * 4 * 2, copy_from=b)
+    for k in reversed(list(tensors)):  # any order
+        w.add(k, tensors[k])
+    w.close(recipe={"base": "x"}, card="# card")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    assert (out / "config.json").exists() and (out / "bmm_merge.json").exists() and (out / "README.md").exists()
+    c = Checkpoint.open(out)
+    for k, v in tensors.items():
+        assert torch.equal(c.get(k), v)
+    assert not (tmp_path / ".out.bmm-partial").exists()
+
+
+def test_model_writer_refuses_foreign_dir_and_keeps_old_output_on_failure(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a bmm output"):
+        ModelWriter(foreign, [("a", (2,), torch.float32)], max_shard_size=100, copy_from=None)
+    out = tmp_path / "out"
+    w = ModelWriter(out, [("a", (2,), torch.float32)], max_shard_size=100, copy_from=None)
+    w.add("a", torch.ones(2))
+    w.close(recipe={}, card="")
+    w2 = ModelWriter(out, [("a", (2,), torch.float32)], max_shard_size=100, copy_from=None)
+    with pytest.raises(NumericError):
+        w2.add("a", torch.tensor([1.0, float("inf")]))
+    assert torch.equal(Checkpoint.open(out).get("a"), torch.ones(2))
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path):
+    from bmm_cli import atomic
+
+    p = tmp_path / "f.json"
+    atomic.write_json(p, {"v": 1})
+
+    def boom(tmp):
+        tmp.write_text("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic.write_with(p, boom)
+    assert json.loads(p.read_text()) == {"v": 1}
+    assert [x.name for x in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_read_jsonl_skips_torn_line(tmp_path):
+    from bmm_cli import atomic
+
+    p = tmp_path / "t.jsonl"
+    atomic.append_line(p, json.dumps({"a": 1}))
+    with open(p, "a") as fh:
+        fh.write('{"a": 2, "tor')
+    atomic.append_line(p, json.dumps({"a": 3}))
+    assert [r["a"] for r in atomic.read_jsonl(p)] == [1, 3]
