@@ -1,0 +1,72 @@
+"""``tsv``: TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging").
+
+Per 2-D module with T task vectors ``τ_t = U_t S_t V_tᵀ`` (thin SVD):
+
+1. keep the ``r = max(1, ⌊min(d_out, d_in)/T⌋)`` leading triplets of each task (the reference's
+   ``int(min(d_out, d_in)·(1/T))``; when ``min(d_out, d_in) < T`` it would keep none, we keep 1 per task);
+2. stack ``U = [U_1,r … U_T,r]`` (d_out × T·r), ``S`` likewise, ``V = [V_1,r … V_T,r]`` (d_in × T·r);
+3. orthogonalize by the polar factor: ``U⊥ = P Qᵀ`` from ``U = P Σ Qᵀ`` (and ``V⊥`` likewise);
+4. ``U0 = α · U⊥ diag(S) V⊥ᵀ``.
+
+The reference pads the stacks with zero columns up to min(d_out, d_in); the zero columns meet zero entries of S,
+so the result is the same. When ``T·r`` exceeds ``d_out`` (or ``d_in``) the stack is wider than tall and its polar
+factor has orthonormal rows instead of columns (the nearest partial isometry); ``U0`` stays well defined.
+Triplets with a numerically zero singular value (``s <= s_max(τ_t)·max(d)·eps``, only for rank-deficient τ_t such
+as LoRA experts) are dropped before stacking: their vectors are an arbitrary basis of a null space and would only
+perturb the orthogonalization (the reference keeps them).
+Other tensors: ``W_pre + mean τ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._spectral import null_tol, polar_factor
+from .base import AnchorMethod, ModuleInput, opt
+from .ta import check_lam
+
+
+def tsv_rank(d_out: int, d_in: int, num_tasks: int) -> int:
+    """Directions kept per task: ``max(1, ⌊min(d_out, d_in)/T⌋)``."""
+    return max(1, min(d_out, d_in) // num_tasks)
+
+
+def tsv_merge(taus: torch.Tensor) -> torch.Tensor:
+    """``U⊥ diag(S) V⊥ᵀ`` for one stack ``taus [T, d_out, d_in]`` (no α)."""
+    T, d_out, d_in = taus.shape
+    r = tsv_rank(d_out, d_in, T)
+    us, ss, vs = [], [], []
+    for t in range(T):
+        u, s, vh = torch.linalg.svd(taus[t], full_matrices=False)
+        if s.numel() == 0:
+            continue
+        keep = s[:r] > null_tol(s[0], (d_out, d_in), taus.dtype)
+        us.append(u[:, :r][:, keep])
+        ss.append(s[:r][keep])
+        vs.append(vh[:r][keep])
+    u_all = torch.cat(us, dim=1)
+    if u_all.shape[1] == 0:
+        return torch.zeros_like(taus[0])
+    s_all = torch.cat(ss)
+    v_all = torch.cat(vs, dim=0).T  # d_in x (T r)
+    return (polar_factor(u_all) * s_all) @ polar_factor(v_all).T
+
+
+@dataclass
+class TSVOptions:
+    alpha: float = opt(1.0, "scale α of the merged update")
+
+
+class TSV(AnchorMethod):
+    name = "tsv"
+    summary = "TSV-Merge: top min(d)/T singular triplets per task, stacked, orthogonalized (polar), times alpha"
+    Options = TSVOptions
+
+    def validate_options(self, opts: TSVOptions) -> None:
+        check_lam(self.name, opts.alpha)
+
+    def _module(self, inp: ModuleInput, opts: TSVOptions, state: Any, device: torch.device) -> torch.Tensor:
+        return opts.alpha * tsv_merge(inp.taus)
