@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -125,6 +126,160 @@ def taskvec(
     with work_lock(work):
         res = run(base, experts, work, dtype=dtype, force=force, allow_dtype_mismatch=allow_dtype_mismatch)
     _emit(res, as_json, lambda r: r["dir"])
+
+
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
+SHARD_OPT = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, or bytes.")
+DTYPE_OUT_OPT = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: the base's).")
+
+
+class AnchorName(str, Enum):
+    pretrained = "pretrained"
+    ta = "ta"
+    ties = "ties"
+    dare = "dare"
+    dare_ties = "dare-ties"
+    tsv = "tsv"
+    iso_c = "iso-c"
+    iso_cts = "iso-cts"
+    wudi = "wudi"
+    regmean = "regmean"
+    external = "external"
+
+
+class GramKind(str, Enum):
+    free = "free"
+    data = "data"
+
+
+class SolveGram(str, Enum):
+    free = "free"
+    data = "data"
+    hybrid = "hybrid"
+
+
+class OthersRule(str, Enum):
+    anchor = "anchor"
+    base = "base"
+    mean = "mean"
+
+
+@app.command()
+def anchor(
+    work: Path = WORK_OPT,
+    method: AnchorName = typer.Option(..., "--method", "-m", help="Anchor merge method."),
+    opt: List[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt k=0.2."),
+    materialize: Optional[Path] = typer.Option(None, "--materialize",
+                                               help="Also write the anchor merge itself as a model directory."),
+    model: Optional[str] = typer.Option(None, "--model", help="The merged checkpoint for --method external."),
+    others: OthersRule = typer.Option(OthersRule.anchor, "--others",
+                                      help="Rule for non-solved tensors: the anchor's own, base, or mean."),
+    device: str = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OUT_OPT,
+    max_shard_size: str = SHARD_OPT,
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage 2: the anchor U0 of every solvable module (and the merged other tensors); --materialize writes it."""
+    from .anchor import anchor as run
+    from .stage import work_lock
+
+    with work_lock(work):
+        res = run(work, method.value, opt, materialize=materialize, others=others.value, external=model,
+                  device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    _emit(res, as_json, lambda r: r.get("model", r["dir"]))
+
+
+@app.command()
+def gram(
+    work: Path = WORK_OPT,
+    kind: GramKind = typer.Option(GramKind.free, "--kind", help="free: from task vectors; data: from calibration texts."),
+    calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE per expert (1-based index or directory name); "
+                                    "JSONL with a text field, or one sample per line."),
+    samples: int = typer.Option(128, "--samples", min=1, help="Calibration texts per expert."),
+    max_len: int = typer.Option(512, "--max-len", min=1, help="Tokens per text (longer ones are truncated)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Texts per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample selection."),
+    device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage 3: the Gram statistics (G, B, m) per module, data-free or from calibration data."""
+    from .gram import gram as run
+    from .stage import work_lock
+
+    with work_lock(work):
+        res = run(work, kind.value, calib=calib, samples=samples, max_len=max_len, batch_size=batch_size, seed=seed,
+                  device=device, force=force)
+    _emit(res, as_json, lambda r: r["dir"])
+
+
+@app.command()
+def solve(
+    work: Path = WORK_OPT,
+    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
+    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or search/best.json)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default 0.1)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="One scale s for every module (default 1.0)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Hybrid mix ε in [0, 1] (default 0.5)."),
+    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
+    device: str = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OUT_OPT,
+    max_shard_size: str = SHARD_OPT,
+    force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a bmm output."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage 4: the closed-form MAP merge U = (B + λU0)(G + λI)^-1, W = W_pre + s·U, written as a model."""
+    from .solve import solve as run
+    from .stage import work_lock
+
+    with work_lock(work):
+        res = run(work, anchor.value, gram.value, out=out, params_file=params, lam=lam, scale=scale, epsilon=epsilon,
+                  blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    _emit(res, as_json, lambda r: r["model"])
+
+
+@app.command()
+def merge(
+    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
+    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor merge (prior mean)."),
+    opt: List[str] = typer.Option([], "--opt", help="Anchor option KEY=VALUE (repeatable)."),
+    anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Merged checkpoint for --anchor external."),
+    calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE calibration texts (switches to data-assisted)."),
+    gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: data with --calib)."),
+    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON, e.g. a search's best.json."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default 0.1)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="One scale s for every module (default 1.0)."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Hybrid mix ε (default 0.5)."),
+    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.bmm-work)."),
+    samples: int = typer.Option(128, "--samples", min=1, help="Calibration texts per expert."),
+    max_len: int = typer.Option(512, "--max-len", min=1, help="Tokens per calibration text."),
+    others: OthersRule = typer.Option(OthersRule.anchor, "--others", help="Rule for non-solved tensors."),
+    device: str = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OUT_OPT,
+    max_shard_size: str = SHARD_OPT,
+    allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch", help="Accept experts in another dtype."),
+    force: bool = typer.Option(False, "--force", help="Redo stages whose inputs changed; replace a foreign --out."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model."""
+    from .merge import default_work
+    from .merge import merge as run
+    from .stage import work_lock
+
+    w = work or default_work(out)
+    with work_lock(w):
+        res = run(base, experts, out, anchor=anchor.value, anchor_opts=opt, anchor_model=anchor_model,
+                  others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
+                  scale=scale, epsilon=epsilon, blocks=blocks, work=w, samples=samples, max_len=max_len,
+                  device=device, dtype=dtype, max_shard_size=max_shard_size,
+                  allow_dtype_mismatch=allow_dtype_mismatch, force=force)
+    _emit(res, as_json, lambda r: r["model"])
 
 
 def _expand_lists(argv: list[str]) -> list[str]:

@@ -27,7 +27,72 @@ _bmm() {
                 --dtype) return;;
             esac
             COMPREPLY=( $(compgen -W "--base -b --experts -e --work -w --dtype --allow-dtype-mismatch --force --json --help" -- "$cur") ); return;;
+        anchor)
+            case "$prev" in
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --method|-m) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
+                --opt) return;;
+                --materialize) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --model) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --others) COMPREPLY=( $(compgen -W "anchor base mean" -- "$cur") ); return;;
+                --device) return;;
+                --dtype) return;;
+                --max-shard-size) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--work -w --method -m --opt --materialize --model --others --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
+        gram)
+            case "$prev" in
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --kind) COMPREPLY=( $(compgen -W "free data" -- "$cur") ); return;;
+                --calib) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --samples) return;;
+                --max-len) return;;
+                --batch-size) return;;
+                --seed) return;;
+                --device) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--work -w --kind --calib --samples --max-len --batch-size --seed --device --force --json --help" -- "$cur") ); return;;
+        solve)
+            case "$prev" in
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --anchor|-a) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
+                --gram) COMPREPLY=( $(compgen -W "free data hybrid" -- "$cur") ); return;;
+                --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --params) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --lam) return;;
+                --scale) return;;
+                --epsilon) return;;
+                --blocks) return;;
+                --device) return;;
+                --dtype) return;;
+                --max-shard-size) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--work -w --anchor -a --gram --out -o --params --lam --scale --epsilon --blocks --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
+        merge)
+            case "$prev" in
+                --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --anchor|-a) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
+                --opt) return;;
+                --anchor-model) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --calib) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --gram) COMPREPLY=( $(compgen -W "free data hybrid" -- "$cur") ); return;;
+                --params) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --lam) return;;
+                --scale) return;;
+                --epsilon) return;;
+                --blocks) return;;
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --samples) return;;
+                --max-len) return;;
+                --others) COMPREPLY=( $(compgen -W "anchor base mean" -- "$cur") ); return;;
+                --device) return;;
+                --dtype) return;;
+                --max-shard-size) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --json --help" -- "$cur") ); return;;
     esac
-    COMPREPLY=( $(compgen -W "version plan taskvec --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
+    COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
 }
 complete -o default -F _bmm bmm

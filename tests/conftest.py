@@ -63,10 +63,36 @@ def save(model, path: Path, shard: str | None = None) -> Path:
     return path
 
 
+def tiny_tokenizer(vocab_size: int = 100):
+    """A word-level tokenizer over words w0..w93 with BERT-style special tokens, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "<s>": 4, "</s>": 5}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", bos_token="<s>", eos_token="</s>")
+
+
+def calib_texts(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, 20, (1,), generator=g))
+        out.append(" ".join(f"w{int(i)}" for i in torch.randint(0, 60 + 10 * (seed % 3), (length,), generator=g)))
+    return out
+
+
 def make_family(root: Path, kind: str, n_experts: int = 3, sharded: bool = False) -> tuple[Path, list[Path]]:
     shard = "20KB" if sharded else None
     base = tiny_model(kind, 0)
     base_dir = save(base, root / "base", shard)
+    if kind != "clip":
+        tiny_tokenizer().save_pretrained(str(base_dir))
     experts = []
     for t in range(n_experts):
         m = tiny_model(kind, 0)

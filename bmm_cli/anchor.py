@@ -1,0 +1,207 @@
+"""Stage 2, ``bmm anchor``: the anchor ``U0`` of every solvable module and the merged "other" tensors.
+
+Output ``<work>/anchor-<method>/``: ``block-NNN.safetensors`` (``U0`` per module key, ``[d_out, d_in]`` fp32) and
+``others.safetensors`` (the merged full value of every other tensor). With ``materialize`` the anchor merge itself is
+also written as a loadable Hugging Face model (``bmm anchor --method ties --materialize out/`` is a complete TIES
+merge). Methods live in ``bmm_cli/anchors/``; this module only streams tensors in and out, one block at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import __version__
+from .anchors import AnchorMethod, ModuleInput, get_method, options_dict, parse_options
+from .arch import Block
+from .device import resolve_device
+from .errors import InputError
+from .progress import info, track
+from .stage import Stage, load_manifest
+from .store import Checkpoint, ModelWriter, ShardReader, model_card, parse_size
+from .taskvec import Project, from_linear, load_project, to_linear
+
+OTHERS = "others"
+OTHER_RULES = ("anchor", "base", "mean")
+
+
+def stage_name(method: str) -> str:
+    return f"anchor-{method}"
+
+
+def _data_gram_reader(work: Path):
+    from .gram import task_gram_reader
+
+    return task_gram_reader(work)
+
+
+def _iter_all(proj: Project) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, taus) of every floating tensor, in base order; solvable ones from the taskvec shards."""
+    refs = {m.key: (blk, m) for blk in proj.plan.blocks for m in blk.modules}
+    readers: dict[str, ShardReader] = {}
+    for key, meta in proj.base.meta.items():
+        if not meta.is_float:
+            continue
+        if key in refs:
+            blk, ref = refs[key]
+            if blk.shard not in readers:
+                readers.clear()  # one block's reader at a time
+                readers[blk.shard] = proj.reader(blk)
+            yield key, proj.taus(blk, ref, readers[blk.shard])
+        else:
+            yield key, proj.other_taus(key)[1]
+
+
+def other_value(method: AnchorMethod, rule: str, key: str, base: torch.Tensor, taus: torch.Tensor, opts, state):
+    if not base.is_floating_point():
+        return base
+    if rule == "base":
+        return base
+    if rule == "mean":
+        return base + taus.mean(0)
+    return method.other(key, base, taus, opts, state)
+
+
+def anchor(
+    work: Path,
+    method: str,
+    opts: list[str] | None = None,
+    *,
+    materialize: Path | None = None,
+    others: str = "anchor",
+    external: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> dict:
+    """Compute the anchor stage (resumable) and optionally write the anchor merge as a model."""
+    t0 = time.perf_counter()
+    m = get_method(method)
+    o = parse_options(m, opts or [])
+    if others not in OTHER_RULES:
+        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
+    if m.needs_external and not external:
+        raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    dev = resolve_device(device)
+    proj = load_project(work)
+    inputs: dict = {"taskvec": proj.fingerprint}
+    ext = None
+    if m.needs_external:
+        ext = Checkpoint.open(external, role="anchor model")
+        for key, meta in proj.base.meta.items():
+            if key not in ext.meta or ext.meta[key].shape != meta.shape:
+                raise InputError(f"anchor model {ext.root}: tensor {key!r} is missing or has another shape than the base")
+        inputs["external"] = ext.fingerprint()
+    grams = None
+    if m.needs_data_grams:
+        man = load_manifest(work, "gram-data", need="bmm gram --kind data --calib ...")
+        inputs["gram-data"] = man["id"]
+        grams = _data_gram_reader(work)
+    stage = Stage(work, stage_name(m.name), inputs=inputs, options={**options_dict(o), "others": others})
+    state = None
+    if m.needs_global_pass:
+        state = stage.manifest.get("state")
+        if state is None:
+            info(f"bmm: {m.name}: global pass over all tensors")
+            state = m.prepare(o, lambda: _iter_all(proj), proj.num_tasks, dev)
+            try:
+                json.dumps(state)
+            except TypeError:
+                pass  # not JSON-able: recomputed on resume
+            else:
+                stage.set("state", state)
+    todo = [b for b in proj.plan.blocks if not stage.done(b.shard)]
+    for blk in track(todo, f"anchor {m.name}", total=len(todo)):
+        _anchor_block(proj, blk, m, o, state, stage, dev, grams, ext)
+    if not stage.done(OTHERS):
+        tensors = {}
+        for key in track(proj.plan.others, f"anchor {m.name}: other tensors"):
+            base, taus = proj.other_taus(key)
+            if ext is not None and base.is_floating_point():
+                tensors[key] = ext.get(key).float()
+            else:
+                tensors[key] = other_value(m, others, key, base, taus, o, state)
+        stage.write(OTHERS, tensors)
+    stage.finish(method=m.name, options=options_dict(o))
+    res = {"stage": stage.name, "dir": str(stage.dir), "method": m.name, "options": options_dict(o),
+           "blocks": len(proj.plan.blocks), "blocks_written": len(todo)}
+    if materialize is not None:
+        res["model"] = str(write_anchor_model(proj, stage, materialize, dtype=dtype,
+                                              max_shard_size=parse_size(max_shard_size),
+                                              recipe={"method": m.name, "options": options_dict(o)},
+                                              force=force))
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _anchor_block(proj: Project, blk: Block, m: AnchorMethod, o, state, stage: Stage, dev, grams, ext) -> None:
+    reader = proj.reader(blk)
+    greader = grams(blk) if grams is not None else None
+    out = {}
+    for ref in blk.modules:
+        inp = ModuleInput(
+            key=ref.key,
+            taus=proj.taus(blk, ref, reader),
+            base=proj.base_linear(ref),
+            grams=greader(ref.key) if greader is not None else None,
+            external=to_linear(ref, ext.get(ref.key)).float() if ext is not None else None,
+        )
+        out[ref.key] = m.module(inp, o, state, dev).float().cpu().contiguous()
+    stage.write(blk.shard, out)
+
+
+def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | None, max_shard_size: int,
+                       recipe: dict, force: bool) -> Path:
+    """W = W_pre + U0 for solvable modules, the stage's others for the rest, in the base's dtypes."""
+    from .store import parse_dtype
+
+    out_dt = parse_dtype(dtype) if dtype else None
+    entries = [(k, meta.shape, _out_dtype(proj.base, k, out_dt)) for k, meta in proj.base.meta.items()]
+    writer = ModelWriter(Path(out), entries, max_shard_size=max_shard_size, copy_from=proj.base.root, force=force,
+                         plan_id=stage.id)
+    for blk in track(proj.plan.blocks, "write anchor model"):
+        r = stage.read(blk.shard)
+        for ref in blk.modules:
+            if writer.shard_done(ref.key):
+                continue
+            w = proj.base_linear(ref) + r.get(ref.key)
+            writer.add(ref.key, from_linear(ref, w))
+    r = stage.read(OTHERS)
+    for key in proj.plan.others:
+        if not writer.shard_done(key):
+            writer.add(key, r.get(key))
+    full = {"tool": f"bmm {__version__}", "base": str(proj.base.root), "experts": [str(e.root) for e in proj.experts],
+            "merge": "anchor", **recipe}
+    return writer.close(recipe=full, card=model_card({"title": f"{recipe['method']} merge", **full}))
+
+
+def _out_dtype(base: Checkpoint, key: str, override: torch.dtype | None) -> torch.dtype:
+    from .store import DTYPES
+
+    dt = DTYPES[base.meta[key].dtype]
+    return override if (override is not None and dt.is_floating_point) else dt
+
+
+class AnchorStage:
+    """Read access to a finished anchor stage (for solve and search)."""
+
+    def __init__(self, work: Path, method: str):
+        self.method = get_method(method)
+        self.name = stage_name(self.method.name)
+        self.manifest = load_manifest(work, self.name, need=f"bmm anchor --work DIR --method {self.method.name}")
+        self.dir = Path(work) / self.name
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    def block(self, blk: Block) -> ShardReader:
+        return ShardReader(self.dir / f"{blk.shard}.safetensors")
+
+    def others(self) -> ShardReader:
+        return ShardReader(self.dir / f"{OTHERS}.safetensors")

@@ -1,0 +1,191 @@
+"""Stage 3, ``bmm gram``: the normalised statistics ``Ĝ``, ``B̂`` (and ``m``) of every solvable module.
+
+``--kind free`` (paper Eq. 15): from the task vectors alone, ``G = Σ U_tᵀU_t``, ``B = Σ U_t U_tᵀ U_t``.
+``--kind data`` (Eq. 8): each expert runs on its own calibration texts; ``G_t`` = mean ``x xᵀ`` of each module's
+input over non-padding tokens, ``G = Σ G_t``, ``B = Σ U_t G_t``. Per-task Grams are kept (``t<t>-block-NNN``)
+for RegMean. Both are normalised by ``m = tr(G)/d_in`` (relative λ). Layout: ``<work>/gram-<kind>/block-NNN``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .arch import Block
+from .closed_form import GramStats, data_stats, free_stats
+from .device import resolve_device
+from .errors import InputError
+from .progress import info, track
+from .stage import Stage, load_manifest
+from .store import ShardReader
+from .taskvec import Project, load_project
+
+KINDS = ("free", "data")
+
+
+def stage_name(kind: str) -> str:
+    return f"gram-{kind}"
+
+
+def task_shard(t: int, blk: Block) -> str:
+    return f"t{t}-{blk.shard}"
+
+
+def parse_calib(specs: list[str], experts: list[str]) -> dict[int, str]:
+    """``--calib E=path`` per expert (E: 1-based index, the expert's path as given, or its directory name);
+    one bare ``--calib path`` means the same texts for every expert."""
+    if not specs:
+        raise InputError("--kind data needs calibration texts: --calib 1=task1.jsonl --calib 2=task2.jsonl ...")
+    if len(specs) == 1 and "=" not in specs[0]:
+        info("bmm: one --calib file for all experts; the paper uses each expert's own task data")
+        return {t: specs[0] for t in range(len(experts))}
+    out: dict[int, str] = {}
+    names = {}
+    for t, e in enumerate(experts):
+        names[str(t + 1)] = t
+        names[e] = t
+        names[str(Path(e))] = t
+        names[Path(e).name] = t
+    for spec in specs:
+        who, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise InputError(f"--calib {spec!r}: expected EXPERT=PATH (EXPERT: 1-based index, path or directory name)")
+        if who not in names:
+            raise InputError(f"--calib {spec!r}: {who!r} is not an expert (use 1..{len(experts)} or an expert's "
+                             "directory name)")
+        out[names[who]] = path
+    missing = [str(t + 1) for t in range(len(experts)) if t not in out]
+    if missing:
+        raise InputError(f"--calib: no calibration file for expert(s) {', '.join(missing)}")
+    for t, path in out.items():
+        if not Path(path).is_file():
+            raise InputError(f"--calib {t + 1}={path}: file not found")
+    return dict(sorted(out.items()))
+
+
+def gram(
+    work: Path,
+    kind: str = "free",
+    *,
+    calib: list[str] | None = None,
+    samples: int = 128,
+    max_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+    model_dtype: str = "auto",
+    force: bool = False,
+) -> dict:
+    """Compute the Gram stage of ``kind`` (resumable per block, and per expert for ``data``)."""
+    t0 = time.perf_counter()
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind!r}: choose free or data (hybrid mixes both at solve time)")
+    dev = resolve_device(device)
+    proj = load_project(work)
+    if kind == "free":
+        stage = Stage(work, stage_name(kind), inputs={"taskvec": proj.fingerprint}, options={})
+        todo = [b for b in proj.plan.blocks if not stage.done(b.shard)]
+        for blk in track(todo, "gram free", total=len(todo)):
+            reader = proj.reader(blk)
+            out: dict[str, torch.Tensor] = {}
+            for ref in blk.modules:
+                st = free_stats(proj.taus(blk, ref, reader).to(dev), key=ref.key)
+                out.update(st.to(device="cpu").tensors(ref.key))
+            stage.write(blk.shard, out)
+        stage.finish(kind=kind)
+        return {"stage": stage.name, "dir": str(stage.dir), "kind": kind, "blocks": len(proj.plan.blocks),
+                "blocks_written": len(todo), "seconds": round(time.perf_counter() - t0, 3)}
+    return _gram_data(proj, work, calib or [], samples=samples, max_len=max_len, batch_size=batch_size, seed=seed,
+                      dev=dev, model_dtype=model_dtype, force=force, t0=t0)
+
+
+def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len, batch_size, seed, dev, model_dtype,
+               force, t0) -> dict:
+    from .calib import capture_grams, read_calibration
+
+    expert_paths = [str(e.root) for e in proj.experts]
+    files = parse_calib(calib, proj.manifest["paths"]["experts"])
+    texts = {t: read_calibration(p, samples, seed) for t, p in files.items()}
+    import hashlib
+
+    inputs = {"taskvec": proj.fingerprint,
+              "calib": {str(t): hashlib.sha256("\n".join(texts[t]).encode()).hexdigest()[:16] for t in texts}}
+    options = {"samples": samples, "max_len": max_len, "seed": seed, "model_dtype": model_dtype}
+    stage = Stage(work, stage_name("data"), inputs=inputs, options=options, force=force)
+    mods = [m for m in proj.plan.modules]
+    if any(m.family == "open_clip" for m in mods):
+        raise InputError("data-assisted Grams need a transformers model; open_clip checkpoints support --kind free")
+    names = [m.key[: -len(".weight")] for m in mods]
+    conv1d = [m.key[: -len(".weight")] for m in mods if m.conv1d]
+    tokens: dict[str, int] = dict(stage.manifest.get("tokens", {}))
+    run_dtype = _model_dtype(proj, model_dtype)
+    for t in range(proj.num_tasks):
+        if all(stage.done(task_shard(t, b)) for b in proj.plan.blocks):
+            continue
+        info(f"bmm: gram data: expert {t + 1}/{proj.num_tasks} ({len(texts[t])} texts from {files[t]})")
+        res = capture_grams(expert_paths[t], proj.base.root, texts[t], names, max_len=max_len, batch_size=batch_size,
+                            device=dev, dtype=run_dtype, conv1d_names=conv1d)
+        for blk in proj.plan.blocks:
+            out = {ref.key: res[ref.key[: -len(".weight")]][0].clone().contiguous() for ref in blk.modules}
+            stage.write(task_shard(t, blk), out)
+        tokens[str(t)] = int(next(iter(res.values()))[1])
+        stage.set("tokens", tokens)
+        del res
+    todo = [b for b in proj.plan.blocks if not stage.done(b.shard)]
+    for blk in track(todo, "gram data: combine", total=len(todo)):
+        reader = proj.reader(blk)
+        treaders = [ShardReader(stage.shard_path(task_shard(t, blk))) for t in range(proj.num_tasks)]
+        out = {}
+        for ref in blk.modules:
+            grams = torch.stack([r.get(ref.key) for r in treaders]).to(dev)
+            st = data_stats(proj.taus(blk, ref, reader).to(dev), grams, key=ref.key)
+            out.update(st.to(device="cpu").tensors(ref.key))
+        stage.write(blk.shard, out)
+    stage.finish(kind="data", tokens=tokens)
+    return {"stage": stage.name, "dir": str(stage.dir), "kind": "data", "blocks": len(proj.plan.blocks),
+            "blocks_written": len(todo), "tokens": tokens, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _model_dtype(proj: Project, name: str) -> torch.dtype:
+    from .store import DTYPES, parse_dtype
+
+    if name != "auto":
+        return parse_dtype(name)
+    first = proj.base.meta[proj.plan.modules[0].key].dtype
+    dt = DTYPES.get(first, torch.float32)
+    return torch.float32 if dt == torch.float32 or dt == torch.float64 else dt
+
+
+class GramStage:
+    """Read access to a finished Gram stage."""
+
+    def __init__(self, work: Path, kind: str):
+        self.kind = kind
+        self.name = stage_name(kind)
+        need = "bmm gram --kind free" if kind == "free" else "bmm gram --kind data --calib ..."
+        self.manifest = load_manifest(work, self.name, need=need)
+        self.dir = Path(work) / self.name
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    def block(self, blk: Block) -> Callable[[str], GramStats]:
+        r = ShardReader(self.dir / f"{blk.shard}.safetensors")
+        return lambda key: GramStats.from_tensors(
+            key, {f"{key}.{n}": r.get(f"{key}.{n}") for n in ("G_hat", "B_hat", "m")})
+
+
+def task_gram_reader(work: Path) -> Callable[[Block], Callable[[str], torch.Tensor]]:
+    """For RegMean: block -> (key -> [T, d_in, d_in] per-task Grams)."""
+    gs = GramStage(work, "data")
+    num_tasks = len(gs.manifest["inputs"]["calib"])
+
+    def for_block(blk: Block):
+        readers = [ShardReader(gs.dir / f"{task_shard(t, blk)}.safetensors") for t in range(num_tasks)]
+        return lambda key: torch.stack([r.get(key) for r in readers])
+
+    return for_block

@@ -1,0 +1,90 @@
+"""``bmm merge``: taskvec -> anchor -> gram -> solve in one command, reusing every finished stage.
+
+All inputs are checked before any heavy work: checkpoints (keys, shapes, dtypes), the anchor and its options, the
+calibration files, the params file and the output directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .anchor import anchor as run_anchor
+from .anchors import get_method, parse_options
+from .errors import InputError
+from .gram import gram as run_gram
+from .gram import parse_calib
+from .progress import info
+from .solve import resolve_params
+from .solve import solve as run_solve
+from .store import check_output_dir
+from .taskvec import open_inputs
+from .taskvec import taskvec as run_taskvec
+
+
+def default_work(out: Path) -> Path:
+    return Path(f"{Path(out)}.bmm-work")
+
+
+def merge(
+    base: str,
+    experts: list[str],
+    out: Path,
+    *,
+    anchor: str = "tsv",
+    anchor_opts: list[str] | None = None,
+    anchor_model: str | None = None,
+    others: str = "anchor",
+    calib: list[str] | None = None,
+    gram: str | None = None,
+    params_file: str | None = None,
+    lam: float | None = None,
+    scale: float | None = None,
+    epsilon: float | None = None,
+    blocks: int = 1,
+    work: Path | None = None,
+    samples: int = 128,
+    max_len: int = 512,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    allow_dtype_mismatch: bool = False,
+    force: bool = False,
+) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    work = Path(work) if work is not None else default_work(out)
+    # ---- preflight: everything that can be checked without heavy work -----------------------------------------
+    method = get_method(anchor)
+    parse_options(method, anchor_opts or [])
+    if method.needs_external and not anchor_model:
+        raise InputError(f"--anchor {method.name} needs --anchor-model DIR_OR_HUB_ID")
+    if gram is None:
+        gram = "data" if calib else "free"
+    if gram in ("data", "hybrid") or method.needs_data_grams:
+        if not calib:
+            raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
+        parse_calib(calib, experts)
+    resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    check_output_dir(out, force=force)
+    open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    info(f"bmm: work directory {work}")
+    # ---- stages ----------------------------------------------------------------------------------------------
+    stages = {}
+    stages["taskvec"] = run_taskvec(base, experts, work, force=force, allow_dtype_mismatch=allow_dtype_mismatch)
+    needs = {"free"} if gram in ("free", "hybrid") else set()
+    if gram in ("data", "hybrid") or method.needs_data_grams:
+        needs.add("data")
+    for kind in sorted(needs, key=lambda k: k != "data"):  # data first: RegMean reads it
+        stages[f"gram-{kind}"] = run_gram(work, kind, calib=calib, samples=samples, max_len=max_len,
+                                          batch_size=batch_size, device=device, force=force)
+    stages["anchor"] = run_anchor(work, method.name, anchor_opts, others=others, external=anchor_model,
+                                  device=device, force=force)
+    res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
+                    epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                    force=force)
+    res["work"] = str(work)
+    res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res

@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bmm_cli.errors import InputError
+from bmm_cli.merge import merge
+from bmm_cli.store import Checkpoint, ShardReader
+from conftest import calib_texts
+
+
+def _calib_files(tmp_path, n):
+    specs = []
+    for t in range(n):
+        p = tmp_path / f"calib{t}.jsonl"
+        p.write_text("".join(json.dumps({"text": x}) + "\n" for x in calib_texts(12, t)))
+        specs.append(f"{t + 1}={p}")
+    return specs
+
+
+def _out_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_data_assisted_and_hybrid_merge(family, tmp_path):
+    base, experts = family("bert")
+    calib = _calib_files(tmp_path, len(experts))
+    work = tmp_path / "w"
+    res = merge(str(base), [str(e) for e in experts], tmp_path / "data", calib=calib, work=work, lam=0.2,
+                anchor="ta", samples=8, max_len=32)
+    assert res["gram"] == "data"
+    key = "encoder.layer.1.attention.output.dense.weight"
+    b = Checkpoint.open(base).get(key).double()
+    us = [Checkpoint.open(e).get(key).double() - b for e in experts]
+    Gt = [ShardReader(work / "gram-data" / f"t{t}-block-001.safetensors").get(key).double() for t in range(3)]
+    G = sum(Gt)
+    B = sum(u @ g for u, g in zip(us, Gt))
+    m = torch.trace(G) / G.shape[0]
+    u0 = 0.3 * sum(us)  # TA with its default λ = 0.3
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    want = b + torch.linalg.solve((G + 0.2 * m * eye).t(), (B + 0.2 * m * u0).t()).t()
+    got = Checkpoint.open(tmp_path / "data").get(key).double()
+    assert torch.allclose(got, want, atol=5e-6, rtol=1e-4)
+    # hybrid reuses the data Grams and adds the free ones
+    res = merge(str(base), [str(e) for e in experts], tmp_path / "hyb", calib=calib, work=work, gram="hybrid",
+                epsilon=0.25, lam=0.2, anchor="ta", samples=8, max_len=32)
+    assert res["stages"]["gram-data"]["written"] == 0 and res["params"]["eps"] == 0.25
+    Gf = sum(u.t() @ u for u in us)
+    Bf = sum(u @ u.t() @ u for u in us)
+    mf = torch.trace(Gf) / Gf.shape[0]
+    Gh = 0.25 * G / m + 0.75 * Gf / mf
+    Bh = 0.25 * B / m + 0.75 * Bf / mf
+    want = b + torch.linalg.solve((Gh + 0.2 * eye).t(), (Bh + 0.2 * u0).t()).t()
+    got = Checkpoint.open(tmp_path / "hyb").get(key).double()
+    assert torch.allclose(got, want, atol=5e-6, rtol=1e-4)
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(str(tmp_path / "hyb"))
+
+
+def test_preflight_before_any_work(family, tmp_path):
+    base, experts = family("bert")
+    work = tmp_path / "w"
+    with pytest.raises(InputError, match="calibration"):
+        merge(str(base), [str(e) for e in experts], tmp_path / "o", gram="data", work=work)
+    with pytest.raises(InputError, match="not found"):
+        merge(str(base), [str(e) for e in experts], tmp_path / "o", calib=["1=/nope.jsonl", "2=/x", "3=/y"],
+              work=work)
+    with pytest.raises(InputError, match="unknown anchor"):
+        merge(str(base), [str(e) for e in experts], tmp_path / "o", anchor="fancy", work=work)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not a bmm output"):
+        merge(str(base), [str(e) for e in experts], foreign, work=work)
+    assert not work.exists()
+
+
+CMD = ["merge", "--anchor", "ties", "--max-shard-size", "30KB", "--lam", "0.05", "--json"]
+
+
+@pytest.mark.parametrize("fault", ["taskvec.shard:2", "gram.shard:2", "anchor.shard:2", "write.shard:2"])
+def test_merge_resumes_after_sigkill_with_identical_output(family, tmp_path, fault):
+    base, experts = family("llama")
+    args = [sys.executable, "-m", "bmm_cli.cli", *CMD, "--base", str(base), "--experts", *map(str, experts)]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "out"
+    p = subprocess.run(args + ["--out", str(out)], env=dict(os.environ, BMM_FAULT=fault), capture_output=True)
+    assert p.returncode == -9, p.stderr
+    assert not out.exists()  # the final directory appears only when complete
+    p = subprocess.run(args + ["--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert _out_bytes(out).keys() == _out_bytes(ref).keys()
+    for name, data in _out_bytes(ref).items():
+        if name in ("bmm_merge.json", "README.md"):
+            continue  # they name the paths
+        assert _out_bytes(out)[name] == data, name

@@ -1,0 +1,108 @@
+"""The whole pipeline against an independent fp64 re-derivation from the checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from bmm_cli.anchor import anchor
+from bmm_cli.errors import InputError
+from bmm_cli.gram import gram
+from bmm_cli.solve import Merger, Params, load_params, solve
+from bmm_cli.store import Checkpoint
+from bmm_cli.taskvec import taskvec
+
+
+def _expected(base, experts, key, lam, s, conv1d=False, u0=None):
+    """W = W_pre + s (B + λ m U0)(G + λ m I)^-1 with raw G, B (relative λ), fp64, straight from the files."""
+    b = Checkpoint.open(base).get(key).double()
+    us = [Checkpoint.open(e).get(key).double() - b for e in experts]
+    if conv1d:
+        b, us = b.t(), [u.t() for u in us]
+    G = sum(u.t() @ u for u in us)
+    B = sum(u @ u.t() @ u for u in us)
+    m = torch.trace(G) / G.shape[0]
+    U0 = torch.zeros_like(b) if u0 is None else u0
+    U = torch.linalg.solve((G + lam * m * torch.eye(G.shape[0], dtype=G.dtype)).t(), (B + lam * m * U0).t()).t()
+    W = b + s * U
+    return W.t() if conv1d else W
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_pretrained_anchor_free_solve_matches_fp64(family, tmp_path, kind):
+    base, experts = family(kind)
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "pretrained")
+    gram(work, "free")
+    params = Params.uniform(2, lam=0.05, scale=1.1)
+    params.lams[1]["mlp_out"] = 0.5
+    params.scales[1] = 1.2
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps(params.flat()))
+    out = tmp_path / "m"
+    solve(work, "pretrained", "free", out=out, params_file=pfile)
+    merged = Checkpoint.open(out)
+    key = {"bert": "encoder.layer.2.output.dense.weight", "gpt2": "transformer.h.2.mlp.c_proj.weight"}[kind]
+    want = _expected(base, experts, key, lam=0.5, s=1.2, conv1d=(kind == "gpt2"))
+    got = merged.get(key).double()
+    assert torch.allclose(got, want, atol=2e-6, rtol=1e-4), (got - want).abs().max()
+    key0 = {"bert": "encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}[kind]
+    want0 = _expected(base, experts, key0, lam=0.05, s=1.1, conv1d=(kind == "gpt2"))
+    assert torch.allclose(merged.get(key0).double(), want0, atol=2e-6, rtol=1e-4)
+    # other tensors: the pretrained anchor keeps the base
+    b = Checkpoint.open(base)
+    other = [k for k in b.keys() if "LayerNorm" in k or "ln_" in k][0]
+    assert torch.equal(merged.get(other), b.get(other))
+
+
+def test_tsv_anchor_enters_the_solve(family, tmp_path):
+    base, experts = family("bert")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "tsv")
+    gram(work, "free")
+    out = tmp_path / "m"
+    solve(work, "tsv", "free", out=out, lam=0.3, scale=1.0)
+    key = "encoder.layer.1.intermediate.dense.weight"
+    from bmm_cli.store import ShardReader
+
+    u0 = ShardReader(work / "anchor-tsv" / "block-001.safetensors").get(key).double()
+    want = _expected(base, experts, key, lam=0.3, s=1.0, u0=u0)
+    assert torch.allclose(Checkpoint.open(out).get(key).double(), want, atol=2e-6, rtol=1e-4)
+    # lam -> infinity gives the anchor merge itself
+    out2 = tmp_path / "m2"
+    solve(work, "tsv", "free", out=out2, lam=1e7, scale=1.0)
+    b = Checkpoint.open(base).get(key).double()
+    assert torch.allclose(Checkpoint.open(out2).get(key).double(), b + u0, atol=1e-5)
+
+
+def test_merger_trials_equal_direct_solves(family, tmp_path):
+    base, experts = family("llama")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "ta")
+    gram(work, "free")
+    params = Params.uniform(3, lam=0.02, scale=1.05)
+    params.lams[2]["attn_in"] = 0.7
+    pfile = tmp_path / "p.json"
+    pfile.write_text(json.dumps(params.flat()))
+    solve(work, "ta", "free", out=tmp_path / "direct", params_file=pfile)
+    m = Merger(work, "ta", "free")
+    m.write(params, tmp_path / "cached")
+    m.close()
+    a, c = Checkpoint.open(tmp_path / "direct"), Checkpoint.open(tmp_path / "cached")
+    for k in a.keys():
+        assert torch.allclose(a.get(k).float(), c.get(k).float(), atol=1e-5, rtol=1e-4), k
+
+
+def test_params_file_errors(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"s_0": 1.0, "lam_0_attn_in": 0.1}))
+    with pytest.raises(InputError, match="missing lam_0_attn_out"):
+        load_params(p)
+    p.write_text(json.dumps({"params": {**Params.uniform(1).flat(), "lam_0_mlp_in": -1}}))
+    with pytest.raises(InputError, match="lam_0_mlp_in = -1"):
+        load_params(p)
+    with pytest.raises(InputError, match="not found"):
+        load_params(tmp_path / "nope.json")
