@@ -6,11 +6,24 @@ No partial file is ever visible under a final name: a reader sees the old comple
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import BmmError
+
+TEMP_GLOB = ".*.tmp"  # what ``atomic_path`` names its temp files: ``.<final name>.<random>.tmp``
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,24 +43,64 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success it is fsynced and renamed onto ``final``.
 
-    On any exception (disk full included) the temp file is removed and ``final`` is left untouched.
+    On any exception (disk full included) the temp file is removed and ``final`` is left untouched; a full disk
+    (ENOSPC, EDQUOT) becomes a one-line error naming the file and the fix.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
         fsync_dir(final.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    except BaseException as exc:
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise disk_full(final, exc.errno) from exc
         raise
+
+
+class DiskFullError(BmmError, OSError):
+    """A write failed for lack of space: a one-line BmmError for the CLI (exit 1: neither bad input nor numerics)
+    and still an OSError with its errno for library callers."""
+
+    def __init__(self, message: str, err: int = errno.ENOSPC):
+        BmmError.__init__(self, message, exit_code=1)
+        self.errno = err
+        self.strerror = os.strerror(err)
+
+
+def disk_full(path: Path, err: int = errno.ENOSPC) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"{path}: no space left on the device while writing it ({free}); nothing was left "
+                         "half-written: free some space (or point --out/--work at a larger disk) and rerun the same "
+                         "command, which keeps the finished shards", err)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Delete temp files that a killed process left in ``directory`` (never final names; call it only while no
+    other process can be writing there, e.g. under the work lock). Returns the names removed."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.glob(TEMP_GLOB):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p.name)
+    return removed
 
 
 def write_bytes(final: str | os.PathLike, data: bytes) -> None:
@@ -89,6 +142,10 @@ def append_line(path: str | os.PathLike, line: str) -> None:
                     data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise disk_full(path, exc.errno) from exc
+        raise
     finally:
         os.close(fd)
 

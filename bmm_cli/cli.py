@@ -282,6 +282,55 @@ def merge(
     _emit(res, as_json, lambda r: r["model"])
 
 
+@app.command()
+def search(
+    work: Path = WORK_OPT,
+    eval_cmd: str = typer.Option(..., "--eval", help="Evaluation command template; {model} {trial} {workdir} "
+                                 "{evaldir} are substituted shell-quoted. Prints a number or JSON with score last."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where the best model is kept (always complete)."),
+    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
+    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
+    trials: int = typer.Option(100, "--trials", min=1, help="Total trials (a resumed search counts earlier ones)."),
+    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups, each with its own s and 4 λ's."),
+    scale: str = typer.Option("1.0:1.3", "--scale", help="Range of s (uniform), LOW:HIGH or one number."),
+    lam: str = typer.Option("1e-4:1", "--lam", help="Range of λ (log-uniform), LOW:HIGH or one number."),
+    epsilon: str = typer.Option("0:1", "--epsilon", help="Range of ε for --gram hybrid."),
+    initial: int = typer.Option(10, "--initial", min=0, help="Random points before the GP takes over."),
+    seed: int = typer.Option(0, "--seed", help="Optimizer seed."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per evaluation before it is killed."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Trials evaluated at once."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA_VISIBLE_DEVICES per worker: 0,1 or '0,1;2,3'."),
+    minimize: bool = typer.Option(False, "--minimize", help="Lower scores are better (e.g. perplexity)."),
+    trial_dir: Optional[Path] = typer.Option(None, "--trial-dir", help="Where trial models are written "
+                                             "(tmpfs such as /dev/shm/bmm makes trials cheaper)."),
+    device: str = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OUT_OPT,
+    max_shard_size: str = SHARD_OPT,
+    factor_dtype: str = typer.Option("float32", "--factor-dtype", help="Storage of the cached eigenbasis "
+                                     "(bfloat16 halves memory; see bench/README.md for its error)."),
+    force: bool = typer.Option(False, "--force", help="Archive an earlier search with another space and start over."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Stage 5: Bayesian optimization (GP + expected improvement) of s and λ per block-group, scored by --eval."""
+    from .search import search as run
+    from .stage import work_lock
+
+    gpu_sets = None
+    if gpus:
+        gpu_sets = [g.strip() for g in gpus.split(";")] if ";" in gpus else [g.strip() for g in gpus.split(",")]
+    with work_lock(work):
+        res = run(work, anchor.value, gram.value, eval_cmd, out=out, trials=trials, blocks=blocks, scale=scale,
+                  lam=lam, epsilon=epsilon, initial=initial, seed=seed, timeout=timeout, parallel=parallel,
+                  gpus=gpu_sets, minimize=minimize, trial_dir=trial_dir, device=device, dtype=dtype,
+                  max_shard_size=max_shard_size, factor_dtype=factor_dtype, force=force)
+
+    def human(r: dict) -> str:
+        return (f"best trial {r['best_trial']}: score {r['best_score']} (first trial {r['first_score']}), "
+                f"{r['trials_ok']} ok / {r['trials_failed']} failed\n{r['model']}\n{r['best_json']}")
+
+    _emit(res, as_json, human)
+
+
 def _expand_lists(argv: list[str]) -> list[str]:
     """Let ``--experts A B C`` work like ``--experts A --experts B --experts C`` (as users of mergekit expect)."""
     multi = {"--experts", "-e", "--calib", "--opt"}

@@ -92,7 +92,31 @@ _bmm() {
                 --max-shard-size) return;;
             esac
             COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --json --help" -- "$cur") ); return;;
+        search)
+            case "$prev" in
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --eval) return;;
+                --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --anchor|-a) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
+                --gram) COMPREPLY=( $(compgen -W "free data hybrid" -- "$cur") ); return;;
+                --trials) return;;
+                --blocks) return;;
+                --scale) return;;
+                --lam) return;;
+                --epsilon) return;;
+                --initial) return;;
+                --seed) return;;
+                --timeout) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --parallel) return;;
+                --gpus) return;;
+                --trial-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --device) return;;
+                --dtype) return;;
+                --max-shard-size) return;;
+                --factor-dtype) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--work -w --eval --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --initial --seed --timeout --parallel --gpus --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --force --json --help" -- "$cur") ); return;;
     esac
-    COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
+    COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge search --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
 }
 complete -o default -F _bmm bmm
