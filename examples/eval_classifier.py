@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A `bmm search` evaluation hook for a sequence classifier: accuracy on a JSONL file.
 
-    bmm search ... --hook 'python examples/eval_classifier.py --model {model} --data dev.jsonl'
+    bmm search ... --eval 'python examples/eval_classifier.py --model {model} --data dev.jsonl'
 
 Each line of the JSONL file is an object with the text (``--text-field``, default "text"; optionally a second
 segment, ``--text-pair-field``) and the label (``--label-field``, default "label": an integer id, or a label name

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A `bmm search` evaluation hook that wraps lm-evaluation-harness (lm_eval >= 0.4).
 
-    bmm search ... --hook 'python examples/eval_lm_eval.py --model {model} --tasks gsm8k,arc_challenge \
+    bmm search ... --eval 'python examples/eval_lm_eval.py --model {model} --tasks gsm8k,arc_challenge \
                            --output {evaldir} --limit 200'
 
 It runs
