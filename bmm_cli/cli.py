@@ -220,7 +220,7 @@ def solve(
     anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
     gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
-    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or search/best.json)."),
+    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default 0.1)."),
     scale: Optional[float] = typer.Option(None, "--scale", help="One scale s for every module (default 1.0)."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Hybrid mix ε in [0, 1] (default 0.5)."),

@@ -5,7 +5,7 @@ run the user's evaluation hook on it (see :mod:`bmm_cli.hooks`), tell the optimi
 best *observed* trial (never the surrogate's guess); trial 0 is the default point, so the search cannot return
 anything worse than it.
 
-State lives in ``WORKDIR/search/``:
+State lives in ``WORKDIR/<state_name>/`` (``search`` by default; ``bmm search`` uses ``search-<anchor>-<gram>``):
 
 - ``search.json``   manifest: space fingerprint, the caller's ``fingerprint_extra`` (anchor, Gram kind, inputs...),
                     direction, options, run id. A rerun with another space/extra/direction is refused unless ``force``.
@@ -597,6 +597,7 @@ def run_search(
     grace: float = 5.0,
     stdout_limit: int = 1 << 20,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    state_name: str = "search",
 ) -> SearchResult:
     """Run (or resume) the BMM hyper-parameter search; return the best observed trial.
 
@@ -610,7 +611,7 @@ def run_search(
     ``initial``: random points before the GP takes over (trial 0, the default point, counts as one).
     ``first_point``: trial 0's parameters (default: ``space.default_point()``). ``gpus``: one CUDA_VISIBLE_DEVICES
     value per worker, round-robin (e.g. ``["0", "1"]`` or ``["0,1", "2,3"]``). ``trial_dir``: where trial models
-    are written (default ``WORKDIR/search/trials``; tmpfs makes trials cheaper). ``out``: where the best model is
+    are written (default ``WORKDIR/<state_name>/trials``; tmpfs makes trials cheaper). ``out``: where the best model is
     kept (None: it stays in its trial directory). ``fingerprint_extra``: whatever else makes scores comparable
     (anchor, Gram kind, inputs' fingerprints); it must match on resume. ``force``: archive an earlier search's
     state and start fresh. ``fail_fast``: stop when this many trials of this run failed and none ever
@@ -639,7 +640,7 @@ def run_search(
         raise InputError("the search space has no searched parameter (every range has low == high)")
 
     workdir = Path(workdir).resolve()
-    sdir = workdir / "search"
+    sdir = workdir / state_name
     trial_dir = (Path(trial_dir) if trial_dir is not None else sdir / "trials").resolve()
     out = Path(out).resolve() if out is not None else None
     if out is not None:
@@ -1163,6 +1164,11 @@ def parse_range(text: str, what: str) -> tuple[float, float]:
     return a, b
 
 
+def state_dir_name(anchor: str, gram: str) -> str:
+    """One search state per (anchor, Gram kind) in a work directory, so searches of several variants coexist."""
+    return f"search-{anchor}-{gram}"
+
+
 def search(
     work: str | os.PathLike,
     anchor: str,
@@ -1207,6 +1213,7 @@ def search(
 
     try:
         res = run_search(space=space, workdir=work, materialize=materialize, hook=eval_cmd, trials=trials,
+                         state_name=state_dir_name(anchor, gram),
                          initial=initial, seed=seed, timeout=timeout, minimize=minimize, parallel=parallel, gpus=gpus,
                          trial_dir=trial_dir, out=out, force=force, first_point=first,
                          fingerprint_extra={**merger.src.fingerprint, "gram": gram, "blocks": blocks})
@@ -1227,6 +1234,6 @@ def search(
         "trials_failed": res.n_failed,
         "trials": len(res.records),
         "mean_overhead_s": round(sum(overhead) / len(overhead), 4) if overhead else None,
-        "best_json": str(Path(work) / "search" / "best.json"),
+        "best_json": str(Path(work) / state_dir_name(anchor, gram) / "best.json"),
         "ok": len(ok),
     }

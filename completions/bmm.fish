@@ -45,7 +45,7 @@ complete -c bmm -n '__fish_seen_subcommand_from solve' -l work -s w -r -F -d 'Wo
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l anchor -s a -x -a 'pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external' -d 'Anchor stage to use'
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l gram -x -a 'free data hybrid' -d 'Gram statistics - free, data or hybrid'
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l out -s o -r -F -d 'Output model directory'
-complete -c bmm -n '__fish_seen_subcommand_from solve' -l params -r -F -d 'Params JSON (s_0, lam_0_attn_in, ...; or search/best.json)'
+complete -c bmm -n '__fish_seen_subcommand_from solve' -l params -r -F -d 'Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)'
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l lam -x -d 'One relative λ for every module (default 0.1)'
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l scale -x -d 'One scale s for every module (default 1.0)'
 complete -c bmm -n '__fish_seen_subcommand_from solve' -l epsilon -x -d 'Hybrid mix ε in (0, 1) (default 0.5)'

@@ -55,15 +55,15 @@ def test_search_finds_the_hidden_merge(setup):
     # λ is held at the target (a constant range), so the 1-D search over s must find the hidden s
     assert abs(res["best_params"]["s_0"] - 1.25) < 0.05, res["best_params"]
     best = Checkpoint.open(out)
-    recs = [json.loads(x) for x in (work / "search" / "trials.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (work / "search-ta-free" / "trials.jsonl").read_text().splitlines()]
     assert sorted(r["trial"] for r in recs) == list(range(10))
     assert all(set(r["seconds"]) >= {"solve", "write", "eval"} for r in recs)
     # the model at --out is the best trial's merge
-    solve(work, "ta", "free", out=root / "check", params_file=work / "search" / "best.json")
+    solve(work, "ta", "free", out=root / "check", params_file=work / "search-ta-free" / "best.json")
     chk = Checkpoint.open(root / "check")
     for k in chk.keys():
         assert torch.allclose(best.get(k).float(), chk.get(k).float(), atol=1e-5), k
-    assert (work / "search" / "convergence.png").exists()
+    assert (work / "search-ta-free" / "convergence.png").exists()
     # rerunning the finished search does no new trial
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0 and json.loads(p.stdout)["trials"] == 10
