@@ -315,8 +315,6 @@ class ModuleFactors:
     BQ: Tensor
     U0Q: Tensor | None = None
 
-    _NAMES = ("Q", "evals", "BQ", "U0Q")
-
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.BQ.shape)  # type: ignore[return-value]
@@ -397,8 +395,11 @@ def factorize(
 ) -> ModuleFactors:
     """Cache for fast λ trials: ``Ĝ = QΛQᵀ`` (eigh in ``dtype``), ``BQ = B̂Q``, ``U0Q = U0·Q``.
 
-    ``factor_dtype`` (default ``dtype``) is the storage dtype of Q, BQ, U0Q: bf16 halves the cache (error vs
-    fp64 measured in bench/solve_speed.py). ``eig=(Q, evals)`` from :func:`eig_gram` skips the eigh.
+    ``factor_dtype`` (default ``dtype``) is the storage dtype of Q, BQ, U0Q: bf16 halves the cache. ``eig=(Q,
+    evals)`` from :func:`eig_gram` skips the eigh. Measured (bench/README.md, relative error of U vs fp64):
+    bf16 storage ≈ 2.5e-3 at any λ, ten times below the bf16 rounding of the merged weight; eigh in fp32 gives
+    2e-2 at λ = 1e-3 in rank-deficient modules (noise in Ĝ's null space amplified by 1/λ), eigh in fp64 1e-3.
+    So for small λ build with ``dtype=torch.float64, factor_dtype=torch.bfloat16`` (a one-off cost).
     """
     _check_shapes(G_hat, B_hat, U0, key)
     if eig is None:
@@ -423,12 +424,16 @@ def _matmul_precision(device: torch.device, compute: str) -> Iterator[None]:
         yield
         return
     m = torch.backends.cuda.matmul
-    old = m.fp32_precision
-    m.fp32_precision = "tf32"
+    try:  # torch >= 2.9 API; it refuses to mix with the legacy flag if someone else set that one
+        old, attr, value = m.fp32_precision, "fp32_precision", "tf32"
+        m.fp32_precision = value
+    except (AttributeError, RuntimeError):
+        old, attr, value = m.allow_tf32, "allow_tf32", True
+        m.allow_tf32 = value
     try:
         yield
     finally:
-        m.fp32_precision = old
+        setattr(m, attr, old)
 
 
 def _apply(Q: Tensor, evals: Tensor, BQ: Tensor, U0Q: Tensor | None, lam: float, compute: str) -> Tensor:
@@ -440,7 +445,11 @@ def _apply(Q: Tensor, evals: Tensor, BQ: Tensor, U0Q: Tensor | None, lam: float,
         X = torch.add(X, U0Q.to(acc), alpha=lam)
     X = X.mul_(inv) if X is not BQ else X * inv
     if compute == "bf16" and acc == torch.float32:
-        return (X.to(torch.bfloat16) @ Q.to(torch.bfloat16).mT).float()
+        Xb, Qb = X.to(torch.bfloat16), Q.to(torch.bfloat16)
+        if Q.device.type == "cuda":
+            return (Xb @ Qb.mT).float()
+        # CPU bf16 GEMMs are ~50x slower than fp32 ones; bf16 inputs with fp32 accumulation give the same numbers
+        return Xb.float() @ Qb.float().mT
     return X @ Q.to(acc).mT
 
 
