@@ -163,7 +163,7 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
     out_dt = parse_dtype(dtype) if dtype else None
     entries = [(k, meta.shape, _out_dtype(proj.base, k, out_dt)) for k, meta in proj.base.meta.items()]
     writer = ModelWriter(Path(out), entries, max_shard_size=max_shard_size, copy_from=proj.base.root, force=force,
-                         plan_id=stage.id)
+                         plan_id=stage.id, inputs=proj.inputs())
     for blk in track(proj.plan.blocks, "write anchor model"):
         r = stage.read(blk.shard)
         for ref in blk.modules:

@@ -351,24 +351,29 @@ def _expand_lists(argv: list[str]) -> list[str]:
     return out
 
 
+def _interrupted() -> None:
+    print("bmm: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = _expand_lists(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or os.environ.get("BMM_DEBUG", "") not in ("", "0")
     try:
-        app(args=args, prog_name="bmm", standalone_mode=False)
+        # with standalone_mode=False click/typer *return* the exit code of a typer.Exit, and typer turns a Ctrl-C
+        # inside a command into a returned 130 (no exception reaches us)
+        rc = app(args=args, prog_name="bmm", standalone_mode=False)
     except BmmError as exc:
         if debug:
             raise
         print(f"bmm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("bmm: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        print("bmm: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     except Exception as exc:  # usage errors and the unexpected
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):  # usage errors
             exc.show()
@@ -378,7 +383,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"bmm: internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
-    sys.exit(0)
+    if rc == 130:
+        _interrupted()
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,8 +67,9 @@ def merge(
             raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
         parse_calib(calib, experts)
     resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
-    check_output_dir(out, force=force)
-    open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    b, es, _ = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    check_output_dir(out, force=force, inputs={"base model": b.root, "work directory": work,
+                                               **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
     info(f"bmm: work directory {work}")
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}

@@ -6,6 +6,8 @@ from .errors import InputError
 from .progress import info
 from .store import Checkpoint
 
+_finite_ok: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, key) found finite in this process
+
 _EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
 
 
@@ -57,3 +59,25 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
                     f"{em.file}: tensor {k!r} is {em.dtype} but the base stores it as {bm.dtype}; save the expert in "
                     "the base's dtype or pass --allow-dtype-mismatch (math is fp32 either way)"
                 )
+
+
+def check_finite(checkpoints: list[Checkpoint], keys: list[str]) -> None:
+    """NaN/Inf in ``keys`` of every checkpoint -> one-line error naming file and tensor (exit 2).
+
+    Used for the "other" tensors (embeddings, norms, biases): no stage reads them before the anchor, which would
+    otherwise fail only after taskvec and gram. They are a small part of a model (Llama-3-8B: the two embedding
+    matrices, ~13%), so reading them once more is cheap. The solvable tensors (the bulk) are checked as taskvec
+    reads them, before anything derived from them is written: a full pre-scan would read every expert twice.
+    """
+    for c in checkpoints:
+        for key in keys:
+            m = c.meta[key]
+            if not m.is_float:
+                continue
+            st = m.file.stat()
+            ident = (str(m.file), st.st_size, st.st_mtime_ns, key)
+            if ident in _finite_ok:
+                continue
+            t = c.get(key)  # raises BadTensorError naming file and tensor
+            del t
+            _finite_ok.add(ident)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from bmm_cli.atomic import append_line, fsync_dir, read_jsonl, write_json, write_with
 from bmm_cli.errors import InputError, StateError
+from bmm_cli.store import check_not_input
 from bmm_cli.hooks import HookResult, kill_process_group, render_command, run_hook
 from bmm_cli.progress import _enabled as _progress_enabled
 from bmm_cli.progress import info, stderr
@@ -1203,6 +1204,8 @@ def search(
     first = space.default_point(default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
     merger = Merger(Path(work), anchor, gram, device=device, dtype=dtype, max_shard_size=max_shard_size,
                     factor_dtype=factor_dtype, compute=compute)
+    if out is not None:
+        check_not_input(Path(out), merger.src.proj.inputs())
     lock = threading.Lock()  # one solve at a time (they share the device); evaluations run in parallel
 
     def materialize(params: dict, model_dir: Path, env: dict) -> dict:

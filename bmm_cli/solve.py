@@ -217,7 +217,7 @@ def solve(
     out_dt = parse_dtype(dtype) if dtype else None
     proj = src.proj
     writer = ModelWriter(Path(out), src.out_entries(out_dt), max_shard_size=parse_size(max_shard_size),
-                         copy_from=proj.base.root, force=force,
+                         copy_from=proj.base.root, force=force, inputs=proj.inputs(),
                          plan_id=json.dumps([src.fingerprint, params.flat()], sort_keys=True))
     stats = {"modules": 0, "max_rel_change": 0.0}
     for blk in track(proj.plan.blocks, f"solve ({gram}, anchor {src.anchor.method.name})"):

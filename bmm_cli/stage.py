@@ -24,7 +24,7 @@ import torch
 
 from . import atomic, faults
 from .errors import InputError, StateError
-from .store import ShardReader, save_tensors
+from .store import ShardReader, read_header, save_tensors
 
 MANIFEST = "stage.json"
 FORMAT_VERSION = 1
@@ -56,6 +56,7 @@ class Stage:
             shutil.rmtree(self.dir)
             old = None
         self.dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(self.dir)  # half-written temp files of a killed run (never final names)
         if old is None:
             self.manifest = {"stage": name, "id": self.id, "format": FORMAT_VERSION, "inputs": inputs,
                              "options": options, "shards": {}, "complete": False, "command": command,
@@ -84,11 +85,18 @@ class Stage:
         return bool(self.manifest.get("complete"))
 
     def done(self, shard: str) -> bool:
+        """Recorded in the manifest, present with the recorded size and a sound header (a damaged shard is redone)."""
         rec = self.manifest["shards"].get(shard)
         if rec is None:
             return False
         p = self.dir / f"{shard}.safetensors"
-        return p.is_file() and p.stat().st_size == rec.get("bytes")
+        if not (p.is_file() and p.stat().st_size == rec.get("bytes")):
+            return False
+        try:
+            read_header(p)
+        except InputError:
+            return False
+        return True
 
     def shard_path(self, shard: str) -> Path:
         return self.dir / f"{shard}.safetensors"
@@ -121,7 +129,12 @@ def load_manifest(work: Path, name: str, *, need: str) -> dict:
     path = Path(work) / name / MANIFEST
     if not path.exists():
         raise InputError(f"{path} not found: run `{need}` first (or `bmm merge`, which runs every stage)")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError
+    except ValueError:
+        raise StateError(f"{path}: unreadable manifest; delete {path.parent} and rerun `{need}`") from None
     if not data.get("complete"):
         raise InputError(f"{path}: stage '{name}' did not finish; rerun `{need}` (it resumes)")
     return data

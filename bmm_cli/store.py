@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import atomic, faults
-from .errors import InputError, NumericError
+from .errors import BmmError, InputError, NumericError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -140,24 +140,29 @@ class TensorMeta:
         return self.dtype in FLOAT_DTYPES
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
+def read_header(path: Path, *, fix: str | None = None) -> tuple[dict[str, Any], bytes]:
     """Parse and validate a safetensors header without torch; returns (header dict, raw header bytes).
 
-    Checks that the file is complete: the last tensor's data must end exactly at the file's end.
+    Checks that the file is complete: the last tensor's data must end exactly at the file's end. Errors name the
+    file and, by default, the fix for a downloaded checkpoint; ``fix`` replaces that advice (work-dir shards).
     """
+
+    def bad(reason: str, default_fix: str = "re-download or re-save the file") -> InputError:
+        advice = fix or default_fix
+        return InputError(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
+
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {len(head)} bytes); re-download it")
+                raise bad(f"not a safetensors file (only {len(head)} bytes)", "re-download it")
             (n,) = struct.unpack("<Q", head)
             if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
-                raise InputError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes); "
-                                 "re-download or re-save the file")
+                raise bad(f"corrupt safetensors header (header length {n}, file {size} bytes)")
             raw = fh.read(n)
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        raise bad("file not found", "") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, expected a .safetensors file") from None
     except PermissionError:
@@ -167,7 +172,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__}); re-download or re-save it") from None
+        raise bad(f"corrupt safetensors header ({exc.__class__.__name__})") from None
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -177,20 +182,18 @@ def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
             shape = [int(d) for d in info["shape"]]
             start, stop = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: corrupt safetensors header entry for tensor {key!r}") from None
+            raise bad(f"corrupt safetensors header entry for tensor {key!r}") from None
         if dtype not in DTYPE_BYTES:
-            raise InputError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+            raise bad(f"tensor {key!r} has unsupported dtype {dtype}", "")
         nbytes = DTYPE_BYTES[dtype]
         for d in shape:
             nbytes *= d
         if stop - start != nbytes or start < 0:
-            raise InputError(f"{path}: corrupt safetensors header: tensor {key!r} offsets do not match its shape")
+            raise bad(f"corrupt safetensors header: tensor {key!r} offsets do not match its shape")
         end = max(end, stop)
     if 8 + n + end != size:
-        raise InputError(
-            f"{path}: truncated or padded safetensors file ({size} bytes, header says {8 + n + end}); "
-            "the download or copy is incomplete: fetch it again"
-        )
+        raise bad(f"truncated or padded safetensors file ({size} bytes, header says {8 + n + end})",
+                  "the download or copy is incomplete: fetch it again")
     return header, raw
 
 
@@ -237,6 +240,13 @@ def resolve_model_dir(spec: str | os.PathLike, *, role: str = "model") -> Path:
     return Path(local)
 
 
+class BadTensorError(InputError, NumericError):
+    """NaN/Inf stored in an input checkpoint: bad input (exit 2), and a NumericError for code that catches those."""
+
+    def __init__(self, message: str):
+        BmmError.__init__(self, message, exit_code=2)
+
+
 class Checkpoint:
     """A safetensors checkpoint opened lazily: metadata up front, tensors one at a time."""
 
@@ -253,6 +263,10 @@ class Checkpoint:
     def open(cls, spec: str | os.PathLike, *, role: str = "model") -> "Checkpoint":
         root = resolve_model_dir(spec, role=role)
         index = root / INDEX_NAME
+        if index.exists() and (root / SINGLE_NAME).exists():
+            # transformers loads model.safetensors first, bmm would follow the index: they could disagree
+            raise InputError(f"{role} {root}: has both {SINGLE_NAME} and {INDEX_NAME}; one of them is stale "
+                             "(left by an earlier save): delete it")
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -318,11 +332,14 @@ class Checkpoint:
         return sum(m.nbytes for m in self.meta.values())
 
     def fingerprint(self) -> dict:
-        """Identity of the inputs for stage manifests: paths, sizes and header hashes (no full-file hashing)."""
+        """Identity of the inputs for stage manifests: paths, sizes, header hashes and a hash of a few bytes sampled
+        from every tensor (no full-file hashing). The sample tells a checkpoint re-saved in place with new values
+        (same names, shapes and dtypes, so the same header and size) from the one a stage was computed from."""
         files = []
         for name, path in sorted(self.files.items()):
-            _, raw = read_header(path)
-            files.append({"name": name, "bytes": path.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest()})
+            header, raw = read_header(path)
+            files.append({"name": name, "bytes": path.stat().st_size, "header_sha256": hashlib.sha256(raw).hexdigest(),
+                          "sample_sha256": _sample_digest(path, header, len(raw))})
         return {"path": str(self.root), "files": files}
 
     # -- tensors -------------------------------------------------------------------------------------------------
@@ -351,12 +368,29 @@ class Checkpoint:
             raise InputError(f"{m.file}: cannot read tensor {key!r} ({exc})") from None
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise NumericError(f"{m.file}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken")
+            raise BadTensorError(f"{m.file}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken: "
+                                 "re-export it from a good training checkpoint, or leave it out of the merge")
         return residency.track(t)
 
     def close(self) -> None:
         with self._lock:
             self._handles.clear()
+
+
+SAMPLE_BYTES = 64  # bytes read at the start, middle and end of every tensor for the fingerprint
+
+
+def _sample_digest(path: Path, header: dict, header_len: int) -> str:
+    """sha256 over up to 3 x SAMPLE_BYTES of every tensor's data (a few hundred small reads per checkpoint)."""
+    h = hashlib.sha256()
+    base = 8 + header_len
+    with open(path, "rb") as fh:
+        for key in sorted(k for k in header if k != "__metadata__"):
+            start, stop = (int(v) for v in header[key]["data_offsets"])
+            n = stop - start
+            for off in sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)}):
+                h.update(os.pread(fh.fileno(), min(SAMPLE_BYTES, n - off), base + start + off))
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,12 +410,20 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return path.stat().st_size
 
 
+def _stage_fix(path: Path) -> str:
+    """How to repair a missing or damaged shard of a work-directory stage (``<work>/<stage>/<shard>``)."""
+    stage = path.parent.name
+    cmd = "bmm search" if stage.startswith("factors-") else f"bmm {stage.split('-')[0]}"
+    return (f"rerun `{cmd}` with the same options: it redoes missing or damaged shards "
+            f"(or delete {path.parent} and rerun it)")
+
+
 class ShardReader:
     """Lazy reader of one work-directory shard."""
 
     def __init__(self, path: Path):
         self.path = path
-        read_header(path)  # validates completeness
+        read_header(path, fix=_stage_fix(path))  # validates completeness
         self._h = safe_open(str(path), framework="pt", device="cpu")
 
     def keys(self) -> list[str]:
@@ -451,8 +493,22 @@ def plan_shards(entries: list[tuple[str, int]], max_shard_size: int) -> list[_Sh
     return out
 
 
-def check_output_dir(out: Path, *, force: bool) -> None:
-    """Refuse to replace a directory that is not a bmm output, unless --force."""
+def check_not_input(out: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an ``--out`` that is, or contains, one of ``inputs`` (role -> path: base, experts, work dir).
+
+    Writing ``out`` replaces the whole directory, so this would delete an input; ``--force`` does not override it.
+    """
+    dst = Path(out).resolve()
+    for role, path in inputs.items():
+        src = Path(path).resolve()
+        if dst == src or dst in src.parents:
+            raise InputError(f"--out {out} is (or contains) the {role} {path}; writing the merge there would delete "
+                             f"the {role}: choose another output path")
+
+
+def check_output_dir(out: Path, *, force: bool, inputs: dict[str, Path] | None = None) -> None:
+    """Refuse to replace a directory that is not a bmm output (unless --force) or that holds an input (always)."""
+    check_not_input(out, inputs or {})
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is a file; choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).exists() and not force:
@@ -477,8 +533,14 @@ class ModelWriter:
         copy_from: Path | None,
         force: bool = False,
         plan_id: str = "",
+        inputs: dict[str, Path] | None = None,
     ):
         self.out = Path(out)
+        inputs = dict(inputs or {})
+        if copy_from is not None:
+            inputs.setdefault("base model", Path(copy_from))
+        check_not_input(self.out, inputs)
+        recover_output(self.out)
         check_output_dir(self.out, force=force)
         self.dtypes = {k: dt for k, _, dt in entries}
         sized = [(k, _numel(shape) * torch.empty((), dtype=dt).element_size()) for k, shape, dt in entries]
@@ -496,11 +558,13 @@ class ModelWriter:
             try:
                 prog = json.loads(progress_path.read_text())
                 if prog.get("plan") == plan_hash:
-                    done = [n for n in prog.get("done", []) if (self.staging / n).is_file()]
+                    done = [n for n in prog.get("done", []) if _sound(self.staging / n)]
             except ValueError:
                 done = []
         if not done and self.staging.exists():
             shutil.rmtree(self.staging)
+        elif done:  # resume: drop what a killed run was writing (its temp files would end up in the output)
+            atomic.remove_stale_temps(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         self.plan_hash = plan_hash
         self.done = set(done)
@@ -554,9 +618,31 @@ class ModelWriter:
         return self.out
 
 
+def _sound(path: Path) -> bool:
+    """A complete safetensors file (header consistent with the size)."""
+    try:
+        read_header(path)
+    except InputError:
+        return False
+    return True
+
+
+def recover_output(final: Path) -> None:
+    """Undo a crash between the two renames of :func:`swap_in_dir`: ``final`` missing and its previous version at
+    ``.<name>.bmm-old`` -> put the previous version back."""
+    old = final.parent / f".{final.name}.bmm-old"
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)
+        atomic.fsync_dir(final.parent)
+        from .progress import info
+
+        info(f"bmm: restored the previous {final} from {old.name} (an earlier run was killed while swapping it)")
+
+
 def swap_in_dir(new: Path, final: Path) -> None:
     """Replace directory ``final`` by ``new`` with renames: at every instant ``final`` is the old or the new one
-    (between the two renames it is briefly absent; a crash there leaves the old one at ``.<name>.bmm-old``)."""
+    (between the two renames it is briefly absent; a crash there leaves the old one at ``.<name>.bmm-old``, which
+    the next ModelWriter for ``final`` puts back: :func:`recover_output`)."""
     old = final.parent / f".{final.name}.bmm-old"
     if old.exists():
         shutil.rmtree(old)
@@ -588,7 +674,9 @@ def model_card(recipe: dict) -> str:
 
 
 __all__ = [
+    "check_not_input",
     "Checkpoint", "TensorMeta", "ModelWriter", "ShardReader", "save_tensors", "read_header", "plan_shards",
-    "parse_size", "parse_dtype", "resolve_model_dir", "check_output_dir", "swap_in_dir", "model_card", "residency",
+    "parse_size", "parse_dtype", "resolve_model_dir", "check_output_dir", "recover_output", "swap_in_dir",
+    "model_card", "residency", "BadTensorError",
     "DTYPES", "DTYPE_NAMES", "MARKER_NAME", "INDEX_NAME", "SINGLE_NAME",
 ]

@@ -16,7 +16,7 @@ import torch
 
 from .arch import Block, ModuleRef, Plan, build_plan
 from .errors import InputError
-from .preflight import check_experts
+from .preflight import check_experts, check_finite
 from .progress import track
 from .stage import Stage, load_manifest
 from .store import DTYPE_NAMES, Checkpoint, ShardReader, parse_dtype
@@ -56,6 +56,12 @@ class Project:
     def fingerprint(self) -> str:
         return self.manifest["id"]
 
+    def inputs(self) -> dict[str, Path]:
+        """What an ``--out`` must never replace: base, experts and the work directory (role -> path)."""
+        roles = {"base model": self.base.root, "work directory": self.work}
+        roles.update({f"expert {i + 1}": e.root for i, e in enumerate(self.experts)})
+        return roles
+
     def taus(self, block: Block, ref: ModuleRef, reader=None) -> torch.Tensor:
         """[T, d_out, d_in] float32 task vectors of one module (from the taskvec shard)."""
         reader = reader or self.reader(block)
@@ -85,6 +91,7 @@ def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = F
     es = [Checkpoint.open(e, role=f"expert {i + 1}") for i, e in enumerate(experts)]
     check_experts(b, es, allow_dtype_mismatch=allow_dtype_mismatch)
     plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root))
+    check_finite([b, *es], plan.others)  # solvable tensors are checked as taskvec reads them
     return b, es, plan
 
 

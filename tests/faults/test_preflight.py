@@ -1,0 +1,250 @@
+"""Bad input is refused before any heavy work: `bmm merge` exits 2 with ONE line on stderr that names the file (and
+the tensor) and says how to fix it, and the work directory holds no stage shard, --out does not exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ._util import ENV, argv, bmm_inproc, perturb, save, tiny_model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(path, fn):
+    """Rewrite one safetensors file with fn(state_dict) -> state_dict."""
+    sd = load_file(str(path))
+    save_file(fn(sd), str(path), metadata={"format": "pt"})
+
+
+def _llama_variant(tmp_path, name, seed=7, **cfg):
+    """A Llama expert of the tiny family with config overrides (same init as the family's base)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kw.update(cfg)
+    return save(perturb(tf.LlamaForCausalLM(tf.LlamaConfig(**kw)), seed), tmp_path / name)
+
+
+class Evil:
+    """Unpickling this creates a directory: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.sentinel,))
+
+
+# each builder: (family, tmp_path) -> (base, experts, [what the message must contain: str or regex])
+
+
+def missing_expert(family, tmp_path):
+    base, ex = family("llama")
+    return base, [ex[0], tmp_path / "nope"], [str(tmp_path / "nope"), "no such file or directory"]
+
+
+def missing_shard(family, tmp_path):
+    base, ex = family("llama", sharded=True)
+    e = _copy(ex[1], tmp_path / "e")
+    victim = sorted(e.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    return base, [ex[0], e], [victim.name, str(e), "missing", "fetch the missing shard"]
+
+
+def truncated_shard(family, tmp_path):
+    base, ex = family("llama", sharded=True)
+    e = _copy(ex[1], tmp_path / "e")
+    victim = sorted(e.glob("model-*.safetensors"))[2]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    return base, [ex[0], e], [str(victim), "truncated", "fetch it again"]
+
+
+def corrupt_header(family, tmp_path):
+    base, ex = family("llama")
+    e = _copy(ex[1], tmp_path / "e")
+    f = e / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    raw[8 + n // 2: 8 + n // 2 + 4] = b"\xff\xfe{["
+    f.write_bytes(bytes(raw))
+    return base, [ex[0], e], [str(f), "corrupt safetensors header", "re-download"]
+
+
+def index_points_at_missing_file(family, tmp_path):
+    base, ex = family("llama", sharded=True)
+    e = _copy(ex[1], tmp_path / "e")
+    idx = e / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    key = next(iter(d["weight_map"]))
+    d["weight_map"][key] = "model-00009-of-00009.safetensors"
+    idx.write_text(json.dumps(d))
+    return base, [ex[0], e], [str(idx), "model-00009-of-00009.safetensors", "missing"]
+
+
+def single_file_and_index(family, tmp_path):
+    """A stale model.safetensors next to a sharded save: transformers would load one, bmm the other."""
+    base, ex = family("llama", sharded=True)
+    e = _copy(ex[1], tmp_path / "e")
+    shutil.copy(family("llama")[1][0] / "model.safetensors", e / "model.safetensors")
+    return base, [ex[0], e], [str(e), "model.safetensors.index.json", "stale", "delete it"]
+
+
+def key_set_mismatch(family, tmp_path):
+    base, ex = family("llama")
+    e = _copy(ex[1], tmp_path / "e")
+    _edit(e / "model.safetensors", lambda sd: {k: v for k, v in sd.items() if k != "model.layers.2.input_layernorm.weight"})
+    return base, [ex[0], e], [str(e), "'model.layers.2.input_layernorm.weight'", "missing", "fine-tune of the same base"]
+
+
+def shape_mismatch(family, tmp_path):
+    base, ex = family("llama")
+    e = _copy(ex[1], tmp_path / "e")
+    key = "model.layers.1.self_attn.o_proj.weight"
+    _edit(e / "model.safetensors", lambda sd: {**sd, key: sd[key][:, :-2].contiguous()})
+    return base, [ex[0], e], [str(e / "model.safetensors"), repr(key), "[32, 30]", "not a fine-tune of this base"]
+
+
+def vocab_resized(family, tmp_path):
+    base, ex = family("llama")
+    m = tiny_model("llama", 0)
+    m.resize_token_embeddings(120)
+    e = save(perturb(m, 5), tmp_path / "e")
+    return base, [ex[0], e], [str(e / "model.safetensors"), "vocab", "120", "base's vocabulary"]
+
+
+def tied_vs_untied_llama(family, tmp_path):
+    base, ex = family("llama")  # tie_word_embeddings=False: has lm_head.weight
+    e = _llama_variant(tmp_path, "tied", tie_word_embeddings=True)
+    return base, [ex[0], e], [str(e), "'lm_head.weight'", "tie_word_embeddings"]
+
+
+def untied_vs_tied_gpt2(family, tmp_path):
+    import transformers as tf
+
+    base, ex = family("gpt2")  # tied: no lm_head.weight in the file
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=3, n_head=4, n_positions=64, tie_word_embeddings=False)
+    e = save(perturb(tf.GPT2LMHeadModel(cfg), 9), tmp_path / "untied")
+    return base, [ex[0], e], [str(e), "'lm_head.weight'", "tie_word_embeddings"]
+
+
+def nan_in_other_tensor(family, tmp_path):
+    base, ex = family("llama")
+    e = _copy(ex[1], tmp_path / "e")
+    key = "model.layers.2.post_attention_layernorm.weight"  # not solved: read by the anchor stage
+    _edit(e / "model.safetensors", lambda sd: {**sd, key: torch.where(torch.arange(32) == 3, float("nan"), sd[key])})
+    return base, [ex[0], e], [str(e / "model.safetensors"), repr(key), "NaN"]
+
+
+def mixed_dtypes(family, tmp_path):
+    base, ex = family("llama")
+    m = tiny_model("llama", 0)
+    e = save(perturb(m, 5).to(torch.bfloat16), tmp_path / "e")
+    return base, [ex[0], e], [str(e / "model.safetensors"), "BF16", "F32", "--allow-dtype-mismatch"]
+
+
+def no_solvable_module(family, tmp_path):
+    import transformers as tf
+
+    cfg = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    torch.manual_seed(0)
+    b = save(tf.T5ForConditionalGeneration(cfg), tmp_path / "t5-base")
+    es = []
+    for t in range(2):
+        torch.manual_seed(0)
+        es.append(save(perturb(tf.T5ForConditionalGeneration(cfg), t), tmp_path / f"t5-e{t}"))
+    return b, es, [str(b), "no solvable module", "cannot merge this architecture"]
+
+
+def pickle_only_expert(family, tmp_path):
+    base, ex = family("llama")
+    e = tmp_path / "pickled"
+    e.mkdir()
+    shutil.copy(ex[1] / "config.json", e)
+    with open(e / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(Evil(tmp_path / "PWNED"), fh)
+    return base, [ex[0], e], [str(e), "pytorch_model.bin", "pickle", "safe_serialization=True"]
+
+
+def pickle_file_expert(family, tmp_path):
+    base, ex = family("llama")
+    e = tmp_path / "pickled"
+    e.mkdir()
+    with open(e / "pytorch_model.bin", "wb") as fh:
+        pickle.dump(Evil(tmp_path / "PWNED"), fh)
+    return base, [ex[0], e / "pytorch_model.bin"], [str(e / "pytorch_model.bin"), "pickle", "safe_serialization=True"]
+
+
+CASES = [missing_expert, missing_shard, truncated_shard, corrupt_header, index_points_at_missing_file,
+         single_file_and_index, key_set_mismatch, shape_mismatch, vocab_resized, tied_vs_untied_llama,
+         untied_vs_tied_gpt2, nan_in_other_tensor, mixed_dtypes, no_solvable_module, pickle_only_expert,
+         pickle_file_expert]
+
+
+def _check_refused(code, err, want, work, out):
+    assert code == 2, f"exit {code}: {err}"
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("bmm: error: "), err
+    for w in want:
+        assert (re.search(w.pattern, err) if isinstance(w, re.Pattern) else w in err), f"{w!r} not in: {err}"
+    assert "Traceback" not in err
+    assert not list(work.rglob("*.safetensors")), "stage shards were written before the input was refused"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_refused_before_work(case, family, tmp_path, capsys):
+    base, experts, want = case(family, tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+    code, _, err = bmm_inproc(["merge", "--base", base, "--experts", *experts, "--out", out, "--work", work,
+                               "--anchor", "ties", "--device", "cpu"], capsys)
+    _check_refused(code, err, want, work, out)
+    assert not (tmp_path / "PWNED").exists(), "a pickle was unpickled"
+
+
+def test_inf_in_a_solved_tensor_stops_before_anything_derived_from_it(family, tmp_path, capsys):
+    """NaN/Inf in a solvable tensor is found when taskvec reads it (no extra pass over every expert): exit 2 naming
+    file and tensor, nothing computed from that block is written, the stage does not count as finished and no later
+    stage runs. (Blocks before it keep their valid shards; see README_SECTION.md for why there is no full pre-scan.)"""
+    base, ex = family("llama")
+    e = _copy(ex[1], tmp_path / "e")
+    key = "model.layers.1.mlp.down_proj.weight"
+    _edit(e / "model.safetensors", lambda sd: {**sd, key: sd[key].index_fill(0, torch.tensor([5]), float("inf"))})
+    work, out = tmp_path / "work", tmp_path / "out"
+    code, _, err = bmm_inproc(["merge", "--base", base, "--experts", ex[0], e, "--out", out, "--work", work,
+                               "--device", "cpu"], capsys)
+    # (after merge's "bmm: work directory ..." status line) the error: one line, file, tensor, fix
+    status, error = err.rstrip("\n").split("\n")
+    assert code == 2 and status.startswith("bmm: work directory") and error.startswith("bmm: error: "), err
+    assert str(e / "model.safetensors") in error and repr(key) in error and "NaN/Inf" in error
+    assert "re-export" in error
+    assert not (work / "taskvec" / "block-001.safetensors").exists()
+    assert not json.loads((work / "taskvec" / "stage.json").read_text())["complete"]
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == ["taskvec"] and not out.exists()
+
+
+def test_hub_id_offline_one_line(tmp_path, family):
+    """A hub id that is not in the (empty) cache while HF_HUB_OFFLINE=1: exit 2, one line naming the id and the fix.
+    In a subprocess: huggingface_hub reads HF_HOME / HF_HUB_OFFLINE when it is imported."""
+    base, ex = family("llama")
+    env = dict(ENV, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    work = tmp_path / "work"
+    p = subprocess.run(argv(["merge", "--base", base, "--experts", ex[0], "someorg/not-a-cached-model",
+                             "--out", tmp_path / "out", "--work", work]),
+                       env=env, capture_output=True, text=True, timeout=120)
+    _check_refused(p.returncode, p.stderr, ["someorg/not-a-cached-model", "HF_HUB_OFFLINE",
+                                            "download it first or pass a local path"], work, tmp_path / "out")
