@@ -302,7 +302,7 @@ def _meta_model(transformers, config, model_dir: Path):
 
 
 def _load(auto_cls, model_dir: Path, dtype: torch.dtype, dev: torch.device, plan: "_Plan", offload_folder):
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"use_safetensors": True}  # never fall back to a pickled .bin next to the shards
     major = int(_import_transformers().__version__.split(".")[0])
     kwargs["dtype" if major >= 5 else "torch_dtype"] = dtype
     if plan.offload:

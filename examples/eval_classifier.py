@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers >= 4.56 calls it `dtype`; older releases `torch_dtype`
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, **{dtype_kw: dtype}).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, use_safetensors=True, **{dtype_kw: dtype}).to(device).eval()
     label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
     rows = read_examples(args.data, args.text_field, args.text_pair_field, args.label_field, args.limit)
 
