@@ -219,7 +219,7 @@ def test_bad_input_refused_before_work(case, family, tmp_path, capsys):
 def test_inf_in_a_solved_tensor_stops_before_anything_derived_from_it(family, tmp_path, capsys):
     """NaN/Inf in a solvable tensor is found when taskvec reads it (no extra pass over every expert): exit 2 naming
     file and tensor, nothing computed from that block is written, the stage does not count as finished and no later
-    stage runs. (Blocks before it keep their valid shards; see README_SECTION.md for why there is no full pre-scan.)"""
+    stage runs. (Blocks before it keep their valid shards; see docs/guarantees.md for why there is no full pre-scan.)"""
     base, ex = family("llama")
     e = _copy(ex[1], tmp_path / "e")
     key = "model.layers.1.mlp.down_proj.weight"
