@@ -108,16 +108,8 @@ class _ShellScanner:
                     self.escape = True
                 elif c == '"':
                     self.stack.pop()
-                elif c == "$" and nxt == "(":
-                    i += 1
-                    self._open_paren(text, i)
-                    if self.frame == "arith":
-                        i += 1
-                elif c == "$" and nxt == "{":
-                    i += 1
-                    self.stack.append(["param", 0])
-                elif c == "`":
-                    self.stack.append(["bq", 0])
+                else:
+                    i = self._expansion(c, nxt, text, i)
             else:  # "top", "cmd", "param", "arith": unquoted word context
                 if c == "\\":
                     self.escape = True
@@ -128,16 +120,8 @@ class _ShellScanner:
                         self.stack.append(["sq", 0])
                 elif c == '"':
                     self.stack.append(["dq", 0])
-                elif c == "`":
-                    self.stack.append(["bq", 0])
-                elif c == "$" and nxt == "(":
-                    i += 1
-                    self._open_paren(text, i)
-                    if self.frame == "arith":
-                        i += 1
-                elif c == "$" and nxt == "{":
-                    i += 1
-                    self.stack.append(["param", 0])
+                elif c in "`$":
+                    i = self._expansion(c, nxt, text, i)
                 elif c == "#" and self.prev in ("", " ", "\t", "\n", ";", "|", "&", "(") and f != "param":
                     self.comment = True
                 elif c == "<" and nxt == "<":
@@ -154,6 +138,21 @@ class _ShellScanner:
                 elif c == "}" and f == "param":
                     self.stack.pop()
             self.prev = c
+
+    def _expansion(self, c: str, nxt: str, text: str, i: int) -> int:
+        """Open a `$(`, `$((`, `${` or backtick frame (expansions work unquoted and in double quotes alike);
+        ``i`` indexes the character after ``c``. Returns the index to continue from."""
+        if c == "$" and nxt == "(":
+            i += 1
+            self._open_paren(text, i)
+            if self.frame == "arith":
+                i += 1
+        elif c == "$" and nxt == "{":
+            i += 1
+            self.stack.append(["param", 0])
+        elif c == "`":
+            self.stack.append(["bq", 0])
+        return i
 
     def _open_paren(self, text: str, i: int) -> None:
         # called with text[i-1] == "(" just consumed after "$"
