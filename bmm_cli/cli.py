@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import __version__
+from .defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
 from .errors import BmmError
 from .progress import set_quiet
 
@@ -221,9 +222,9 @@ def solve(
     gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
-    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default 0.1)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help="One scale s for every module (default 1.0)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Hybrid mix ε in [0, 1] (default 0.5)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM}, chosen on the benchmark)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
     blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
@@ -252,9 +253,9 @@ def merge(
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE calibration texts (switches to data-assisted)."),
     gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: data with --calib)."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON, e.g. a search's best.json."),
-    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default 0.1)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help="One scale s for every module (default 1.0)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Hybrid mix ε (default 0.5)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM}, chosen on the benchmark)."),
+    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
     blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.bmm-work)."),
     samples: int = typer.Option(128, "--samples", min=1, help="Calibration texts per expert."),

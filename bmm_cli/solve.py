@@ -34,9 +34,7 @@ from .taskvec import Project, from_linear, load_project
 from .gram import GramStage
 
 GRAM_KINDS = ("free", "data", "hybrid")
-DEFAULT_LAM = 0.1
-DEFAULT_SCALE = 1.0
-DEFAULT_EPS = 0.5
+from .defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE  # noqa: F401  (re-exported)
 
 
 @dataclass
