@@ -254,13 +254,16 @@ def factors_stage_name(anchor: str, gram: str) -> str:
     return f"factors-{anchor}-{gram}"
 
 
-def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dtype = torch.float32,
-                   force: bool = False) -> Stage | None:
+def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dtype = torch.float32) -> Stage | None:
     """Cache ``Q, Λ, B̂Q, U0Q`` per module (one eigh each) in the work dir; None for hybrid (ε changes Q)."""
     if src.gram == "hybrid":
         return None
+    # eigh in fp64, once per module: an fp32 eigh leaves ~1e-7·λ_max of rounding noise in Ĝ's null space, which
+    # 1/(Λ+λ) amplifies at the small end of the λ range (2e-2 relative error at λ=1e-3, 20x less in fp64:
+    # bench/README.md). Storage stays in ``factor_dtype``, so trials cost the same.
     stage = Stage(src.work, factors_stage_name(src.anchor.method.name, src.gram), inputs=src.fingerprint,
-                  options={"factor_dtype": str(factor_dtype)}, force=force)
+                  options={"factor_dtype": str(factor_dtype), "eigh_dtype": "torch.float64"},
+                  force=True)  # a cache derived from finished stages: rebuilt (not refused) when they or its options change
     todo = [b for b in src.proj.plan.blocks if not stage.done(b.shard)]
     for blk in track(todo, "factorize Ĝ (once per search)", total=len(todo)):
         a = src.anchor.block(blk)
@@ -269,7 +272,7 @@ def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dt
         for ref in blk.modules:
             st = g(ref.key).to(device)
             u0 = None if src.anchor.method.name == "pretrained" else a.get(ref.key).to(device)  # zero: no U0Q
-            f = factorize(st.G_hat, st.B_hat, u0, key=ref.key, factor_dtype=factor_dtype)
+            f = factorize(st.G_hat, st.B_hat, u0, key=ref.key, dtype=torch.float64, factor_dtype=factor_dtype)
             out.update({k: v.cpu() for k, v in f.tensors(ref.key).items()})
         stage.write(blk.shard, out)
     stage.finish()
