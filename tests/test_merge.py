@@ -30,7 +30,7 @@ def test_data_assisted_and_hybrid_merge(family, tmp_path):
     calib = _calib_files(tmp_path, len(experts))
     work = tmp_path / "w"
     res = merge(str(base), [str(e) for e in experts], tmp_path / "data", calib=calib, work=work, lam=0.2,
-                anchor="ta", samples=8, max_len=32)
+                scale=1.0, anchor="ta", samples=8, max_len=32)
     assert res["gram"] == "data"
     key = "encoder.layer.1.attention.output.dense.weight"
     b = Checkpoint.open(base).get(key).double()
@@ -46,7 +46,7 @@ def test_data_assisted_and_hybrid_merge(family, tmp_path):
     assert torch.allclose(got, want, atol=5e-6, rtol=1e-4)
     # hybrid reuses the data Grams and adds the free ones
     res = merge(str(base), [str(e) for e in experts], tmp_path / "hyb", calib=calib, work=work, gram="hybrid",
-                epsilon=0.25, lam=0.2, anchor="ta", samples=8, max_len=32)
+                epsilon=0.25, lam=0.2, scale=1.0, anchor="ta", samples=8, max_len=32)
     assert res["stages"]["gram-data"]["written"] == 0 and res["params"]["eps"] == 0.25
     Gf = sum(u.t() @ u for u in us)
     Bf = sum(u @ u.t() @ u for u in us)
