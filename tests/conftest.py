@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def calib_texts(n: int, seed: int) -> list[str]:
         length = int(torch.randint(3, 20, (1,), generator=g))
         out.append(" ".join(f"w{int(i)}" for i in torch.randint(0, 60 + 10 * (seed % 3), (length,), generator=g)))
     return out
+
+
+def write_calib_files(root: Path, n_tasks: int, per_task: int) -> list[str]:
+    """One JSONL of ``per_task`` calib_texts per task under ``root``; returns the ``--calib T=PATH`` specs."""
+    specs = []
+    for t in range(n_tasks):
+        p = root / f"calib{t}.jsonl"
+        p.write_text("".join(json.dumps({"text": x}) + "\n" for x in calib_texts(per_task, t)))
+        specs.append(f"{t + 1}={p}")
+    return specs
 
 
 def make_family(root: Path, kind: str, n_experts: int = 3, sharded: bool = False) -> tuple[Path, list[Path]]:

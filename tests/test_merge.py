@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -9,16 +8,7 @@ import torch
 from bmm_cli.errors import InputError
 from bmm_cli.merge import merge
 from bmm_cli.store import Checkpoint, ShardReader
-from conftest import calib_texts
-
-
-def _calib_files(tmp_path, n):
-    specs = []
-    for t in range(n):
-        p = tmp_path / f"calib{t}.jsonl"
-        p.write_text("".join(json.dumps({"text": x}) + "\n" for x in calib_texts(12, t)))
-        specs.append(f"{t + 1}={p}")
-    return specs
+from conftest import write_calib_files
 
 
 def _out_bytes(d):
@@ -27,7 +17,7 @@ def _out_bytes(d):
 
 def test_data_assisted_and_hybrid_merge(family, tmp_path):
     base, experts = family("bert")
-    calib = _calib_files(tmp_path, len(experts))
+    calib = write_calib_files(tmp_path, len(experts), 12)
     work = tmp_path / "w"
     res = merge(str(base), [str(e) for e in experts], tmp_path / "data", calib=calib, work=work, lam=0.2,
                 scale=1.0, anchor="ta", samples=8, max_len=32)

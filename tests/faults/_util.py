@@ -16,7 +16,7 @@ from bmm_cli.store import read_header
 
 
 def _root_conftest():
-    """tests/conftest.py's helpers (tiny_model, perturb, save, calib_texts), loaded by path: a plain
+    """tests/conftest.py's helpers (tiny_model, perturb, save, calib_texts, write_calib_files), loaded by path: a plain
     `from conftest import ...` gets whichever conftest.py was imported last under that name."""
     import importlib.util
 
@@ -29,6 +29,7 @@ def _root_conftest():
 
 _root = _root_conftest()
 calib_texts, perturb, save, tiny_model = _root.calib_texts, _root.perturb, _root.save, _root.tiny_model
+write_calib_files = _root.write_calib_files
 
 # subprocesses: one intra-op thread (bytes comparable with the in-process reference), no progress bars
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", BMM_NO_PROGRESS="1", HF_HUB_OFFLINE="1")

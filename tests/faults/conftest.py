@@ -3,14 +3,13 @@ kill/resume test compares its bytes with, and runners for ``bmm`` in a subproces
 
 from __future__ import annotations
 
-import json
 import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ._util import SOLVE_ARGS, calib_texts
+from ._util import SOLVE_ARGS, write_calib_files
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def write_calib(root, n):
-    specs = []
-    for t in range(n):
-        p = root / f"calib{t}.jsonl"
-        p.write_text("".join(json.dumps({"text": x}) + "\n" for x in calib_texts(8, t)))
-        specs.append(f"{t + 1}={p}")
-    return specs
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +36,7 @@ def ref(family, tmp_path_factory):
     try:
         base, experts = family("llama")
         root = tmp_path_factory.mktemp("faults-ref")
-        calib = write_calib(root, len(experts))
+        calib = write_calib_files(root, len(experts), 8)
         work = root / "work"
         taskvec(str(base), [str(e) for e in experts], work)
         anchor(work, "ties")
