@@ -522,6 +522,9 @@ class ModelWriter:
     arrived, so memory holds at most the shards in progress. Files go to a staging directory next to ``out``; shards
     already completed there by an interrupted run with the same plan are kept (resume), and ``close`` swaps the
     staging directory in place of ``out`` (the previous output stays intact until that instant).
+
+    With a non-empty ``plan_id`` (what the content depends on) and no ``force``, an ``out`` written by the same plan
+    and still sound is *current*: every shard counts as done and nothing is rewritten.
     """
 
     def __init__(
@@ -552,6 +555,11 @@ class ModelWriter:
         plan_hash = hashlib.sha256(
             json.dumps([plan_id, [(sh.name, sh.keys) for sh in self.shards],
                         [(k, str(self.dtypes[k])) for k in self.dtypes]]).encode()).hexdigest()
+        self.plan_hash = plan_hash
+        self.current = bool(plan_id) and not force and self._is_current()
+        if self.current:  # same inputs, parameters and layout as the complete output there: nothing to write
+            self.done = {sh.name for sh in self.shards}
+            return
         progress_path = self.staging / ".progress.json"
         done: list[str] = []
         if progress_path.exists():
@@ -566,10 +574,19 @@ class ModelWriter:
         elif done:  # resume: drop what a killed run was writing (its temp files would end up in the output)
             atomic.remove_stale_temps(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
-        self.plan_hash = plan_hash
         self.done = set(done)
         self._progress_path = progress_path
         self._write_progress()
+
+    def _is_current(self) -> bool:
+        """``out`` is a complete bmm output written with this plan (its marker records the plan hash, every shard
+        has a sound header): a rerun with unchanged inputs and parameters need not rewrite it."""
+        try:
+            if json.loads((self.out / MARKER_NAME).read_text()).get("output_plan") != self.plan_hash:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
+        return all(_sound(self.out / sh.name) for sh in self.shards)
 
     def _write_progress(self) -> None:
         atomic.write_json(self._progress_path, {"plan": self.plan_hash, "done": sorted(self.done)})
@@ -597,6 +614,11 @@ class ModelWriter:
             faults.hit("write.shard")
 
     def close(self, *, recipe: dict, card: str) -> Path:
+        if self.current:
+            from .progress import info
+
+            info(f"bmm: {self.out} is up to date (same inputs, parameters and layout); nothing rewritten")
+            return self.out
         missing = [sh.name for sh in self.shards if sh.name not in self.done]
         if missing:
             absent = [k for k in self.shard_of if self.shard_of[k].name in missing and k not in self.pending[self.shard_of[k].name]]
@@ -612,7 +634,7 @@ class ModelWriter:
                 if src.is_file():
                     atomic.write_bytes(self.staging / name, src.read_bytes())
         atomic.write_text(self.staging / "README.md", card)
-        atomic.write_json(self.staging / MARKER_NAME, recipe)
+        atomic.write_json(self.staging / MARKER_NAME, {**recipe, "output_plan": self.plan_hash})
         self._progress_path.unlink(missing_ok=True)
         swap_in_dir(self.staging, self.out)
         return self.out

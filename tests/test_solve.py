@@ -131,3 +131,39 @@ def test_merger_small_lambda_matches_fp64(family, tmp_path):
         err = float((got.get(key).double() - b.get(key).double() - want).norm() / want.norm())
         worst = max(worst, err)
     assert worst < 8e-5, worst  # fp64 eigh: 4.4e-5 (fp32 storage); an fp32 eigh gives 1.2e-4 here
+
+
+def test_rerun_with_the_same_plan_keeps_the_output(family, tmp_path, capsys):
+    """An unchanged rerun does not rewrite the model (an 8B output is 16 GB); any change of inputs, parameters,
+    a damaged shard or --force does."""
+    base, experts = family("bert")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "ta")
+    gram(work, "free")
+    out = tmp_path / "m"
+
+    def stamp():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+
+    solve(work, "ta", "free", out=out, lam=0.3, max_shard_size="100KB")
+    assert len(list(out.glob("model-*.safetensors"))) >= 2
+    first, before = stamp(), {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    solve(work, "ta", "free", out=out, lam=0.3, max_shard_size="100KB")
+    assert stamp() == first
+    assert "is up to date" in capsys.readouterr().err
+    assert not (tmp_path / ".m.bmm-partial").exists()
+    solve(work, "ta", "free", out=out, lam=0.3, max_shard_size="100KB", force=True)
+    assert stamp() != first
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # same bytes, freshly written
+    second = stamp()
+    solve(work, "ta", "free", out=out, lam=0.4, max_shard_size="100KB")
+    assert stamp() != second
+    changed = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert changed != before
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size - 8)
+    solve(work, "ta", "free", out=out, lam=0.4, max_shard_size="100KB")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == changed
