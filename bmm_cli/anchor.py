@@ -102,7 +102,8 @@ def anchor(
         man = load_manifest(work, "gram-data", need="bmm gram --kind data --calib ...")
         inputs["gram-data"] = man["id"]
         grams = _data_gram_reader(work)
-    stage = Stage(work, stage_name(m.name), inputs=inputs, options={**options_dict(o), "others": others})
+    stage = Stage(work, stage_name(m.name), inputs=inputs, options={**options_dict(o), "others": others},
+                  force=force)
     state = None
     if m.needs_global_pass:
         state = stage.manifest.get("state")

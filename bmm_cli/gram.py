@@ -86,7 +86,7 @@ def gram(
     dev = resolve_device(device)
     proj = load_project(work)
     if kind == "free":
-        stage = Stage(work, stage_name(kind), inputs={"taskvec": proj.fingerprint}, options={})
+        stage = Stage(work, stage_name(kind), inputs={"taskvec": proj.fingerprint}, options={}, force=force)
         todo = [b for b in proj.plan.blocks if not stage.done(b.shard)]
         for blk in track(todo, "gram free", total=len(todo)):
             reader = proj.reader(blk)
