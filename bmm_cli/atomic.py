@@ -21,7 +21,16 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where the kernel tells it (Linux >= 4.7: another thread
+    creating a file meanwhile would otherwise get mode 0666)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -43,6 +52,8 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success it is fsynced and renamed onto ``final``.
 
+    The file gets the mode a plain ``open(final, "w")`` would give it (0666 & ~umask), not mkstemp's 0600.
+
     On any exception (disk full included) the temp file is removed and ``final`` is left untouched; a full disk
     (ENOSPC, EDQUOT) becomes a one-line error naming the file and the fix.
     """
@@ -55,7 +66,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
-            fh.flush()
+            # mkstemp makes 0600 (and a writer may have replaced the file with its own temp file): give it the
+            # mode a plain open() would, 0666 & ~umask
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp_path, final)
         fsync_dir(final.parent)
@@ -132,7 +145,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     try:
         # a torn tail from an earlier crash would glue onto this record: start on a fresh line
         if os.fstat(fd).st_size > 0:

@@ -170,7 +170,7 @@ def work_lock(work: Path) -> Iterator[None]:
     except OSError as exc:
         raise InputError(f"--work {work}: cannot create ({exc.strerror})") from None
     path = work / ".bmm.lock"
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -546,6 +546,7 @@ class ModelWriter:
         recover_output(self.out)
         check_output_dir(self.out, force=force)
         self.dtypes = {k: dt for k, _, dt in entries}
+        self.numel = {k: _numel(shape) for k, shape, _ in entries}
         sized = [(k, _numel(shape) * torch.empty((), dtype=dt).element_size()) for k, shape, dt in entries]
         self.shards = plan_shards(sized, max_shard_size)
         self.shard_of = {k: sh for sh in self.shards for k in sh.keys}
@@ -613,6 +614,15 @@ class ModelWriter:
             self._write_progress()
             faults.hit("write.shard")
 
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype holding most of the written floating-point elements (what config.json must name)."""
+        count: dict[torch.dtype, int] = {}
+        for sh in self.shards:
+            for k in sh.keys:
+                if self.dtypes[k].is_floating_point:
+                    count[self.dtypes[k]] = count.get(self.dtypes[k], 0) + self.numel[k]
+        return max(count, key=count.get) if count else None
+
     def close(self, *, recipe: dict, card: str) -> Path:
         if self.current:
             from .progress import info
@@ -632,12 +642,49 @@ class ModelWriter:
             for name in COPY_PATTERNS:
                 src = self.copy_from / name
                 if src.is_file():
-                    atomic.write_bytes(self.staging / name, src.read_bytes())
+                    data = src.read_bytes()
+                    if name == "config.json":
+                        data = config_with_dtype(data, self.float_dtype(), source=src)
+                    atomic.write_bytes(self.staging / name, data)
         atomic.write_text(self.staging / "README.md", card)
         atomic.write_json(self.staging / MARKER_NAME, {**recipe, "output_plan": self.plan_hash})
         self._progress_path.unlink(missing_ok=True)
         swap_in_dir(self.staging, self.out)
         return self.out
+
+
+_CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 reads ``dtype`` (5.x prefers it), older ``torch_dtype``
+
+
+def config_with_dtype(raw: bytes, dtype: torch.dtype | None, *, source: Path) -> bytes:
+    """The base's config.json with its dtype set to the one the merged tensors are written in.
+
+    Unchanged (byte for byte) when it already names that dtype. Otherwise both keys are written, so that
+    ``from_pretrained(dtype="auto")`` of any transformers version loads the tensors' dtype; sub-configs (``text_config``
+    ...) that name a dtype get the same one.
+    """
+    if dtype is None:
+        return raw
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        raise InputError(f"{source}: not valid JSON") from None
+    if not isinstance(cfg, dict):
+        return raw
+    name = str(dtype).removeprefix("torch.")
+    if all(cfg.get(k) in (None, name) for k in _CONFIG_DTYPE_KEYS) and any(cfg.get(k) for k in _CONFIG_DTYPE_KEYS):
+        return raw
+
+    def patch(d: dict, top: bool) -> None:
+        for k in _CONFIG_DTYPE_KEYS:
+            if top or k in d:
+                d[k] = name
+        for v in d.values():
+            if isinstance(v, dict) and any(k in v for k in _CONFIG_DTYPE_KEYS):
+                patch(v, False)
+
+    patch(cfg, True)
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _sound(path: Path) -> bool:

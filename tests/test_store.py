@@ -168,3 +168,60 @@ def test_read_jsonl_skips_torn_line(tmp_path):
         fh.write('{"a": 2, "tor')
     atomic.append_line(p, json.dumps({"a": 3}))
     assert [r["a"] for r in atomic.read_jsonl(p)] == [1, 3]
+
+
+@pytest.fixture
+def umask():
+    """umask(mask): set the process umask for the test; the old one is restored afterwards."""
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_honour_the_umask(family, tmp_path, umask, mask):
+    """Every file bmm writes (model shards, index, config, tokenizer, card, marker, work shards, manifests, search
+    records) is created 0666 & ~umask and every directory 0777 & ~umask, like a plain open()/mkdir (issue 12 item 4:
+    0600 files cannot be read by a serving container running as another uid)."""
+    import os
+    import stat
+
+    from bmm_cli import atomic
+    from bmm_cli.merge import merge
+
+    base, experts = family("llama")
+    umask(mask)
+    out, work = tmp_path / "out", tmp_path / "w"
+    merge(str(base), [str(e) for e in experts], out, work=work, max_shard_size="30KB", device="cpu")
+    atomic.append_line(work / "records.jsonl", "{}")
+    files = [p for root in (out, work) for p in root.rglob("*")]
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 6 and (out / "tokenizer.json").is_file()
+    for p in [out, work, *files]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(os.stat(p).st_mode) == want, f"{p}: {oct(stat.S_IMODE(os.stat(p).st_mode))}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_output_config_names_the_written_dtype(family, tmp_path, dtype):
+    """--dtype bfloat16: config.json says so (both ``dtype``, read by transformers 5, and ``torch_dtype``, read by
+    older versions), so from_pretrained(dtype="auto") loads the model in the dtype of its tensors (issue 12 item 5)."""
+    from transformers import AutoModelForCausalLM
+
+    from bmm_cli.merge import merge
+
+    base, experts = family("llama")
+    assert json.loads((base / "config.json").read_text())["dtype"] == "float32"
+    out = tmp_path / "out"
+    merge(str(base), [str(e) for e in experts], out, work=tmp_path / "w", dtype=dtype, device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == dtype and cfg["torch_dtype"] == dtype
+    assert {str(Checkpoint.open(out).meta[k].dtype) for k in Checkpoint.open(out).meta} == {
+        {"bfloat16": "BF16", "float16": "F16"}[dtype]}
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
+    assert model.dtype == getattr(torch, dtype)
+    # without --dtype the config is copied as it was (the base's dtype is the written one)
+    merge(str(base), [str(e) for e in experts], tmp_path / "same", work=tmp_path / "w", device="cpu")
+    assert (tmp_path / "same" / "config.json").read_bytes() == (base / "config.json").read_bytes()
