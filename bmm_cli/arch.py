@@ -128,6 +128,14 @@ class Plan:
         n = self.stack_layers[block.stack]
         return min(num_groups - 1, block.layer * num_groups // max(n, 1))
 
+    def check_block_groups(self, num_groups: int, what: str) -> None:
+        """Refuse more block-groups than layers: a group would get no layer (``what`` names the option or file)."""
+        most = max(self.stack_layers.values(), default=0)
+        if num_groups > most:
+            per = ", ".join(f"{s} {n}" for s, n in self.stack_layers.items())
+            raise InputError(f"{what}: {num_groups} block-groups but the model has {most} layers per stack ({per}); "
+                             f"a block-group would get no layer: use at most {most}")
+
     def to_json(self) -> dict:
         return {
             "blocks": [{"shard": b.shard, "stack": b.stack, "layer": b.layer,

@@ -520,18 +520,47 @@ def _gib(n: int) -> str:
 # --- tokenization -------------------------------------------------------------------------------------------------------
 
 
-def _tokenize(tokenizer_dir: Path, texts: list[str], max_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded CPU batches, longest texts first."""
+def _load_tokenizer(tokenizer_dir: Path):
+    """The base tokenizer; any failure of transformers/tokenizers (a KeyError from a damaged tokenizer.json, ...) is
+    bad input naming the directory, not an internal error."""
     transformers = _import_transformers()
     try:
         with _quiet_transformers(transformers):
-            tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the base tokenizer from {tokenizer_dir}: {exc}") from exc
+            return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as exc:  # transformers/tokenizers raise many classes for broken tokenizer files
+        raise InputError(f"cannot load the base tokenizer from {tokenizer_dir} ({exc.__class__.__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); check its tokenizer files") from exc
+
+
+def _encode(tok, texts: list[str], max_len: int, tokenizer_dir: Path) -> dict:
+    try:
+        return tok(texts, truncation=True, max_length=max_len, add_special_tokens=True)
+    except Exception as exc:
+        raise InputError(f"the base tokenizer in {tokenizer_dir} fails on these texts ({exc.__class__.__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from exc
+
+
+def check_calibration(tokenizer_dir: Path, files: dict[int, str], experts: list[str], *, samples: int,
+                      max_len: int, seed: int = 0) -> None:
+    """Preflight of ``--gram data``: every calibration file reads and the base tokenizer loads and encodes its
+    texts; errors name the expert and its file."""
+    tok = None
+    for t, path in files.items():
+        try:
+            texts = read_calibration(path, samples, seed)
+            tok = tok or _load_tokenizer(Path(tokenizer_dir))
+            _encode(tok, texts, max_len, Path(tokenizer_dir))
+        except InputError as exc:
+            raise InputError(f"expert {t + 1} ({experts[t]}), calibration file {path}: {exc}") from exc
+
+
+def _tokenize(tokenizer_dir: Path, texts: list[str], max_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded CPU batches, longest texts first."""
+    tok = _load_tokenizer(tokenizer_dir)
     pad_id = tok.pad_token_id
     if pad_id is None:
         pad_id = next((i for i in (tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) if i is not None), 0)
-    enc = tok(texts, truncation=True, max_length=max_len, add_special_tokens=True)
+    enc = _encode(tok, texts, max_len, tokenizer_dir)
     ids = enc["input_ids"]
     type_ids = enc.get("token_type_ids")
     keep = [i for i in range(len(ids)) if len(ids[i]) > 0]

@@ -185,7 +185,7 @@ def anchor(
     from .anchor import anchor as run
     from .stage import work_lock
 
-    with work_lock(work):
+    with work_lock(work, create=False):
         res = run(work, method.value, opt, materialize=materialize, others=others.value, external=model,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _emit(res, as_json, lambda r: r.get("model", r["dir"]))
@@ -209,7 +209,7 @@ def gram(
     from .gram import gram as run
     from .stage import work_lock
 
-    with work_lock(work):
+    with work_lock(work, create=False):
         res = run(work, kind.value, calib=calib, samples=samples, max_len=max_len, batch_size=batch_size, seed=seed,
                   device=device, force=force)
     _emit(res, as_json, lambda r: r["dir"])
@@ -236,7 +236,7 @@ def solve(
     from .solve import solve as run
     from .stage import work_lock
 
-    with work_lock(work):
+    with work_lock(work, create=False):
         res = run(work, anchor.value, gram.value, out=out, params_file=params, lam=lam, scale=scale, epsilon=epsilon,
                   blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _emit(res, as_json, lambda r: r["model"])
@@ -269,17 +269,14 @@ def merge(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model."""
-    from .merge import default_work
     from .merge import merge as run
-    from .stage import work_lock
 
-    w = work or default_work(out)
-    with work_lock(w):
-        res = run(base, experts, out, anchor=anchor.value, anchor_opts=opt, anchor_model=anchor_model,
-                  others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
-                  scale=scale, epsilon=epsilon, blocks=blocks, work=w, samples=samples, max_len=max_len,
-                  device=device, dtype=dtype, max_shard_size=max_shard_size,
-                  allow_dtype_mismatch=allow_dtype_mismatch, force=force)
+    # merge checks every input first and only then creates and locks the work directory
+    res = run(base, experts, out, anchor=anchor.value, anchor_opts=opt, anchor_model=anchor_model,
+              others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
+              scale=scale, epsilon=epsilon, blocks=blocks, work=work, samples=samples, max_len=max_len,
+              device=device, dtype=dtype, max_shard_size=max_shard_size,
+              allow_dtype_mismatch=allow_dtype_mismatch, force=force)
     _emit(res, as_json, lambda r: r["model"])
 
 
@@ -319,7 +316,7 @@ def search(
     gpu_sets = None
     if gpus:
         gpu_sets = [g.strip() for g in gpus.split(";")] if ";" in gpus else [g.strip() for g in gpus.split(",")]
-    with work_lock(work):
+    with work_lock(work, create=False):
         res = run(work, anchor.value, gram.value, eval_cmd, out=out, trials=trials, blocks=blocks, scale=scale,
                   lam=lam, epsilon=epsilon, initial=initial, seed=seed, timeout=timeout, parallel=parallel,
                   gpus=gpu_sets, minimize=minimize, trial_dir=trial_dir, device=device, dtype=dtype,
@@ -352,13 +349,23 @@ def _expand_lists(argv: list[str]) -> list[str]:
     return out
 
 
+GLOBAL_FLAGS = ("--quiet", "-q", "--debug")  # options of the root command that users also type after the subcommand
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """``bmm merge ... --quiet`` == ``bmm --quiet merge ...``: move the root's flags in front of the subcommand
+    (no subcommand takes an option of these names or a value equal to one of them)."""
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    return [*flags, *(a for a in argv if a not in GLOBAL_FLAGS)]
+
+
 def _interrupted() -> None:
     print("bmm: interrupted; finished work is kept, rerun the same command to continue", file=sys.stderr)
     sys.exit(130)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = _expand_lists(list(sys.argv[1:] if argv is None else argv))
+    args = _hoist_global_flags(_expand_lists(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in args or os.environ.get("BMM_DEBUG", "") not in ("", "0")
     try:
         # with standalone_mode=False click/typer *return* the exit code of a typer.Exit, and typer turns a Ctrl-C

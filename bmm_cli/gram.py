@@ -126,8 +126,14 @@ def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len,
         if all(stage.done(task_shard(t, b)) for b in proj.plan.blocks):
             continue
         info(f"bmm: gram data: expert {t + 1}/{proj.num_tasks} ({len(texts[t])} texts from {files[t]})")
-        res = capture_grams(expert_paths[t], proj.base.root, texts[t], names, max_len=max_len, batch_size=batch_size,
-                            device=dev, dtype=run_dtype, conv1d_names=conv1d)
+        try:
+            res = capture_grams(expert_paths[t], proj.base.root, texts[t], names, max_len=max_len,
+                                batch_size=batch_size, device=dev, dtype=run_dtype, conv1d_names=conv1d)
+        except InputError as exc:
+            if type(exc) is not InputError:
+                raise
+            raise InputError(f"gram data: expert {t + 1} ({expert_paths[t]}), calibration file {files[t]}: "
+                             f"{exc}") from exc
         for blk in proj.plan.blocks:
             out = {ref.key: res[ref.key[: -len(".weight")]][0].clone().contiguous() for ref in blk.modules}
             stage.write(task_shard(t, blk), out)

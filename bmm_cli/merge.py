@@ -1,7 +1,9 @@
 """``bmm merge``: taskvec -> anchor -> gram -> solve in one command, reusing every finished stage.
 
-All inputs are checked before any heavy work: checkpoints (keys, shapes, dtypes), the anchor and its options, the
-calibration files, the params file and the output directory.
+All inputs are checked before any heavy work, and before anything is created (the work directory and its lock come
+after): checkpoints (configs, keys, shapes, dtypes), the anchor and its options, the calibration files and the base
+tokenizer, the params (file or --lam/--scale/--epsilon/--blocks), --dtype, --device, --max-shard-size and the output
+directory. ``merge`` takes the work directory's lock itself, once the checks passed.
 """
 
 from __future__ import annotations
@@ -9,15 +11,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .anchor import OTHER_RULES
 from .anchor import anchor as run_anchor
 from .anchors import get_method, parse_options
+from .calib import check_calibration
+from .device import resolve_device
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
 from .progress import info
-from .solve import resolve_params
+from .solve import GRAM_KINDS, resolve_params
 from .solve import solve as run_solve
-from .store import check_output_dir
+from .stage import work_lock
+from .store import Checkpoint, check_output_dir, parse_dtype, parse_size
 from .taskvec import open_inputs
 from .taskvec import taskvec as run_taskvec
 
@@ -55,21 +61,49 @@ def merge(
     t0 = time.perf_counter()
     out = Path(out)
     work = Path(work) if work is not None else default_work(out)
-    # ---- preflight: everything that can be checked without heavy work -----------------------------------------
+    # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
     method = get_method(anchor)
     parse_options(method, anchor_opts or [])
     if method.needs_external and not anchor_model:
         raise InputError(f"--anchor {method.name} needs --anchor-model DIR_OR_HUB_ID")
+    if others not in OTHER_RULES:
+        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
+    if dtype is not None:
+        try:
+            parse_dtype(dtype)
+        except InputError as exc:
+            raise InputError(f"--dtype {dtype!r}: {exc}") from None
+    parse_size(max_shard_size)
+    resolve_device(device)
     if gram is None:
         gram = "data" if calib else "free"
-    if gram in ("data", "hybrid") or method.needs_data_grams:
-        if not calib:
-            raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
-        parse_calib(calib, experts)
-    resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
-    b, es, _ = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    if gram not in GRAM_KINDS:
+        raise InputError(f"--gram {gram!r}: choose free, data or hybrid")
+    data_grams = gram in ("data", "hybrid") or method.needs_data_grams
+    if data_grams and not calib:
+        raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
+    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
+    if method.needs_external:
+        Checkpoint.open(anchor_model, role="anchor model")
+    if data_grams:
+        check_calibration(b.root, parse_calib(calib, experts), experts, samples=samples, max_len=max_len)
     check_output_dir(out, force=force, inputs={"base model": b.root, "work directory": work,
                                                **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
+    with work_lock(work):
+        res = _run_stages(base, experts, out, work, method=method, gram=gram, anchor_opts=anchor_opts,
+                          anchor_model=anchor_model, others=others, calib=calib, params_file=params_file, lam=lam,
+                          scale=scale, epsilon=epsilon, blocks=blocks, samples=samples, max_len=max_len,
+                          batch_size=batch_size, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                          allow_dtype_mismatch=allow_dtype_mismatch, force=force)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_model, others, calib, params_file,
+                lam, scale, epsilon, blocks, samples, max_len, batch_size, device, dtype, max_shard_size,
+                allow_dtype_mismatch, force) -> dict:
     info(f"bmm: work directory {work}")
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
@@ -87,5 +121,4 @@ def merge(
                     force=force)
     res["work"] = str(work)
     res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
-    res["seconds"] = round(time.perf_counter() - t0, 3)
     return res

@@ -24,12 +24,15 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
         seen[str(e.root)] = i
     if len(experts) == 1:
         info("bmm: warning: only one expert; the merge reduces to a regularized copy of it")
-    base_vocab = base.config().get("vocab_size")
+    base_cfg = base.config()
+    base_vocab = base_cfg.get("vocab_size")
     for e in experts:
+        check_configs(base, base_cfg, e)
         bkeys, ekeys = set(base.meta), set(e.meta)
         missing = [k for k in base.meta if k not in ekeys]
         extra = [k for k in e.meta if k not in bkeys]
-        for k in missing + extra:
+        only_head = all("lm_head" in k for k in missing + extra)  # else it is not a tie_word_embeddings difference
+        for k in missing + extra if only_head else []:
             if "lm_head" in k:
                 who, other = (e, base) if k in missing else (base, e)
                 raise InputError(
@@ -46,7 +49,9 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
         for k, bm in base.meta.items():
             em = e.meta[k]
             if em.shape != bm.shape:
-                if any(h in k for h in _EMBED_HINTS) or (base_vocab and e_vocab and base_vocab != e_vocab):
+                # a vocabulary resize changes the rows of the embeddings / lm_head only (columns: the width)
+                rows_only = len(em.shape) == len(bm.shape) == 2 and em.shape[1] == bm.shape[1]
+                if rows_only and (any(h in k for h in _EMBED_HINTS) or (base_vocab and e_vocab and base_vocab != e_vocab)):
                     raise InputError(
                         f"{em.file}: tensor {k!r} has shape {list(em.shape)} but the base has {list(bm.shape)}: the "
                         f"vocabulary was resized (vocab_size {e_vocab} vs {base_vocab}); merge only checkpoints with "
@@ -59,6 +64,37 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
                     f"{em.file}: tensor {k!r} is {em.dtype} but the base stores it as {bm.dtype}; save the expert in "
                     "the base's dtype or pass --allow-dtype-mismatch (math is fp32 either way)"
                 )
+
+
+# what config.json must agree on for an expert to be a fine-tune of the base: (label, the names models use for it)
+_ARCH_FIELDS = (
+    ("model_type", ("model_type",)),
+    ("hidden_size", ("hidden_size", "n_embd", "d_model", "dim")),
+    ("num_hidden_layers", ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+    ("vocab_size", ("vocab_size",)),
+)
+
+
+def _arch_value(cfg: dict, names: tuple[str, ...]):
+    return next((cfg[n] for n in names if n in cfg), None)
+
+
+def check_configs(base: Checkpoint, base_cfg: dict, e: Checkpoint) -> None:
+    """Compare the configs first (when both have one): another architecture, width or depth is said as such, not
+    inferred from the first tensor that differs. A vocabulary-only difference is left to the tensor check, which
+    names the embedding tensor."""
+    e_cfg = e.config()
+    if not base_cfg or not e_cfg:
+        return
+    diffs = []
+    for label, names in _ARCH_FIELDS:
+        bv, ev = _arch_value(base_cfg, names), _arch_value(e_cfg, names)
+        if bv is not None and ev is not None and bv != ev:
+            diffs.append((label, ev, bv))
+    if any(label != "vocab_size" for label, _, _ in diffs):
+        what = ", ".join(f"{label} {ev} vs {bv}" for label, ev, bv in diffs)
+        raise InputError(f"{e.root / 'config.json'} differs from the base's {base.root / 'config.json'} "
+                         f"(expert vs base): {what}; it is not a fine-tune of this base")
 
 
 def check_finite(checkpoints: list[Checkpoint], keys: list[str]) -> None:

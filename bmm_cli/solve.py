@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,14 @@ class Params:
         groups = sorted(int(k[2:]) for k in d if k.startswith("s_") and k[2:].isdigit())
         if not groups or groups != list(range(len(groups))):
             raise InputError(f"{source}: expected keys s_0..s_<B-1>, lam_<b>_<group> (and eps); got {sorted(d)[:6]}")
+        known = {"eps", *(f"s_{b}" for b in groups), *(f"lam_{b}_{g}" for b in groups for g in GROUPS)}
+        for k in sorted(set(d) - known):
+            m = re.fullmatch(r"lam_(\d+)_(\w+)", k)
+            if m and int(m.group(1)) not in groups:
+                raise InputError(f"{source}: {k} is for block-group {m.group(1)}, which has no s_{m.group(1)} "
+                                 f"(the file has s_0..s_{len(groups) - 1}); add s_{m.group(1)} or remove {k}")
+            raise InputError(f"{source}: unknown key {k!r}; expected s_0..s_{len(groups) - 1}, "
+                             f"lam_<b>_<group> (group: {', '.join(GROUPS)}) and eps")
         scales, lams = [], []
         for b in groups:
             scales.append(_num(d, f"s_{b}", source))
@@ -87,8 +96,9 @@ class Params:
                 if not (v > 0 and math.isfinite(v)):
                     raise InputError(f"{source}: lam_{b}_{g} = {v} must be a positive number")
         for b, s in enumerate(self.scales):
-            if not math.isfinite(s):
-                raise InputError(f"{source}: s_{b} = {s} is not finite")
+            if not (s > 0 and math.isfinite(s)):
+                raise InputError(f"{source}: s_{b} = {s} must be a positive number (s = 0 gives back the base "
+                                 "model, s < 0 subtracts the merged task vector)")
         if self.eps is not None and not (0.0 <= self.eps <= 1.0):
             raise InputError(f"{source}: eps = {self.eps} must lie in [0, 1]")
 
@@ -121,9 +131,18 @@ def load_params(path: str | Path) -> Params:
 
 def resolve_params(params_file: str | Path | None, *, lam: float | None, scale: float | None, eps: float | None,
                    blocks: int, gram: str) -> Params:
+    if eps is not None and gram != "hybrid":
+        raise InputError(f"--epsilon {eps:g} mixes the Gram kinds of --gram hybrid; with --gram {gram} it has no "
+                         "effect: drop it or pass --gram hybrid")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
+        raise InputError(f"--scale {scale:g} must be a positive number (s = 0 gives back the base model, s < 0 "
+                         "subtracts the merged task vector)")
     if params_file is not None:
         if lam is not None or scale is not None:
             raise InputError("give either --params FILE or --lam/--scale, not both")
+        if blocks != 1:
+            raise InputError(f"--blocks {blocks} goes with --lam/--scale; the params file {params_file} sets the "
+                             "block-groups itself (s_0..s_<B-1>)")
         p = load_params(params_file)
         if eps is not None:
             p.eps = eps
@@ -133,8 +152,13 @@ def resolve_params(params_file: str | Path | None, *, lam: float | None, scale: 
     if gram == "hybrid" and p.eps is None:
         p.eps = DEFAULT_EPS
     if gram != "hybrid":
+        if p.eps is not None:
+            from .progress import info
+
+            info(f"bmm: warning: {params_file}: eps = {p.eps:g} is ignored with --gram {gram} (it mixes the Gram "
+                 "kinds of --gram hybrid)")
         p.eps = None
-    p.validate()
+    p.validate("--lam/--scale" if params_file is None else str(params_file))
     return p
 
 

@@ -158,17 +158,40 @@ def _what_changed(old: dict, inputs: dict, options: dict) -> str:
 
 
 @contextlib.contextmanager
-def work_lock(work: Path) -> Iterator[None]:
+def work_lock(work: Path, *, create: bool = True) -> Iterator[None]:
     """An exclusive ``flock`` on ``<work>/.bmm.lock``.
 
     The kernel drops the lock when its process dies (SIGKILL included), so a lock file left by a killed run is stale
     by construction: the next run takes it over and says so. A live holder makes the second process refuse.
+
+    ``create=False`` (stages that read earlier ones): a missing ``work`` is an error, not a new empty directory.
+    Directories this call created are removed again if the run left nothing in them but the lock (a refused run
+    leaves nothing behind).
     """
     work = Path(work)
+    if not work.is_dir():
+        if work.exists():
+            raise InputError(f"--work {work}: is a file, not a work directory")
+        if not create:
+            raise InputError(f"--work {work}: no such work directory; run `bmm taskvec` (or `bmm merge`) to make "
+                             "one, or check the path")
+    created = [p for p in (work, *work.parents) if not p.exists()]
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--work {work}: cannot create ({exc.strerror})") from None
+    try:
+        with _locked(work, drop_unused=bool(created)):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            for d in created:  # deepest first; stops at the first one that is not empty (the rest are its parents)
+                d.rmdir()
+
+
+@contextlib.contextmanager
+def _locked(work: Path, *, drop_unused: bool) -> Iterator[None]:
+    """Hold the flock; ``drop_unused``: unlink the lock file (still holding it) if nothing else is in ``work``."""
     path = work / ".bmm.lock"
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -193,6 +216,10 @@ def work_lock(work: Path) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)
+            if drop_unused:
+                with contextlib.suppress(OSError):
+                    if [p.name for p in work.iterdir()] == [path.name]:
+                        path.unlink()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -82,3 +82,15 @@ def test_completions_are_current(name):
 def test_bash_completion_script_parses():
     p = subprocess.run(["bash", "-n", str(ROOT / "completions" / "bmm.bash")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_global_flags_are_accepted_after_the_subcommand(family, tmp_path):
+    """`bmm merge ... --quiet` (issue 12 item 11): the root's --quiet/-q/--debug work before or after the subcommand."""
+    base, experts = family("bert")
+    p = bmm("merge", "--base", base, "--experts", *experts, "--out", tmp_path / "o", "--quiet")
+    assert p.stdout.strip() == str(tmp_path / "o") and p.stderr == ""
+    p = bmm("plan", "--base", base, "--experts", *experts, "-q", "--json")
+    assert json.loads(p.stdout)["blocks"] == 3 and p.stderr == ""
+    p = bmm("taskvec", "--base", tmp_path / "missing", "--experts", "x", "--work", tmp_path / "w", "--debug",
+            check=False)
+    assert "Traceback" in p.stderr

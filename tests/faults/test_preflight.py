@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ._util import ENV, argv, bmm_inproc, perturb, save, tiny_model
+from ._util import ENV, argv, bmm_inproc, perturb, save, tiny_model, write_calib_files
 
 
 def _copy(src, dst):
@@ -190,7 +190,43 @@ def pickle_file_expert(family, tmp_path):
     return base, [ex[0], e / "pytorch_model.bin"], [str(e / "pytorch_model.bin"), "pickle", "safe_serialization=True"]
 
 
-CASES = [missing_expert, missing_shard, truncated_shard, corrupt_header, index_points_at_missing_file,
+NO_VOCAB = re.compile(r"^(?!.*vocab)")  # the message must not blame the vocabulary
+NO_TIES = re.compile(r"^(?!.*tie)")
+
+
+def hidden_size_differs(family, tmp_path):
+    """Another width: config.json says so first (not "the vocabulary was resized (vocab_size 100 vs 100)")."""
+    base, ex = family("llama")
+    e = _llama_variant(tmp_path, "wide", hidden_size=48, intermediate_size=64)
+    return base, [ex[0], e], [str(e / "config.json"), "hidden_size 48 vs 32", "not a fine-tune of this base",
+                              NO_VOCAB]
+
+
+def layers_differ(family, tmp_path):
+    base, ex = family("llama")
+    e = _llama_variant(tmp_path, "deep", num_hidden_layers=4)
+    return base, [ex[0], e], [str(e / "config.json"), "num_hidden_layers 4 vs 3", NO_VOCAB]
+
+
+def gpt2_expert_llama_base(family, tmp_path):
+    """Another architecture: model_type differs (not "one checkpoint ties lm_head")."""
+    base, _ = family("llama")
+    g = family("gpt2")[1][0]
+    return base, [family("llama")[1][0], g], [str(g / "config.json"), "model_type gpt2 vs llama", NO_TIES]
+
+
+def hidden_size_differs_without_config(family, tmp_path):
+    """Bare safetensors files (no config.json): a width change is not called a vocabulary resize."""
+    base, ex = family("llama")
+    e = _llama_variant(tmp_path, "wide", hidden_size=48, intermediate_size=64)
+    (e / "config.json").unlink()
+    b = _copy(base, tmp_path / "b")
+    (b / "config.json").unlink()
+    return b, [ex[0], e], [str(e / "model.safetensors"), "[100, 48]", "not a fine-tune of this base", NO_VOCAB]
+
+
+CASES = [hidden_size_differs, layers_differ, gpt2_expert_llama_base, hidden_size_differs_without_config,
+         missing_expert, missing_shard, truncated_shard, corrupt_header, index_points_at_missing_file,
          single_file_and_index, key_set_mismatch, shape_mismatch, vocab_resized, tied_vs_untied_llama,
          untied_vs_tied_gpt2, nan_in_other_tensor, mixed_dtypes, no_solvable_module, pickle_only_expert,
          pickle_file_expert]
@@ -248,3 +284,90 @@ def test_hub_id_offline_one_line(tmp_path, family):
                        env=env, capture_output=True, text=True, timeout=120)
     _check_refused(p.returncode, p.stderr, ["someorg/not-a-cached-model", "HF_HUB_OFFLINE",
                                             "download it first or pass a local path"], work, tmp_path / "out")
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _params_file(tmp_path, **extra):
+    d = {"s_0": 1.0, **{f"lam_0_{g}": 0.1 for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")}, **extra}
+    p = tmp_path / "inputs" / "params.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+# each: tmp_path -> (extra merge options, [what the message must contain]); every one is refused in preflight
+OPTION_CASES = {
+    "dtype_int8": lambda t: (["--dtype", "int8"], ["--dtype", "'int8'", "bfloat16"]),
+    "scale_zero": lambda t: (["--scale", "0"], ["--scale 0", "positive"]),
+    "scale_negative": lambda t: (["--scale", "-0.5"], ["--scale -0.5", "positive"]),
+    "blocks_more_than_layers": lambda t: (["--blocks", "4"], ["--blocks 4", "3 layers", "at most 3"]),
+    "epsilon_with_gram_free": lambda t: (["--epsilon", "0.3"], ["--epsilon", "--gram hybrid", "free"]),
+    "shard_size": lambda t: (["--max-shard-size", "lots"], ["--max-shard-size", "'lots'"]),
+    "device": lambda t: (["--device", "tpu9"], ["--device", "tpu9"]),
+    "params_unknown_block_group": lambda t: (["--params", _params_file(t, lam_1_attn_in=0.2)],
+                                             [str(t / "inputs" / "params.json"), "lam_1_attn_in", "s_1"]),
+    "params_unknown_key": lambda t: (["--params", _params_file(t, lamda=0.2)],
+                                     [str(t / "inputs" / "params.json"), "'lamda'"]),
+    "params_scale_zero": lambda t: (["--params", _params_file(t, s_0=0.0)], ["s_0 = 0.0", "positive"]),
+    "params_more_groups_than_layers": lambda t: (
+        ["--params", _params_file(t, **{f"{k}_{b}{g}": 1.0 for b in (1, 2, 3) for k, g in
+                                        [("s", "")] + [("lam", f"_{x}") for x in ("attn_in", "attn_out", "mlp_in",
+                                                                                   "mlp_out")]})],
+        ["4 block-groups", "3 layers"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_bad_option_refused_before_any_stage(case, family, tmp_path, capsys):
+    """Every option is checked before taskvec runs (issue 12 item 6), and a refused run creates nothing: no work
+    directory, no lock file, no output (item 9)."""
+    base, ex = family("llama")
+    (tmp_path / "inputs").mkdir()
+    extra, want = OPTION_CASES[case](tmp_path)
+    before = _listing(tmp_path)
+    code, _, err = bmm_inproc(["merge", "--base", base, "--experts", *ex, "--out", tmp_path / "out", *extra], capsys)
+    _check_refused(code, err, want, tmp_path, tmp_path / "out")
+    assert _listing(tmp_path) == before
+
+
+def test_out_at_the_base_creates_no_work_dir_next_to_it(family, tmp_path, capsys):
+    base, ex = family("llama")
+    b = _copy(base, tmp_path / "models" / "llama-base")
+    before = _listing(tmp_path)
+    code, _, err = bmm_inproc(["merge", "--base", b, "--experts", *ex, "--out", b], capsys)
+    assert code == 2 and "base model" in err, err
+    assert _listing(tmp_path) == before  # no models/llama-base.bmm-work/.bmm.lock
+
+
+@pytest.mark.parametrize("cmd", [["solve", "--out", "o"], ["anchor", "--method", "ta"], ["gram", "--kind", "free"],
+                                 ["search", "--eval", "echo 1", "--out", "o"]])
+def test_stage_with_a_missing_work_dir_is_an_error(cmd, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = bmm_inproc([cmd[0], "-w", "typo_dir", *cmd[1:]], capsys)
+    assert code == 2 and "typo_dir" in err and "bmm taskvec" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_taskvec_refused_creates_no_work_dir(family, tmp_path, capsys):
+    base, ex = family("llama")
+    code, _, err = bmm_inproc(["taskvec", "--base", base, "--experts", ex[0], tmp_path / "nope", "--work",
+                               tmp_path / "a" / "w"], capsys)
+    assert code == 2 and "nope" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_failure_names_the_expert_and_calibration_file(family, tmp_path, capsys):
+    """A base whose tokenizer cannot be loaded: bad input (exit 2) naming the expert and its calibration file,
+    found in preflight (not "internal error: KeyError" after taskvec)."""
+    base, ex = family("llama")
+    b = _copy(base, tmp_path / "b")
+    (b / "tokenizer.json").write_text('{"version": "1.0"}')  # parses, but no "added_tokens" / "model"
+    calib = write_calib_files(tmp_path, 2, 4)
+    work, out = tmp_path / "w", tmp_path / "out"
+    code, _, err = bmm_inproc(["merge", "--base", b, "--experts", *ex[:2], "--calib", *calib, "--out", out,
+                               "--samples", "4", "--device", "cpu"], capsys)
+    _check_refused(code, err, ["expert 1", str(ex[0]), str(tmp_path / "calib0.jsonl"), "tokenizer", str(b)],
+                   work, out)
+    assert "internal error" not in err and not (tmp_path / "out.bmm-work").exists()
