@@ -32,6 +32,9 @@ from bench.common import (  # noqa: E402
     parse_tasks, read_json, set_threads, tokenize, write_json,
 )
 
+from bmm_cli.progress import progress, progress_shown  # noqa: E402
+from rich.progress import TextColumn  # noqa: E402
+
 EXPERT_VERSION = 1  # bump when the training recipe changes
 
 
@@ -164,25 +167,22 @@ def train_one(task: str, cfg: dict, cache: Path, log=print) -> dict:
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     order = torch.randperm(len(seqs), generator=gen)
     pos, t0, seen, losses = 0, time.time(), 0, []
-    for step in range(steps):
-        if pos + cfg["batch_size"] > len(order):
-            order, pos = torch.randperm(len(seqs), generator=gen), 0
-        b = order[pos:pos + cfg["batch_size"]].tolist()
-        pos += cfg["batch_size"]
-        ids, mask = pad_batch([seqs[i] for i in b])
-        emb = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-        loss = torch.nn.functional.cross_entropy(head(emb), ys_t[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        seen += len(b)
-        losses.append(loss.item())
-        if (step + 1) % 20 == 0 or step + 1 == steps:
+    with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}")) as bar:
+        task_id = bar.add_task(f"fine-tune {task}", total=steps, loss="-", rate="")
+        for step in range(steps):
+            if pos + cfg["batch_size"] > len(order):
+                order, pos = torch.randperm(len(seqs), generator=gen), 0
+            b = order[pos:pos + cfg["batch_size"]].tolist()
+            pos += cfg["batch_size"]
+            loss = _train_step(model, head, opt, sched, [seqs[i] for i in b], ys_t[b])
+            seen += len(b)
+            losses.append(loss)
             dt = time.time() - t0
-            log(f"[{task}] step {step + 1}/{steps} loss {np.mean(losses[-20:]):.3f} "
-                f"{seen / dt:.1f} ex/s, {dt:.0f} s, eta {dt / (step + 1) * (steps - step - 1):.0f} s")
+            bar.update(task_id, advance=1, loss=f"{np.mean(losses[-20:]):.3f}", rate=f"{seen / dt:.1f} ex/s")
+            if not progress_shown() and ((step + 1) % 20 == 0 or step + 1 == steps):
+                log(f"[{task}] step {step + 1}/{steps} loss {np.mean(losses[-20:]):.3f} "
+                    f"{seen / dt:.1f} ex/s, {dt:.0f} s, eta {dt / (step + 1) * (steps - step - 1):.0f} s")
+    log(f"[{task}] fine-tuned: {steps} steps, final loss {np.mean(losses[-20:]):.3f}, {time.time() - t0:.0f} s")
     seconds = time.time() - t0
     model.eval()
     d = expert_dir(cache, task)
@@ -190,6 +190,21 @@ def train_one(task: str, cfg: dict, cache: Path, log=print) -> dict:
     save_head(d, head.weight, head.bias, labels)
     return dict(seconds=round(seconds, 1), train_rows_used=len(seqs), final_loss=round(float(np.mean(losses[-20:])), 4),
                 examples_per_s=round(seen / seconds, 2))
+
+
+def _train_step(model, head, opt, sched, batch, ys) -> float:
+    """One AdamW step on a batch of token-id lists; returns the loss."""
+    import torch
+
+    ids, mask = pad_batch(batch)
+    emb = mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    loss = torch.nn.functional.cross_entropy(head(emb), ys)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- evaluation

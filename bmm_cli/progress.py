@@ -12,6 +12,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -32,13 +33,20 @@ def _enabled() -> bool:
     return not _quiet and os.environ.get("BMM_NO_PROGRESS", "") in ("", "0")
 
 
+def progress_shown() -> bool:
+    """Whether bars are drawn live (enabled and stderr is a terminal); otherwise callers may log lines instead."""
+    return _enabled() and stderr.is_terminal
+
+
 @contextlib.contextmanager
-def progress() -> Iterator[Progress]:
-    """A Progress on stderr (disabled with --quiet or BMM_NO_PROGRESS=1)."""
+def progress(*extra: ProgressColumn) -> Iterator[Progress]:
+    """A Progress on stderr (disabled with --quiet or BMM_NO_PROGRESS=1); ``extra`` columns go after the bar's
+    count, e.g. ``TextColumn("loss {task.fields[loss]}")`` with ``add_task(..., loss="-")``."""
     p = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *extra,
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,
@@ -50,12 +58,15 @@ def progress() -> Iterator[Progress]:
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr."""
+    """Iterate with a progress bar on stderr (none when there is nothing to do: a reused stage draws no 0/0 bar)."""
     if total is None:
         try:
             total = len(items)  # type: ignore[arg-type]
         except TypeError:
             total = None
+    if total == 0:
+        yield from items
+        return
     with progress() as p:
         task = p.add_task(description, total=total)
         for item in items:
