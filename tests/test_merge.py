@@ -89,3 +89,21 @@ def test_merge_resumes_after_sigkill_with_identical_output(family, tmp_path, fau
         if name in ("bmm_merge.json", "README.md"):
             continue  # they name the paths
         assert _out_bytes(out)[name] == data, name
+
+
+def test_params_file_flat_or_a_search_best_json(family, tmp_path):
+    """README: a params file is the flat object; a search's best.json (params nested under "params", next to the
+    trial and score) is accepted as it is and gives the same model."""
+    import json
+
+    base, experts = family("llama")
+    params = {"s_0": 1.1, "lam_0_attn_in": 0.05, "lam_0_attn_out": 0.2, "lam_0_mlp_in": 0.05, "lam_0_mlp_out": 0.3}
+    flat, best = tmp_path / "flat.json", tmp_path / "best.json"
+    flat.write_text(json.dumps(params))
+    best.write_text(json.dumps({"trial": 3, "score": 0.8, "params": params, "x": [1.1, 0.05]}))
+    work = tmp_path / "w"
+    a = merge(str(base), [str(e) for e in experts], tmp_path / "a", params_file=str(flat), work=work, device="cpu")
+    b = merge(str(base), [str(e) for e in experts], tmp_path / "b", params_file=str(best), work=work, device="cpu")
+    assert a["params"] == b["params"] == params
+    want = {k: v for k, v in _out_bytes(tmp_path / "a").items() if k not in ("bmm_merge.json", "README.md")}
+    assert want == {k: v for k, v in _out_bytes(tmp_path / "b").items() if k not in ("bmm_merge.json", "README.md")}
