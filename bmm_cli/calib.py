@@ -89,7 +89,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def read_calibration(path: str | os.PathLike, samples: int, seed: int = 0) -> list[str]:
+def read_calibration(path: str | os.PathLike, samples: int, seed: int = 0, *, note: bool = True) -> list[str]:
     """Read calibration texts and pick at most ``samples`` of them, deterministically.
 
     Format by extension: ``.jsonl``/``.ndjson``/``.json`` → one JSON object per line with a string ``"text"``
@@ -120,7 +120,8 @@ def read_calibration(path: str | os.PathLike, samples: int, seed: int = 0) -> li
         raise InputError(f"calibration file {path} holds no non-empty text")
     n = len(texts)
     if n < samples:
-        info(f"{path}: {n} calibration texts, fewer than the {samples} asked; using all {n}")
+        if note:  # (not in preflight: the stage says it when it reads the file)
+            info(f"{path}: {n} calibration texts, fewer than the {samples} asked; using all {n}")
         return texts
     if n == samples:
         return texts
@@ -547,7 +548,7 @@ def check_calibration(tokenizer_dir: Path, files: dict[int, str], experts: list[
     tok = None
     for t, path in files.items():
         try:
-            texts = read_calibration(path, samples, seed)
+            texts = read_calibration(path, samples, seed, note=False)
             tok = tok or _load_tokenizer(Path(tokenizer_dir))
             _encode(tok, texts, max_len, Path(tokenizer_dir))
         except InputError as exc:

@@ -371,3 +371,20 @@ def test_tokenizer_failure_names_the_expert_and_calibration_file(family, tmp_pat
     _check_refused(code, err, ["expert 1", str(ex[0]), str(tmp_path / "calib0.jsonl"), "tokenizer", str(b)],
                    work, out)
     assert "internal error" not in err and not (tmp_path / "out.bmm-work").exists()
+
+
+def test_gram_data_tokenizer_failure_names_the_expert_and_calibration_file(family, tmp_path, capsys):
+    """The same failure in `bmm gram --kind data` (no merge preflight before it): exit 2 with expert and file."""
+    base, ex = family("llama")
+    b = _copy(base, tmp_path / "b")
+    (b / "tokenizer.json").write_text('{"version": "1.0"}')
+    calib = write_calib_files(tmp_path, 2, 4)
+    w = tmp_path / "w"
+    assert bmm_inproc(["taskvec", "--base", b, "--experts", *ex[:2], "--work", w], capsys)[0] == 0
+    code, _, err = bmm_inproc(["gram", "-w", w, "--kind", "data", "--calib", *calib, "--samples", "4",
+                               "--device", "cpu"], capsys)
+    assert code == 2 and "internal error" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("bmm: error: ") and "expert 1" in line and str(tmp_path / "calib0.jsonl") in line, err
+    assert "tokenizer" in line and "KeyError" in line
+    assert not list((w / "gram-data").glob("*.safetensors"))
