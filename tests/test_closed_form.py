@@ -364,7 +364,7 @@ def _lams_scales(mods):
 def test_trial_solver_equals_per_module_direct_solves(tmp_path, spill):
     mods = _model()
     lams, scales = _lams_scales(mods)
-    solver = TrialSolver("cpu", spill_dir=tmp_path / "spill" if spill else None)
+    solver = TrialSolver("cpu", spill_dir=tmp_path / "spill", host_budget_bytes=0 if spill else None)
     base = {}
     for i, (key, (st, U0, W, b)) in enumerate(mods.items()):
         f = factorize(st.G_hat, st.B_hat, U0, dtype=F64)
