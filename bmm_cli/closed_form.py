@@ -657,6 +657,9 @@ class TrialSolver:
     def _seal(self, blk: _Block) -> None:
         if blk.where != "open":
             return
+        # one memory layout whatever the placement (a spilled block comes back contiguous), so the GEMMs, and the
+        # results bit for bit, do not depend on where the block lives
+        blk.tensors = {n: t.contiguous() for n, t in blk.tensors.items()}
         blk.nbytes = sum(t.numel() * t.element_size() for t in blk.tensors.values())
         dev = self.device
         if self.host_budget_bytes is None or (self.budget_bytes is None and dev.type == "cuda"):

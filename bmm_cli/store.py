@@ -578,6 +578,7 @@ class _ShardStream:
                 self._fh.write(memoryview(data.numpy()))
             del data
             self._next += 1
+        self._fh.flush()  # in the file, not in a buffer of ours
         if self.complete:
             self._finish()
 

@@ -478,3 +478,31 @@ def test_trial_solver_cuda_matches_cpu(budget):
     for key, W in got:
         assert W.device.type == "cpu" and W.dtype == torch.float32
         torch.testing.assert_close(W, want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_trial_solver_host_budget(tmp_path):
+    """Blocks fill the host budget in order, the rest go to disk; an explicit budget without a spill dir is an
+    error naming the block; the results do not depend on the placement."""
+    mods = _model()
+    lams, scales = _lams_scales(mods)
+
+    def build(**kw):
+        s = TrialSolver("cpu", **kw)
+        for key, (st, U0, W, b) in mods.items():
+            s.add(key, factorize(st.G_hat, st.B_hat, U0, dtype=F64), W, block=b)
+        return s
+
+    ref = build()
+    one = ref.plan()["max_block_bytes"]
+    want = dict(ref.solve(lams, scales))
+    s = build(host_budget_bytes=2 * one, spill_dir=tmp_path / "spill")
+    plan = s.plan()
+    assert plan["where"] == {"device": 2, "disk": 1} and plan["host_bytes"] <= 2 * one
+    assert plan["budget_source"]["host"] == "given" and plan["host_budget_bytes"] == 2 * one
+    got = dict(s.solve(lams, scales))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    s.close()
+    with pytest.raises(InputError, match="block 1 .* does not fit the host memory budget"):
+        build(host_budget_bytes=one).plan()
+    with pytest.raises(InputError, match="host_budget_bytes must be >= 0"):
+        TrialSolver("cpu", host_budget_bytes=-1)

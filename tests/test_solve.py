@@ -254,3 +254,44 @@ def test_solve_reproduces_the_searched_model_at_small_lambda(tmp_path):
     assert a.keys() == c.keys()
     for k in a.keys():
         assert torch.equal(a.get(k), c.get(k)), k
+
+
+def test_merger_memory_budget_places_the_cache_and_gives_the_same_model(family, tmp_path):
+    """Below the cache size the blocks that do not fit the host budget are spilled (to --spill-dir) and read back
+    per trial: the merged model is bit-identical to the all-resident one; placement() says where and why;
+    close() removes the spill files; a dead process's spill dir is cleaned up; bad budgets are refused."""
+    base, experts = family("llama")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "ta")
+    gram(work, "free")
+    params = Params.uniform(3, lam=0.05, scale=1.1)
+    m = Merger(work, "ta", "free", device="cpu")
+    plan = m.solver.plan()
+    assert plan["where"] == {"device": 3} and "3 blocks in host memory, 0 spilled" in m.placement()
+    assert "MemAvailable minus reserve" in m.placement()
+    m.write(params, tmp_path / "resident")
+    m.close()
+    spill = tmp_path / "spill"
+    stale = spill / "bmm-trial-cache-999999999-abcdef"  # left by a killed search (no such pid)
+    stale.mkdir(parents=True)
+    (stale / "block-0.safetensors").write_bytes(b"x")
+    one = plan["max_block_bytes"]
+    for budget, held in ((one, 1), ("0", 0)):
+        m = Merger(work, "ta", "free", device="cpu", memory_budget=budget, spill_dir=spill)
+        assert not stale.exists()
+        line = m.placement()
+        assert f"{held} blocks in host memory, {3 - held} spilled to {spill}" in line, line
+        assert "given" in line and line.startswith("trial cache ")
+        mine = [d for d in spill.iterdir() if d.is_dir()]
+        assert len(mine) == 1 and len(list(mine[0].glob("block-*.safetensors"))) == 3 - held
+        for trial in range(2):  # a spilled block is read back every trial
+            m.write(params, tmp_path / f"spilled{trial}")
+            a, c = Checkpoint.open(tmp_path / "resident"), Checkpoint.open(tmp_path / f"spilled{trial}")
+            assert all(torch.equal(a.get(k), c.get(k)) for k in a.keys())
+        m.close()
+        assert not list(spill.iterdir())
+    with pytest.raises(InputError, match="--memory-budget 'lots'"):
+        Merger(work, "ta", "free", device="cpu", memory_budget="lots")
+    with pytest.raises(InputError, match="--gpu-memory-budget -1"):
+        Merger(work, "ta", "free", device="cpu", gpu_memory_budget=-1)
