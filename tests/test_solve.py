@@ -28,6 +28,14 @@ def _expected(base, experts, key, lam, s, conv1d=False, u0=None):
     return W.t() if conv1d else W
 
 
+def _stages(base, experts, work, method="ta"):
+    """taskvec, anchor ``method`` and data-free Grams in ``work``."""
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, method)
+    gram(work, "free")
+    return work
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_pretrained_anchor_free_solve_matches_fp64(family, tmp_path, kind):
     base, experts = family(kind)
@@ -79,10 +87,7 @@ def test_tsv_anchor_enters_the_solve(family, tmp_path):
 
 def test_merger_trials_equal_direct_solves(family, tmp_path):
     base, experts = family("llama")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = _stages(base, experts, tmp_path / "w")
     params = Params.uniform(3, lam=0.02, scale=1.05)
     params.lams[2]["attn_in"] = 0.7
     pfile = tmp_path / "p.json"
@@ -112,10 +117,7 @@ def test_merger_small_lambda_matches_fp64(family, tmp_path):
     """Search trials at the bottom of the λ range: the cached eigenbasis is built in fp64 (an fp32 eigh leaves
     rounding noise in Ĝ's null space that 1/(Λ+λ) amplifies; bench/README.md measures it)."""
     base, experts = family("llama")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = _stages(base, experts, tmp_path / "w")
     lam = 1e-4
     m = Merger(work, "ta", "free", device="cpu")
     m.write(Params.uniform(1, lam=lam, scale=1.0), tmp_path / "cached")
@@ -137,10 +139,7 @@ def test_rerun_with_the_same_plan_keeps_the_output(family, tmp_path, capsys):
     """An unchanged rerun does not rewrite the model (an 8B output is 16 GB); any change of inputs, parameters,
     a damaged shard or --force does."""
     base, experts = family("bert")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = _stages(base, experts, tmp_path / "w")
     out = tmp_path / "m"
 
     def stamp():
@@ -227,10 +226,7 @@ def test_solve_reproduces_the_searched_model_at_small_lambda(tmp_path):
     work dir bit for bit, and without it the direct solve is as accurate as the cached one against fp64
     (issue 12 #8: the fp32 Cholesky was off by 1.2 % at λ_attn_out = 1.3e-4, the cached trial by 0.09 %)."""
     base, experts = _lora_family(tmp_path)
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = _stages(base, experts, tmp_path / "w")
     params = _small_lambda_params()
     pfile = tmp_path / "best.json"
     pfile.write_text(json.dumps({"trial": 7, "params": params.flat()}))
@@ -261,10 +257,7 @@ def test_merger_memory_budget_places_the_cache_and_gives_the_same_model(family, 
     per trial: the merged model is bit-identical to the all-resident one; placement() says where and why;
     close() removes the spill files; a dead process's spill dir is cleaned up; bad budgets are refused."""
     base, experts = family("llama")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = _stages(base, experts, tmp_path / "w")
     params = Params.uniform(3, lam=0.05, scale=1.1)
     m = Merger(work, "ta", "free", device="cpu")
     plan = m.solver.plan()
