@@ -322,6 +322,7 @@ def flatness(rows: list[dict], layers: list[int], block: int) -> dict:
     """Growth of each row's peaks from the smallest to the largest L, against issue 16's bound for the search
     under a budget: ≤ 10 % of the smallest-L figure plus one block."""
     lo, hi = min(layers), max(layers)
+    rows = [r for r in rows if "peak_tree_rss" in r and "unsupported" not in r]
     out = {}
     for name in dict.fromkeys(r["row"] for r in rows if r.get("L")):
         a = next((r for r in rows if r["row"] == name and r["L"] == lo), None)
@@ -334,12 +335,13 @@ def flatness(rows: list[dict], layers: list[int], block: int) -> dict:
 
 
 def table(res: dict) -> str:
-    layers = sorted({r["L"] for r in res["rows"] if r.get("L")})
+    rows = [r for r in res["rows"] if "unsupported" not in r]
+    layers = sorted({r["L"] for r in rows if r.get("L")})
     mb = lambda n: f"{n / 1e6:.0f}"  # noqa: E731
     lines = ["| stage | " + " | ".join(f"L={L}" for L in layers) + " | per added layer (tree RSS, anon) |",
              "|---|" + "---|" * len(layers) + "---|"]
-    for name in dict.fromkeys(r["row"] for r in res["rows"] if r.get("L")):
-        by = {r["L"]: r for r in res["rows"] if r["row"] == name}
+    for name in dict.fromkeys(r["row"] for r in rows if r.get("L")):
+        by = {r["L"]: r for r in rows if r["row"] == name}
         cells = [f"{mb(by[L]['peak_tree_rss'])} ({mb(by[L]['peak_tree_anon'])})" if L in by else "-" for L in layers]
         lo, hi = layers[0], layers[-1]
         slope = (f"{(by[hi]['peak_tree_rss'] - by[lo]['peak_tree_rss']) / (hi - lo) / 1e6:+.1f} MB, "
@@ -347,7 +349,7 @@ def table(res: dict) -> str:
                  if lo in by and hi in by and hi > lo else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {slope} |")
     t = res.get("timing")
-    if t:
+    if t and "median_s" in t:
         lines.append("")
         lines.append(f"trial (L={t['L']}): resident {t['median_s']['resident']:.3f} s, spilled "
                      f"{t['median_s']['spilled']:.3f} s (median of {len(t['trial_s']['resident'])}, interleaved): "
