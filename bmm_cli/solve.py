@@ -222,12 +222,13 @@ def solve(
     dev = resolve_device(device)
     out_dt = parse_dtype(dtype) if dtype else None
     proj = src.proj
+    factors = current_factors(src)  # a search's cache: solve through it, as the search's trials did
+    path = "direct" if factors is None else f"factors {factors.id}"
     writer = ModelWriter(Path(out), src.out_entries(out_dt), max_shard_size=parse_size(max_shard_size),
                          copy_from=proj.base.root, force=force, inputs=proj.inputs(),
-                         plan_id=json.dumps([src.fingerprint, params.flat()], sort_keys=True))
+                         plan_id=json.dumps([src.fingerprint, params.flat(), path], sort_keys=True))
     stats = {"modules": 0, "max_rel_change": 0.0}
     src.write_others(writer)
-    factors = current_factors(src)
     todo = [blk for blk in proj.plan.blocks if not all(writer.shard_done(r.key) for r in blk.modules)]
     for blk in track(todo, f"solve ({gram}, anchor {src.anchor.method.name})", total=len(todo)):
         for ref, W in _solve_block(src, params, blk, dev, factors):
