@@ -751,8 +751,6 @@ class TrialSolver:
     def _to_device(self, src: dict[str, Tensor]):
         if self.device.type != "cuda":
             return src, None
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._copy_stream):
             dev = {n: t.to(self.device, non_blocking=True) for n, t in src.items()}
             ev = torch.cuda.Event()
@@ -812,6 +810,8 @@ class TrialSolver:
                 raise NumericError(f"{key}: merged weight has NaN/Inf (check λ, the scale and the base weight)")
             return key, W
 
+        if cuda and self._copy_stream is None:  # made here, not racily in the spill reader thread
+            self._copy_stream = torch.cuda.Stream(dev)
         # TF32 and no_grad are scoped to our own compute, never left on while the caller runs between yields.
         nxt = self._start_fetch(blocks[0]) if blocks else None
         for i, blk in enumerate(blocks):
