@@ -462,16 +462,18 @@ def test_tf32_flag_is_scoped():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("budget", [None, 0])  # everything resident / everything streamed on the side stream
-def test_trial_solver_cuda_matches_cpu(budget):
+@pytest.mark.parametrize("budget,where", [(None, "device"), (0, "host"), (0, "disk")])  # resident / streamed
+def test_trial_solver_cuda_matches_cpu(budget, where, tmp_path):                # from pinned host / spilled
     mods = _model(dtype=torch.float32, n_blocks=4)
     lams, scales = _lams_scales(mods)
-    cpu, gpu = TrialSolver("cpu"), TrialSolver("cuda", budget_bytes=budget)
+    cpu = TrialSolver("cpu")
+    gpu = TrialSolver("cuda", budget_bytes=budget, host_budget_bytes=0 if where == "disk" else None,
+                      spill_dir=tmp_path / "spill")
     for key, (st, U0, W, b) in mods.items():
         f = factorize(st.G_hat.float(), st.B_hat.float(), None if U0 is None else U0.float())
         cpu.add(key, f, W, block=b)
         gpu.add(key, f.to("cuda"), W.cuda(), block=b)
-    assert gpu.plan()["where"] == ({"device": 4} if budget is None else {"host": 4})
+    assert gpu.plan()["where"] == {where: 4}
     want = dict(cpu.solve(lams, scales))
     got = list(gpu.solve(lams, scales))
     assert [k for k, _ in got] == list(want)
