@@ -694,9 +694,12 @@ class TrialSolver:
     def _spill(self, blk: _Block) -> None:
         from safetensors.torch import save_file
 
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        from .atomic import write_with
+
         path = self.spill_dir / f"block-{blk.id}.safetensors"
-        save_file({n: t.detach().cpu().contiguous() for n, t in blk.tensors.items()}, str(path))
+        # atomic: a full disk is the one-line DiskFullError naming the file, and leaves no partial file
+        write_with(path, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in blk.tensors.items()},
+                                               str(tmp)))
         blk.tensors, blk.where, blk.path = {}, "disk", path
 
     def plan(self) -> dict:
