@@ -237,6 +237,7 @@ def solve(
             stats["max_rel_change"] = max(stats["max_rel_change"],
                                           float((W - w0).norm() / w0.norm().clamp_min(1e-12)))
             writer.add(ref.key, from_linear(ref, W))
+        proj.base.close()  # unmap the base: its pages read so far would stay in RSS (file-backed) to the end
     recipe = src.recipe(params)
     writer.close(recipe=recipe, card=model_card({"title": f"BMM merge ({gram}, anchor {src.anchor.method.name})",
                                                  **recipe}))
@@ -387,6 +388,7 @@ class Merger:
         for blk in track(proj.plan.blocks, "load solver cache"):
             for key, ref in _add_block(self.solver, self.src, stage, blk).items():
                 self.group_of[key] = (blk, ref)
+            proj.base.close()  # what stays mapped is what the cache holds (a spilled block's W_pre is not)
         self.solver.plan()
 
     def placement(self) -> str:
