@@ -3,7 +3,10 @@
 λ is given per (block-group, group) and s per block-group, as a params file (``s_0``, ``lam_0_attn_in``, ...,
 ``eps``; the format ``bmm search`` writes) or as one ``--lam``/``--scale`` for everything. ``--gram hybrid`` mixes
 the data-free and data-assisted statistics with ``ε``. Other tensors come from the anchor stage. The solve streams
-one block at a time on ``--device`` (CUDA when present) in fp32.
+one block at a time on ``--device`` (CUDA when present), each merged tensor written to its shard as it is made.
+When a search left its factor cache in the work dir, the solve goes through it (the search trials' own code, so
+``--params best.json`` rewrites the searched model bit for bit on the same device); otherwise one fp64 Cholesky
+per module (fp32 is off by ~1 % at λ ~ 1e-4).
 
 For a search, :func:`prepare_trials` caches what does not depend on (λ, s) — the eigenbasis of Ĝ and the projections
 ``B̂Q``, ``U0Q`` — in ``<work>/factors-<anchor>-<gram>/`` once, and :class:`Merger` then costs about one GEMM per
