@@ -16,9 +16,12 @@ Each (factor dtype, mode, k) runs in its own subprocess so peak-memory numbers d
     # H100 (full Llama-3.1-8B shapes)
     python bench/solve_speed.py --device cuda --json bench/results/solve_speed_h100.json
 
-Modes: ``resident`` (every block kept on the compute device; on CPU that is RAM), ``stream`` (CUDA: factors in
-pinned host memory, copied block by block on a side stream; budget_bytes=0), ``spill`` (factors in one
-safetensors file per block on disk, read back per trial; host memory flat in depth).
+Modes, one per cache placement of :class:`TrialSolver`: ``resident`` (every block kept on the compute device
+while it fits what is free; on CPU that is RAM), ``stream`` (CUDA: ``budget_bytes=0``, the cache in pinned host
+memory, copied block by block on a side stream; on CPU the same as resident), ``spill`` (``budget_bytes=0,
+host_budget_bytes=0``: one safetensors file per block, read back per trial in a background thread; host and GPU
+memory flat in depth). Each row records the plan (where the blocks were placed) and, on CUDA, peak GPU memory
+against one block's bytes.
 """
 
 from __future__ import annotations
@@ -238,9 +241,12 @@ def worker(args) -> dict:
     template = load_file(args._template)
     names = sorted({n.split("::")[0] for n in template})
     names = [n for n in block_shapes(1.0) if n in names]  # block order
-    budget = 0 if mode == "stream" else None
-    spill = Path(args.workdir) / f"spill-{os.getpid()}" if mode == "spill" else None
-    solver = TrialSolver(dev, budget_bytes=budget, spill_dir=spill, out_dtype=torch.bfloat16)
+    # resident: default budgets (what is free); stream: nothing resident on the GPU, the cache in (pinned) host
+    # memory; spill: nothing resident anywhere, every block read back from its file each trial
+    budget = 0 if mode in ("stream", "spill") and dev.type == "cuda" else None
+    spill = Path(args.workdir) / f"spill-{os.getpid()}"
+    solver = TrialSolver(dev, budget_bytes=budget, spill_dir=spill, out_dtype=torch.bfloat16,
+                         host_budget_bytes=0 if mode == "spill" else None)
     t0 = time.perf_counter()
     where = dev if mode == "resident" else torch.device("cpu")  # streamed / spilled blocks never sit on the GPU
     for b in range(k):
@@ -279,6 +285,9 @@ def worker(args) -> dict:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "peak_rss_bytes": rss_peak(), "rss_peak_reset": rss_ok,
             "output_bytes_per_trial": nbytes, "setup_s": setup_s, "plan": plan,
+            "block_bytes": plan["max_block_bytes"],
+            "peak_gpu_over_block": (torch.cuda.max_memory_allocated(dev) / plan["max_block_bytes"]
+                                    if dev.type == "cuda" else None),
         })
     solver.close()
     return {"rows": results}
@@ -329,21 +338,26 @@ def block_bytes(shapes, fd_bytes: int, zero_anchor: bool) -> dict:
     }
 
 
+def _times(x) -> str:
+    return "" if x is None else f" ({x:.1f}×)"
+
+
 def table(res: dict) -> str:
     lines = [
         "| factors | mode | GEMM | blocks k | s/trial median (min) | s/block (from min) | → 32 blocks median (min) "
-        "| peak GPU | peak RSS |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| peak GPU (× block) | peak RSS | placement |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['factor_dtype']} | {r['mode']} | - | {r['k']} | error | | | | |")
+            lines.append(f"| {r['factor_dtype']} | {r['mode']} | - | {r['k']} | error | | | | | |")
             continue
         mn = min(r["trial_s"])
         lines.append(
             f"| {r['factor_dtype']} | {r['mode']} | {r['compute']} | {r['k']} | {r['trial_median_s']:.3f} ({mn:.3f}) | "
             f"{mn / r['k']:.3f} | {r['extrapolated_32_blocks_s']:.2f} ({mn / r['k'] * N_LAYERS:.2f}) | "
-            f"{gb(r['peak_gpu_bytes'])} | {gb(r['peak_rss_bytes'])} |"
+            f"{gb(r['peak_gpu_bytes'])}{_times(r.get('peak_gpu_over_block'))} | {gb(r['peak_rss_bytes'])} | "
+            f"{', '.join(f'{w} {n}' for w, n in r['plan']['where'].items())} |"
         )
     return "\n".join(lines)
 
@@ -357,7 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compute", nargs="+", default=None, choices=["fp32", "tf32", "bf16"],
                     help="GEMM precision of the trial (default: fp32 on CPU; fp32 tf32 bf16 on CUDA)")
     ap.add_argument("--modes", nargs="+", default=None, choices=["resident", "stream", "spill"],
-                    help="default: resident stream on CUDA, resident spill on CPU")
+                    help="default: resident stream spill on CUDA, resident spill on CPU")
     ap.add_argument("--scale", type=float, default=None, help="multiply all dims (default 1.0 on CUDA, 0.25 on CPU)")
     ap.add_argument("--eig-dtype", nargs="+", default=["fp32", "fp64"], choices=["fp32", "fp64"],
                     help="eigh precision(s) of the timed cache build (the first one feeds the trial rows)")
@@ -379,7 +393,7 @@ def main(argv=None) -> int:
     if args.compute is None:
         args.compute = ["fp32", "tf32", "bf16"] if dev.type == "cuda" else ["fp32"]
     if args.modes is None:
-        args.modes = ["resident", "stream"] if dev.type == "cuda" else ["resident", "spill"]
+        args.modes = ["resident", "stream", "spill"] if dev.type == "cuda" else ["resident", "spill"]
     if args._worker:
         print(json.dumps(worker(args)))
         return 0

@@ -512,13 +512,18 @@ class TrialSolver:
     Modules are added block by block (``add(key, factors, w_pre, block=b)``; a new block id seals the previous
     block). A sealed block is placed once, in order of preference:
 
-    * ``device``: resident on the compute device while it fits ``budget_bytes`` (CUDA). ``budget_bytes=None``
-      means "what is free on the GPU minus a reserve of 3 blocks" (two stream buffers + working set);
-      ``budget_bytes=0`` streams every block (GPU memory flat in depth).
-    * ``host``: CPU memory (pinned on CUDA), copied to the device block by block on a side stream, the next
-      block's copy overlapping the current block's GEMMs.
-    * ``disk``: with ``spill_dir``, written as ``block-<id>.safetensors`` and read back per trial (host memory
-      flat in depth; the page cache makes rereads cheap while RAM allows).
+    * ``device``: resident on the compute device while the resident blocks fit ``budget_bytes`` (CUDA).
+      ``budget_bytes=None`` means "what is free on the GPU when the first block is sealed, minus a reserve of
+      3 blocks" (two stream buffers + working set); ``budget_bytes=0`` streams every block (GPU memory flat in
+      depth). On CPU the device is host memory: see ``host``.
+    * ``host``: host memory (pinned on CUDA, copied to the device block by block on a side stream, the next
+      block's copy overlapping the current block's GEMMs) while the blocks kept there fit ``host_budget_bytes``.
+      ``None`` means MemAvailable when the solver is made minus a reserve (the larger of 2 GiB and 10 % of the
+      machine) and two blocks in flight; ``0`` keeps nothing there.
+    * ``disk``: the rest, with ``spill_dir``: written once as ``block-<id>.safetensors`` and read back per trial
+      in a background thread, the next block's read overlapping the current block's GEMMs (host memory flat in
+      depth: two blocks in flight; the page cache makes rereads cheap while RAM allows). Without ``spill_dir`` a
+      block over an explicit host budget is an error; over the default budget it stays in host memory.
 
     Per trial the device working set is at most two streamed blocks plus one module's temporaries
     (X, U, W in fp32 and an fp32 copy of Q when factors are bf16), independent of the number of blocks.
@@ -541,23 +546,32 @@ class TrialSolver:
         out_dtype: torch.dtype | None = None,
         spill_dir: str | os.PathLike | None = None,
         pin_memory: bool = True,
+        host_budget_bytes: int | None = None,
     ):
-        from .device import resolve_device
+        from .device import host_memory, resolve_device
 
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
         if compute not in _COMPUTE_MODES:
             raise InputError(f"compute must be one of {', '.join(_COMPUTE_MODES)}, got {compute!r}")
-        if budget_bytes is not None and budget_bytes < 0:
-            raise InputError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        for name, v in (("budget_bytes", budget_bytes), ("host_budget_bytes", host_budget_bytes)):
+            if v is not None and v < 0:
+                raise InputError(f"{name} must be >= 0, got {v}")
         self.compute = compute
         self.out_dtype = out_dtype
         self.budget_bytes = budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        # where each budget came from (for plan() and the user-facing placement line)
+        self.budget_source = {"device": "given" if budget_bytes is not None else "free minus reserve",
+                              "host": "given" if host_budget_bytes is not None else "MemAvailable minus reserve"}
+        self._host_free = host_memory() if host_budget_bytes is None else None  # measured before the cache exists
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.pin_memory = pin_memory
         self._blocks: list[_Block] = []
         self._keys: set[str] = set()
         self._resident_bytes = 0
+        self._host_bytes = 0
         self._copy_stream = None
+        self._reader = None  # one background thread reading spilled blocks
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -625,32 +639,44 @@ class TrialSolver:
             work = max(work, 4 * (4 * d_out * d_in + 2 * d_in * d_in))
         return 2 * blk.nbytes + work
 
+    def _resolve_budgets(self, blk: _Block) -> None:
+        """Fix the default budgets when the first block is sealed (its size sets the reserves)."""
+        if self.host_budget_bytes is None:
+            from .device import host_reserve
+
+            avail, total = self._host_free
+            self.host_budget_bytes = max(0, avail - host_reserve(total) - 2 * blk.nbytes)
+        if self.budget_bytes is None and self.device.type == "cuda":
+            from .device import gpu_memory
+
+            free, _ = gpu_memory(self.device)
+            # tensors already on the device are counted as free for themselves
+            here = sum(t.numel() * t.element_size() for t in blk.tensors.values() if t.device.type == "cuda")
+            self.budget_bytes = max(0, free + here - self._reserve(blk))
+
     def _seal(self, blk: _Block) -> None:
         if blk.where != "open":
             return
+        # one memory layout whatever the placement (a spilled block comes back contiguous), so the GEMMs, and the
+        # results bit for bit, do not depend on where the block lives
+        blk.tensors = {n: t.contiguous() for n, t in blk.tensors.items()}
         blk.nbytes = sum(t.numel() * t.element_size() for t in blk.tensors.values())
         dev = self.device
-        if dev.type == "cuda":
-            if self.budget_bytes is None:
-                free, _ = torch.cuda.mem_get_info(dev)
-                # tensors already on the device are counted as free for themselves
-                here = sum(t.numel() * t.element_size() for t in blk.tensors.values() if t.device.type == "cuda")
-                fits = blk.nbytes + self._reserve(blk) <= free + here
-            else:
-                fits = self._resident_bytes + blk.nbytes <= self.budget_bytes
-            if fits:
-                blk.tensors = {n: t.to(dev) for n, t in blk.tensors.items()}
-                blk.where = "device"
-                self._resident_bytes += blk.nbytes
-                return
-        if self.spill_dir is not None:
-            from safetensors.torch import save_file
-
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            path = self.spill_dir / f"block-{blk.id}.safetensors"
-            save_file({n: t.detach().cpu().contiguous() for n, t in blk.tensors.items()}, str(path))
-            blk.tensors, blk.where, blk.path = {}, "disk", path
+        if self.host_budget_bytes is None or (self.budget_bytes is None and dev.type == "cuda"):
+            self._resolve_budgets(blk)
+        if dev.type == "cuda" and self._resident_bytes + blk.nbytes <= self.budget_bytes:
+            blk.tensors = {n: t.to(dev) for n, t in blk.tensors.items()}
+            blk.where = "device"
+            self._resident_bytes += blk.nbytes
             return
+        if self._host_bytes + blk.nbytes > self.host_budget_bytes:
+            if self.spill_dir is not None:
+                self._spill(blk)
+                return
+            if self.budget_source["host"] == "given":
+                raise InputError(f"trial cache block {blk.id} ({blk.nbytes / 1e9:.2f} GB) does not fit the host memory "
+                                 f"budget ({self.host_budget_bytes / 1e9:.2f} GB, {self._host_bytes / 1e9:.2f} GB "
+                                 "used): give a spill directory or a larger budget")
         moved = {}
         for n, t in blk.tensors.items():
             t = t.detach().to("cpu")
@@ -661,40 +687,73 @@ class TrialSolver:
                     pass
             moved[n] = t
         blk.tensors, blk.where = moved, ("device" if dev.type == "cpu" else "host")
+        self._host_bytes += blk.nbytes
+        if dev.type == "cpu":
+            self._resident_bytes += blk.nbytes
+
+    def _spill(self, blk: _Block) -> None:
+        from safetensors.torch import save_file
+
+        from .atomic import write_with
+
+        path = self.spill_dir / f"block-{blk.id}.safetensors"
+        # atomic: a full disk is the one-line DiskFullError naming the file, and leaves no partial file
+        write_with(path, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in blk.tensors.items()},
+                                               str(tmp)))
+        blk.tensors, blk.where, blk.path = {}, "disk", path
 
     def plan(self) -> dict:
         """Seal the last block and describe where the blocks live (for logs and the bench)."""
         if self._blocks:
             self._seal(self._blocks[-1])
         where: dict[str, int] = {}
+        where_bytes: dict[str, int] = {}
         for b in self._blocks:
             where[b.where] = where.get(b.where, 0) + 1
+            where_bytes[b.where] = where_bytes.get(b.where, 0) + b.nbytes
         return {
             "device": str(self.device),
             "blocks": len(self._blocks),
             "modules": sum(len(b.entries) for b in self._blocks),
             "where": where,
+            "where_bytes": where_bytes,
             "bytes": sum(b.nbytes for b in self._blocks),
             "resident_bytes": self._resident_bytes,
+            "host_bytes": self._host_bytes,
             "max_block_bytes": max((b.nbytes for b in self._blocks), default=0),
+            "device_budget_bytes": self.budget_bytes if self.device.type == "cuda" else None,
+            "host_budget_bytes": self.host_budget_bytes,
+            "budget_source": dict(self.budget_source),
+            "spill_dir": str(self.spill_dir) if self.spill_dir is not None else None,
+            "pinned": self.device.type == "cuda" and self.pin_memory,
         }
 
     # -- per trial -----------------------------------------------------------------------------------------
 
     def _start_fetch(self, blk: _Block):
-        """Begin bringing a block to the device; returns (tensors, event or None)."""
+        """Begin bringing a block to the device; returns (tensors, event or None) or a future of that pair.
+
+        Spilled blocks are read (and on CUDA copied to the device) in a background thread, so the next block's
+        read overlaps this block's GEMMs; host blocks on CUDA are copied on a side stream.
+        """
         if blk.where == "device":
             return blk.tensors, None
         if blk.where == "disk":
-            from safetensors.torch import load_file
+            if self._reader is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            src = load_file(str(blk.path), device="cpu")
-        else:
-            src = blk.tensors
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmm-spill-read")
+            return self._reader.submit(self._read_spilled, blk.path)
+        return self._to_device(blk.tensors)
+
+    def _read_spilled(self, path: Path):
+        from safetensors.torch import load_file
+
+        return self._to_device(load_file(str(path), device="cpu"))
+
+    def _to_device(self, src: dict[str, Tensor]):
         if self.device.type != "cuda":
             return src, None
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._copy_stream):
             dev = {n: t.to(self.device, non_blocking=True) for n, t in src.items()}
             ev = torch.cuda.Event()
@@ -702,6 +761,8 @@ class TrialSolver:
         return dev, ev
 
     def _finish_fetch(self, fetched) -> dict[str, Tensor]:
+        if not isinstance(fetched, tuple):  # a future from the spill reader
+            fetched = fetched.result()
         tensors, ev = fetched
         if ev is not None:
             cur = torch.cuda.current_stream(self.device)
@@ -718,7 +779,9 @@ class TrialSolver:
             raise InputError(f"{e.key}: hybrid module needs ε for this trial")
         free = GramStats(T[n["Gf"]], T[n["Bf"]], 1.0)
         data = GramStats(T[n["Gd"]], T[n["Bd"]], 1.0)
-        return solve_hybrid_trial(free, data, T[n["U0"]] if "U0" in n else None, lam, eps, key=e.key)
+        # fp64 Cholesky: at small λ an fp32 one is off by ~κ(Ĝ+λI)·1e-7 (1 % at λ ~ 1e-4 with low-rank task vectors)
+        return solve_hybrid_trial(free, data, T[n["U0"]] if "U0" in n else None, lam, eps, key=e.key,
+                                  dtype=torch.float64)
 
     def solve(
         self,
@@ -750,6 +813,8 @@ class TrialSolver:
                 raise NumericError(f"{key}: merged weight has NaN/Inf (check λ, the scale and the base weight)")
             return key, W
 
+        if cuda and self._copy_stream is None:  # made here, not racily in the spill reader thread
+            self._copy_stream = torch.cuda.Stream(dev)
         # TF32 and no_grad are scoped to our own compute, never left on while the caller runs between yields.
         nxt = self._start_fetch(blocks[0]) if blocks else None
         for i, blk in enumerate(blocks):
@@ -799,12 +864,15 @@ class TrialSolver:
 
     def close(self) -> None:
         """Drop every cached tensor and remove spilled block files."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         for b in self._blocks:
             b.tensors = {}
             if b.path is not None:
                 with contextlib.suppress(OSError):
                     b.path.unlink()
-        self._blocks, self._keys, self._resident_bytes = [], set(), 0
+        self._blocks, self._keys, self._resident_bytes, self._host_bytes = [], set(), 0, 0
 
     def __enter__(self) -> "TrialSolver":
         return self

@@ -3,7 +3,10 @@
 λ is given per (block-group, group) and s per block-group, as a params file (``s_0``, ``lam_0_attn_in``, ...,
 ``eps``; the format ``bmm search`` writes) or as one ``--lam``/``--scale`` for everything. ``--gram hybrid`` mixes
 the data-free and data-assisted statistics with ``ε``. Other tensors come from the anchor stage. The solve streams
-one block at a time on ``--device`` (CUDA when present) in fp32.
+one block at a time on ``--device`` (CUDA when present), each merged tensor written to its shard as it is made.
+When a search left its factor cache in the work dir, the solve goes through it (the search trials' own code, so
+``--params best.json`` rewrites the searched model bit for bit on the same device); otherwise one fp64 Cholesky
+per module (fp32 is off by ~1 % at λ ~ 1e-4).
 
 For a search, :func:`prepare_trials` caches what does not depend on (λ, s) — the eigenbasis of Ĝ and the projections
 ``B̂Q``, ``U0Q`` — in ``<work>/factors-<anchor>-<gram>/`` once, and :class:`Merger` then costs about one GEMM per
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +30,8 @@ import torch
 from . import __version__
 from .anchor import AnchorStage
 from .arch import GROUPS, Block
-from .closed_form import ModuleFactors, TrialSolver, factorize, hybrid_stats, solve_direct
-from .device import resolve_device
+from .closed_form import ModuleFactors, TrialSolver, factorize, solve_direct
+from .device import parse_budget, resolve_device
 from .errors import InputError
 from .progress import track
 from .stage import Stage
@@ -189,10 +194,16 @@ class Sources:
                 **{f"gram-{k}": g.id for k, g in self.grams.items()}}
 
     def out_entries(self, dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The output tensors in the order the solve produces them (the anchor's others, then block by block), so
+        the writer streams each one to its shard as it comes."""
+        meta = self.proj.base.meta
+        order = list(self.proj.plan.others) + [r.key for b in self.proj.plan.blocks for r in b.modules]
+        listed = set(order)
+        order += [k for k in meta if k not in listed]
         out = []
-        for k, meta in self.proj.base.meta.items():
-            dt = DTYPES[meta.dtype]
-            out.append((k, meta.shape, dtype if (dtype is not None and dt.is_floating_point) else dt))
+        for k in order:
+            dt = DTYPES[meta[k].dtype]
+            out.append((k, meta[k].shape, dtype if (dtype is not None and dt.is_floating_point) else dt))
         return out
 
     def recipe(self, params: Params, **extra) -> dict:
@@ -238,36 +249,81 @@ def solve(
     dev = resolve_device(device)
     out_dt = parse_dtype(dtype) if dtype else None
     proj = src.proj
+    factors = current_factors(src)  # a search's cache: solve through it, as the search's trials did
+    path = "direct" if factors is None else f"factors {factors.id}"
     writer = ModelWriter(Path(out), src.out_entries(out_dt), max_shard_size=parse_size(max_shard_size),
                          copy_from=proj.base.root, force=force, inputs=proj.inputs(),
-                         plan_id=json.dumps([src.fingerprint, params.flat()], sort_keys=True))
+                         plan_id=json.dumps([src.fingerprint, params.flat(), path], sort_keys=True))
     stats = {"modules": 0, "max_rel_change": 0.0}
-    for blk in track(proj.plan.blocks, f"solve ({gram}, anchor {src.anchor.method.name})"):
-        if all(writer.shard_done(r.key) for r in blk.modules):
-            continue
-        a = src.anchor.block(blk)
-        g = {k: gs.block(blk) for k, gs in src.grams.items()}
-        for ref in blk.modules:
-            lam_v, s = params.lam_scale(proj, blk, ref.group)
-            u0 = a.get(ref.key).to(dev)
-            if gram == "hybrid":
-                st = hybrid_stats(g["free"](ref.key).to(dev), g["data"](ref.key).to(dev), params.eps, key=ref.key)
-            else:
-                st = g[gram](ref.key).to(dev)
-            U = solve_direct(st.G_hat, st.B_hat, u0, lam_v, key=ref.key, dtype=torch.float32)
-            w0 = proj.base_linear(ref).to(dev)
-            W = w0 + s * U
+    src.write_others(writer)
+    todo = [blk for blk in proj.plan.blocks if not all(writer.shard_done(r.key) for r in blk.modules)]
+    for blk in track(todo, f"solve ({gram}, anchor {src.anchor.method.name})", total=len(todo)):
+        for ref, W in _solve_block(src, params, blk, dev, factors):
+            w0 = proj.base_linear(ref)
             stats["modules"] += 1
             stats["max_rel_change"] = max(stats["max_rel_change"],
                                           float((W - w0).norm() / w0.norm().clamp_min(1e-12)))
-            writer.add(ref.key, from_linear(ref, W.cpu()))
-    src.write_others(writer)
+            writer.add(ref.key, from_linear(ref, W))
+        proj.base.close()  # unmap the base: its pages read so far would stay in RSS (file-backed) to the end
     recipe = src.recipe(params)
     writer.close(recipe=recipe, card=model_card({"title": f"BMM merge ({gram}, anchor {src.anchor.method.name})",
                                                  **recipe}))
     return {"model": str(out), "anchor": src.anchor.method.name, "gram": gram, "params": params.flat(),
             "device": str(dev), "modules": stats["modules"],
+            "path": "cached eigenbasis (the search's)" if factors is not None else "direct (fp64 Cholesky)",
             "max_relative_change": round(stats["max_rel_change"], 6), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _solve_block(src: Sources, params: Params, blk: Block, dev: torch.device, factors: Stage | None):
+    """Yield ``(ref, W)`` (linear orientation, fp32, CPU) for one block.
+
+    With the search's factor cache (``factors``), through the same :class:`TrialSolver` code as a search trial,
+    so ``bmm solve --params best.json`` writes the searched model bit for bit (same device). Without it, one
+    Cholesky per module in fp64: at the small end of the λ range (λ ~ 1e-4, low-rank task vectors) an fp32
+    Cholesky is off by ~1 % (κ(Ĝ+λI) ~ λ_max/λ times fp32 rounding), the fp64 one is exact for the stored
+    statistics, as accurate as the cached path.
+    """
+    proj = src.proj
+    if factors is not None or src.gram == "hybrid":
+        solver = TrialSolver(dev)
+        refs = _add_block(solver, src, factors, blk)
+        lam = {k: params.lam_scale(proj, blk, ref.group)[0] for k, ref in refs.items()}
+        scl = {k: params.lam_scale(proj, blk, ref.group)[1] for k, ref in refs.items()}
+        try:
+            for key, W in solver.solve(lam, scl, eps=params.eps, out_dtype=torch.float32):
+                yield refs[key], W
+        finally:
+            solver.close()
+        return
+    a = src.anchor.block(blk)
+    g = src.grams[src.gram].block(blk)
+    for ref in blk.modules:
+        lam_v, s = params.lam_scale(proj, blk, ref.group)
+        u0 = a.get(ref.key).to(dev)
+        st = g(ref.key).to(dev)
+        U = solve_direct(st.G_hat, st.B_hat, u0, lam_v, key=ref.key, dtype=torch.float64)
+        yield ref, (proj.base_linear(ref).to(dev, torch.float64) + s * U).float().cpu()
+
+
+def _add_block(solver: TrialSolver, src: Sources, stage: Stage | None, blk: Block) -> dict[str, object]:
+    """Put one block's cached factors (or, for hybrid, its two statistics and the anchor) and base weights into
+    ``solver``; returns {key: module ref}."""
+    proj = src.proj
+    refs = {}
+    if stage is not None:
+        r = stage.read(blk.shard)
+    else:
+        a = src.anchor.block(blk)
+        gf, gd = src.grams["free"].block(blk), src.grams["data"].block(blk)
+    for ref in blk.modules:
+        w0 = proj.base_linear(ref)
+        if stage is not None:
+            f = ModuleFactors.from_tensors(ref.key, {n: r.get(n) for n in r.keys() if n.startswith(ref.key + ".")})
+            solver.add(ref.key, f, w0, block=blk.index)
+        else:
+            solver.add_hybrid(ref.key, gf(ref.key), gd(ref.key), a.get(ref.key), w0, block=blk.index)
+        refs[ref.key] = ref
+    return refs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +342,7 @@ def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dt
     # 1/(Λ+λ) amplifies at the small end of the λ range (2e-2 relative error at λ=1e-3, 20x less in fp64:
     # bench/README.md). Storage stays in ``factor_dtype``, so trials cost the same.
     stage = Stage(src.work, factors_stage_name(src.anchor.method.name, src.gram), inputs=src.fingerprint,
-                  options={"factor_dtype": str(factor_dtype), "eigh_dtype": "torch.float64"},
+                  options=_factor_options(factor_dtype),
                   force=True)  # a cache derived from finished stages: rebuilt (not refused) when they or its options change
     todo = [b for b in src.proj.plan.blocks if not stage.done(b.shard)]
     for blk in track(todo, "factorize Ĝ (once per search)", total=len(todo)):
@@ -303,37 +359,85 @@ def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dt
     return stage
 
 
+def _factor_options(factor_dtype: torch.dtype) -> dict:
+    return {"factor_dtype": str(factor_dtype), "eigh_dtype": "torch.float64"}
+
+
+def current_factors(src: Sources) -> Stage | None:
+    """The factor cache a search left in the work dir, when it is complete and made from these very stages
+    (whatever factor dtype the search used); None otherwise. Read only: nothing is rebuilt or removed."""
+    if src.gram == "hybrid":
+        return None
+    path = src.work / factors_stage_name(src.anchor.method.name, src.gram) / "stage.json"
+    try:
+        man = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(man, dict) or not man.get("complete") or man.get("inputs") != src.fingerprint:
+        return None
+    name = str(man.get("options", {}).get("factor_dtype", "")).removeprefix("torch.")
+    if name not in ("float32", "bfloat16", "float16", "float64"):
+        return None
+    stage = Stage(src.work, path.parent.name, inputs=src.fingerprint, options=_factor_options(parse_dtype(name)))
+    if stage.id != man.get("id") or not all(stage.done(b.shard) for b in src.proj.plan.blocks):
+        return None
+    return stage
+
+
 class Merger:
-    """Writes merged models for many parameter settings; a trial costs about one GEMM per module."""
+    """Writes merged models for many parameter settings; a trial costs about one GEMM per module.
+
+    Where the trial cache lives (:meth:`placement` says it in one line): on the compute device while it fits
+    ``gpu_memory_budget`` (CUDA), then in (pinned) host memory while it fits ``memory_budget``, streamed to the
+    device block by block, then spilled to ``spill_dir`` (default: the work dir) and read back block by block,
+    overlapped with the GEMMs. Budgets are bytes or sizes like ``"8GB"``; None means what is free (host:
+    MemAvailable, CUDA: mem_get_info) minus a reserve. A budget below the cache keeps host memory flat in depth.
+    """
 
     def __init__(self, work: Path, anchor: str, gram: str, *, device: str = "auto", dtype: str | None = None,
-                 max_shard_size: str | int = "5GB", factor_dtype: str = "float32", spill: bool = False,
-                 compute: str = "fp32"):
+                 max_shard_size: str | int = "5GB", factor_dtype: str = "float32", compute: str = "fp32",
+                 memory_budget: int | str | None = None, gpu_memory_budget: int | str | None = None,
+                 spill_dir: str | Path | None = None):
+        host_budget = parse_budget(memory_budget, "--memory-budget")
+        gpu_budget = parse_budget(gpu_memory_budget, "--gpu-memory-budget")
+        if spill_dir is not None and Path(spill_dir).exists() and not Path(spill_dir).is_dir():
+            raise InputError(f"--spill-dir {spill_dir} exists and is not a directory")
         self.src = Sources(work, anchor, gram)
         self.dev = resolve_device(device)
         self.out_dt = parse_dtype(dtype) if dtype else None
         self.max_shard_size = parse_size(max_shard_size)
         proj = self.src.proj
         stage = prepare_trials(self.src, device=self.dev, factor_dtype=parse_dtype(factor_dtype))
-        self.solver = TrialSolver(self.dev, compute=compute,
-                                  spill_dir=(Path(work) / "search" / "spill") if spill else None)
+        self._spill_dir = _spill_dir(Path(spill_dir) if spill_dir is not None else Path(work))
+        self.solver = TrialSolver(self.dev, compute=compute, budget_bytes=gpu_budget, host_budget_bytes=host_budget,
+                                  spill_dir=self._spill_dir)
         self.group_of: dict[str, tuple[int, str]] = {}
         for blk in track(proj.plan.blocks, "load solver cache"):
-            if stage is not None:
-                r = stage.read(blk.shard)
-            else:
-                a = self.src.anchor.block(blk)
-                gf, gd = self.src.grams["free"].block(blk), self.src.grams["data"].block(blk)
-            for ref in blk.modules:
-                w0 = proj.base_linear(ref)
-                if stage is not None:
-                    f = ModuleFactors.from_tensors(ref.key, {n: r.get(n) for n in r.keys()
-                                                             if n.startswith(ref.key + ".")})
-                    self.solver.add(ref.key, f, w0, block=blk.index)
-                else:
-                    self.solver.add_hybrid(ref.key, gf(ref.key), gd(ref.key), a.get(ref.key), w0, block=blk.index)
-                self.group_of[ref.key] = (blk, ref)
+            for key, ref in _add_block(self.solver, self.src, stage, blk).items():
+                self.group_of[key] = (blk, ref)
+            proj.base.close()  # what stays mapped is what the cache holds (a spilled block's W_pre is not)
         self.solver.plan()
+
+    def placement(self) -> str:
+        """One line: where the trial cache lives and why (the budgets and where they came from)."""
+        p = self.solver.plan()
+        n, nb = p["where"], p["where_bytes"]
+        cuda = p["device"].startswith("cuda")
+        parts = []
+        if cuda:
+            parts.append(f"{n.get('device', 0)} blocks on {p['device']}")
+            parts.append(f"{n.get('host', 0)} in {'pinned ' if p['pinned'] else ''}host memory")
+        else:
+            parts.append(f"{n.get('device', 0)} blocks in host memory")
+        parts.append(f"{n.get('disk', 0)} spilled" + (f" to {p['spill_dir']}" if n.get("disk") else ""))
+        src = p["budget_source"]
+        why = []
+        if cuda:
+            why.append(f"gpu budget {_gb(p['device_budget_bytes'])}: {src['device']}")
+        why.append(f"host budget {_gb(p['host_budget_bytes'])}: {src['host']}")
+        held = _gb(nb.get("device", 0) + nb.get("host", 0))
+        return (f"trial cache {_gb(p['bytes'])} in {p['blocks']} blocks: {', '.join(parts)} "
+                f"({held} held in memory; {'; '.join(why)})")
 
     def iter_weights(self, params: Params) -> Iterator[tuple[str, torch.Tensor]]:
         proj = self.src.proj
@@ -351,11 +455,11 @@ class Merger:
                              copy_from=self.src.proj.base.root, force=True)
         solve_s = 0.0
         t = time.perf_counter()
+        self.src.write_others(writer)
         for key, W in self.iter_weights(params):
             solve_s += time.perf_counter() - t
             writer.add(key, W)
             t = time.perf_counter()
-        self.src.write_others(writer)
         recipe = self.src.recipe(params, **(extra or {}))
         writer.close(recipe=recipe, card=model_card({"title": "BMM merge", **recipe}))
         total = time.perf_counter() - t0
@@ -363,3 +467,31 @@ class Merger:
 
     def close(self) -> None:
         self.solver.close()
+        shutil.rmtree(self._spill_dir, ignore_errors=True)
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+SPILL_PREFIX = "bmm-trial-cache-"
+
+
+def _spill_dir(parent: Path) -> Path:
+    """This process's spill directory under ``parent`` (made on the first spill, removed by close); spill dirs of
+    processes that no longer run (killed searches) are removed."""
+    for d in parent.glob(SPILL_PREFIX + "*") if parent.is_dir() else ():
+        pid = d.name[len(SPILL_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return parent / f"{SPILL_PREFIX}{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

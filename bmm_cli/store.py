@@ -11,6 +11,7 @@ tokenizer files copied from the base, a model card; every file atomic, the direc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -515,13 +516,121 @@ def check_output_dir(out: Path, *, force: bool, inputs: dict[str, Path] | None =
         raise InputError(f"--out {out} exists and is not a bmm output; choose another path or pass --force to replace it")
 
 
+class _ShardStream:
+    """One output shard written as its tensors arrive: the safetensors header first (from the known shapes and
+    dtypes), then each tensor's bytes appended in header order, into a temp file renamed onto the shard's name
+    (fsynced) once the last tensor is in. A tensor that arrives before its turn waits in memory until the ones
+    before it are written, so a producer that follows the layout order holds one tensor at a time.
+
+    Layout, as ``safetensors.torch.save_file`` lays files out: tensors grouped by element size, largest first
+    (every offset is then aligned to its dtype), contiguous offsets from 0, the header JSON compact with
+    ``__metadata__`` first and space-padded to a multiple of 8 bytes. Within a group the order is the caller's
+    (the order tensors are produced) where save_file sorts by dtype, then name; for input given in that order the
+    bytes are save_file's.
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        order = sorted(range(len(layout)), key=lambda i: -_itemsize(layout[i][2]))  # stable: caller's order kept
+        self.keys = [layout[i][0] for i in order]
+        head: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        self.nbytes: dict[str, int] = {}
+        offset = 0
+        for i in order:
+            key, shape, dt = layout[i]
+            n = _numel(shape) * _itemsize(dt)
+            head[key] = {"dtype": DTYPE_NAMES[dt], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+            self.nbytes[key] = n
+            offset += n
+        raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.header = struct.pack("<Q", len(raw)) + raw
+        self.size = len(self.header) + offset
+        self._next = 0
+        self._waiting: dict[str, torch.Tensor] = {}
+        self._ctx = None
+        self._fh = None
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.keys)
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if t.numel() * t.element_size() != self.nbytes[key]:
+            raise ValueError(f"{self.path.name}: tensor {key!r} has {t.numel() * t.element_size()} bytes, "
+                             f"the header says {self.nbytes[key]}")
+        if self._fh is None:
+            self._ctx = atomic.atomic_path(self.path)
+            tmp = self._ctx.__enter__()
+            self._guard(lambda: self._open(tmp))
+        self._waiting[key] = t
+        self._guard(self._drain)
+
+    def _open(self, tmp: Path) -> None:
+        self._fh = open(tmp, "wb")
+        self._fh.write(self.header)
+
+    def _drain(self) -> None:
+        while self._next < len(self.keys) and self.keys[self._next] in self._waiting:
+            data = self._waiting.pop(self.keys[self._next]).reshape(-1).view(torch.uint8)
+            if data.numel():
+                self._fh.write(memoryview(data.numpy()))
+            del data
+            self._next += 1
+        self._fh.flush()  # in the file, not in a buffer of ours
+        if self.complete:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._fh.close()
+        ctx, self._ctx, self._fh = self._ctx, None, None
+        ctx.__exit__(None, None, None)  # fsync, rename onto the shard's name, fsync the directory
+
+    def _guard(self, step) -> None:
+        """Run a write step; on any error remove the temp file (a full disk becomes the one-line DiskFullError)."""
+        try:
+            step()
+        except BaseException as exc:
+            ctx, fh = self._ctx, self._fh
+            self._ctx, self._fh, self._waiting = None, None, {}
+            if fh is not None:
+                with contextlib.suppress(OSError):
+                    fh.close()
+            if ctx is not None:
+                ctx.__exit__(type(exc), exc, exc.__traceback__)  # raises DiskFullError for ENOSPC / EDQUOT
+            raise
+
+    def abort(self) -> None:
+        """Drop the temp file of an unfinished shard (an error elsewhere: the writer will not complete)."""
+        if self._ctx is not None:
+            with contextlib.suppress(_Aborted):
+                self._guard(_abort)
+        self._waiting = {}
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _abort() -> None:
+    raise _Aborted()
+
+
+def _itemsize(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
 class ModelWriter:
     """Streams tensors into an HF-layout directory; the directory appears under its final name only when complete.
 
-    Tensors may arrive in any order; each output shard is written (atomically) as soon as all of its tensors have
-    arrived, so memory holds at most the shards in progress. Files go to a staging directory next to ``out``; shards
-    already completed there by an interrupted run with the same plan are kept (resume), and ``close`` swaps the
-    staging directory in place of ``out`` (the previous output stays intact until that instant).
+    ``entries`` (key, shape, dtype) fix the layout up front: shards are planned greedily in the entries' order
+    and every shard file is streamed (:class:`_ShardStream`): its header is written first and each tensor goes to
+    disk as it arrives, so memory holds one tensor (plus those that arrive before their turn, when the producer
+    does not follow the entries' order). List the entries in the order they will be produced. A finished shard
+    is fsynced and renamed; files go to a staging directory next to ``out``; shards already completed there by an
+    interrupted run with the same plan are kept (resume), and ``close`` swaps the staging directory in place of
+    ``out`` (the previous output stays intact until that instant).
 
     With a non-empty ``plan_id`` (what the content depends on) and no ``force``, an ``out`` written by the same plan
     and still sound is *current*: every shard counts as done and nothing is rewritten.
@@ -547,12 +656,14 @@ class ModelWriter:
         check_output_dir(self.out, force=force)
         self.dtypes = {k: dt for k, _, dt in entries}
         self.numel = {k: _numel(shape) for k, shape, _ in entries}
-        sized = [(k, _numel(shape) * torch.empty((), dtype=dt).element_size()) for k, shape, dt in entries]
+        shapes = {k: tuple(shape) for k, shape, _ in entries}
+        sized = [(k, _numel(shape) * _itemsize(dt)) for k, shape, dt in entries]
         self.shards = plan_shards(sized, max_shard_size)
         self.shard_of = {k: sh for sh in self.shards for k in sh.keys}
-        self.pending: dict[str, dict[str, torch.Tensor]] = {sh.name: {} for sh in self.shards}
         self.copy_from = copy_from
         self.staging = self.out.parent / f".{self.out.name}.bmm-partial"
+        self.streams = {sh.name: _ShardStream(self.staging / sh.name, [(k, shapes[k], self.dtypes[k]) for k in sh.keys],
+                                              metadata={"format": "pt"}) for sh in self.shards}
         plan_hash = hashlib.sha256(
             json.dumps([plan_id, [(sh.name, sh.keys) for sh in self.shards],
                         [(k, str(self.dtypes[k])) for k in self.dtypes]]).encode()).hexdigest()
@@ -604,12 +715,16 @@ class ModelWriter:
             return
         t = tensor.detach().to(device="cpu", dtype=self.dtypes[key]).contiguous()
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            self.abort()
             raise NumericError(f"merged tensor {key!r} has NaN/Inf values; refusing to write it")
-        self.pending[sh.name][key] = t
-        if len(self.pending[sh.name]) == len(sh.keys):
-            tensors = self.pending.pop(sh.name)
-            save_tensors(self.staging / sh.name, {k: tensors[k] for k in sh.keys}, metadata={"format": "pt"})
-            self.pending[sh.name] = {}
+        stream = self.streams[sh.name]
+        try:
+            stream.add(key, t)
+        except BaseException:
+            self.abort()
+            raise
+        del t
+        if stream.complete:
             self.done.add(sh.name)
             self._write_progress()
             faults.hit("write.shard")
@@ -623,6 +738,11 @@ class ModelWriter:
                     count[self.dtypes[k]] = count.get(self.dtypes[k], 0) + self.numel[k]
         return max(count, key=count.get) if count else None
 
+    def abort(self) -> None:
+        """Remove the temp files of unfinished shards (finished ones stay for a resume)."""
+        for st in self.streams.values():
+            st.abort()
+
     def close(self, *, recipe: dict, card: str) -> Path:
         if self.current:
             from .progress import info
@@ -631,7 +751,9 @@ class ModelWriter:
             return self.out
         missing = [sh.name for sh in self.shards if sh.name not in self.done]
         if missing:
-            absent = [k for k in self.shard_of if self.shard_of[k].name in missing and k not in self.pending[self.shard_of[k].name]]
+            st = self.streams[missing[0]]
+            absent = [k for k in st.keys[st._next:] if k not in st._waiting]
+            self.abort()
             raise RuntimeError(f"output incomplete: shard {missing[0]} lacks tensor {absent[0] if absent else '?'}")
         if len(self.shards) > 1:
             total = sum(sh.nbytes for sh in self.shards)

@@ -364,7 +364,7 @@ def _lams_scales(mods):
 def test_trial_solver_equals_per_module_direct_solves(tmp_path, spill):
     mods = _model()
     lams, scales = _lams_scales(mods)
-    solver = TrialSolver("cpu", spill_dir=tmp_path / "spill" if spill else None)
+    solver = TrialSolver("cpu", spill_dir=tmp_path / "spill", host_budget_bytes=0 if spill else None)
     base = {}
     for i, (key, (st, U0, W, b)) in enumerate(mods.items()):
         f = factorize(st.G_hat, st.B_hat, U0, dtype=F64)
@@ -462,19 +462,49 @@ def test_tf32_flag_is_scoped():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("budget", [None, 0])  # everything resident / everything streamed on the side stream
-def test_trial_solver_cuda_matches_cpu(budget):
+@pytest.mark.parametrize("budget,where", [(None, "device"), (0, "host"), (0, "disk")])  # resident / streamed
+def test_trial_solver_cuda_matches_cpu(budget, where, tmp_path):                # from pinned host / spilled
     mods = _model(dtype=torch.float32, n_blocks=4)
     lams, scales = _lams_scales(mods)
-    cpu, gpu = TrialSolver("cpu"), TrialSolver("cuda", budget_bytes=budget)
+    cpu = TrialSolver("cpu")
+    gpu = TrialSolver("cuda", budget_bytes=budget, host_budget_bytes=0 if where == "disk" else None,
+                      spill_dir=tmp_path / "spill")
     for key, (st, U0, W, b) in mods.items():
         f = factorize(st.G_hat.float(), st.B_hat.float(), None if U0 is None else U0.float())
         cpu.add(key, f, W, block=b)
         gpu.add(key, f.to("cuda"), W.cuda(), block=b)
-    assert gpu.plan()["where"] == ({"device": 4} if budget is None else {"host": 4})
+    assert gpu.plan()["where"] == {where: 4}
     want = dict(cpu.solve(lams, scales))
     got = list(gpu.solve(lams, scales))
     assert [k for k, _ in got] == list(want)
     for key, W in got:
         assert W.device.type == "cpu" and W.dtype == torch.float32
         torch.testing.assert_close(W, want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_trial_solver_host_budget(tmp_path):
+    """Blocks fill the host budget in order, the rest go to disk; an explicit budget without a spill dir is an
+    error naming the block; the results do not depend on the placement."""
+    mods = _model()
+    lams, scales = _lams_scales(mods)
+
+    def build(**kw):
+        s = TrialSolver("cpu", **kw)
+        for key, (st, U0, W, b) in mods.items():
+            s.add(key, factorize(st.G_hat, st.B_hat, U0, dtype=F64), W, block=b)
+        return s
+
+    ref = build()
+    one = ref.plan()["max_block_bytes"]
+    want = dict(ref.solve(lams, scales))
+    s = build(host_budget_bytes=2 * one, spill_dir=tmp_path / "spill")
+    plan = s.plan()
+    assert plan["where"] == {"device": 2, "disk": 1} and plan["host_bytes"] <= 2 * one
+    assert plan["budget_source"]["host"] == "given" and plan["host_budget_bytes"] == 2 * one
+    got = dict(s.solve(lams, scales))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    s.close()
+    with pytest.raises(InputError, match="block 1 .* does not fit the host memory budget"):
+        build(host_budget_bytes=one).plan()
+    with pytest.raises(InputError, match="host_budget_bytes must be >= 0"):
+        TrialSolver("cpu", host_budget_bytes=-1)

@@ -225,3 +225,73 @@ def test_output_config_names_the_written_dtype(family, tmp_path, dtype):
     # without --dtype the config is copied as it was (the base's dtype is the written one)
     merge(str(base), [str(e) for e in experts], tmp_path / "same", work=tmp_path / "w", device="cpu")
     assert (tmp_path / "same" / "config.json").read_bytes() == (base / "config.json").read_bytes()
+
+
+def _save_file_order(tensors):
+    """The order safetensors.torch.save_file lays tensors out: by dtype (its enum, descending), then by name."""
+    rank = {torch.int64: 0, torch.float64: 1, torch.float32: 2, torch.bfloat16: 3, torch.float16: 4}
+    return sorted(tensors, key=lambda k: (rank[tensors[k].dtype], k))
+
+
+def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, family):
+    """A streamed output shard (header first from the planned shapes, data appended as tensors arrive, in any
+    order) has save_file's bytes when the entries come in save_file's order; it loads with safetensors."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.layers.0.w": torch.randn(5, 3, generator=g),
+        "model.layers.10.w": torch.randn(7, generator=g).to(torch.bfloat16),  # odd byte count before F16
+        "model.layers.2.w": torch.randn(3, 3, generator=g).to(torch.float16),
+        "embed.position_ids": torch.arange(6).reshape(1, 6),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "norm.weight": torch.randn(4, generator=g),
+    }
+    b, _ = family("bert")
+    order = _save_file_order(tensors)
+    out = tmp_path / "out"
+    w = ModelWriter(out, [(k, tuple(tensors[k].shape), tensors[k].dtype) for k in order], max_shard_size=1 << 20,
+                    copy_from=b)
+    for k in reversed(order):  # every tensor but the last waits for its turn
+        w.add(k, tensors[k])
+    w.close(recipe={"base": "x"}, card="# card")
+    save_file({k: tensors[k] for k in order}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        for k, v in tensors.items():
+            assert torch.equal(fh.get_tensor(k), v), k
+
+
+def test_model_writer_streams_each_tensor_to_its_shard(tmp_path, family):
+    """Tensors produced in the entries' order go to disk as they arrive (nothing held back); one that comes
+    early waits only until the tensors before it are in; a shard appears under its name only when complete."""
+    b, _ = family("bert")
+    tensors = {f"t{i}": torch.full((8, 8), float(i)) for i in range(4)}
+    out = tmp_path / "out"
+    w = ModelWriter(out, _entries(tensors), max_shard_size=1 << 20, copy_from=b)
+    staging = tmp_path / ".out.bmm-partial"
+    st = w.streams["model.safetensors"]
+    w.add("t0", tensors["t0"])
+    w.add("t1", tensors["t1"])
+    temp = [p for p in staging.iterdir() if p.name.endswith(".tmp")]
+    assert len(temp) == 1 and temp[0].stat().st_size == len(st.header) + 2 * 256
+    assert not st._waiting and not (staging / "model.safetensors").exists()
+    w.add("t3", tensors["t3"])  # before its turn: held
+    assert list(st._waiting) == ["t3"] and temp[0].stat().st_size == len(st.header) + 2 * 256
+    w.add("t2", tensors["t2"])
+    assert not st._waiting and (staging / "model.safetensors").exists() and not temp[0].exists()
+    w.close(recipe={"base": "x"}, card="# card")
+    c = Checkpoint.open(out)
+    assert all(torch.equal(c.get(k), v) for k, v in tensors.items())
+
+
+def test_model_writer_error_leaves_no_temp_file(tmp_path, family):
+    b, _ = family("bert")
+    tensors = {"a": torch.ones(4, 4), "b": torch.ones(4, 4)}
+    out = tmp_path / "out"
+    w = ModelWriter(out, _entries(tensors), max_shard_size=1 << 20, copy_from=b)
+    w.add("a", tensors["a"])
+    with pytest.raises(NumericError, match="'b' has NaN"):
+        w.add("b", torch.full((4, 4), float("nan")))
+    assert not [p for p in (tmp_path / ".out.bmm-partial").iterdir() if p.name.endswith(".tmp")]
+    assert not out.exists()

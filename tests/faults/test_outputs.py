@@ -17,7 +17,8 @@ from ._util import assert_stage_equal, bmm_inproc, bmm_ok, model_bytes, tmp_file
 
 
 def _enospc_at(monkeypatch, n):
-    """store.save_file fails with ENOSPC at its n-th call, after writing half of the file (a partial write)."""
+    """The n-th file written (by store.save_file or as a streamed model shard) fails with ENOSPC after half of it
+    was written (a partial write)."""
     real = store.save_file
     calls = {"n": 0}
 
@@ -30,6 +31,16 @@ def _enospc_at(monkeypatch, n):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(store, "save_file", flaky)
+    real_finish = store._ShardStream._finish  # model shards are streamed, not written by save_file
+
+    def flaky_finish(stream):
+        calls["n"] += 1
+        if calls["n"] == n:
+            stream._fh.truncate(stream._fh.tell() // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stream.path))
+        real_finish(stream)
+
+    monkeypatch.setattr(store._ShardStream, "_finish", flaky_finish)
 
 
 def _loadable(d, ref_dir):
