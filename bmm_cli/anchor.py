@@ -8,6 +8,7 @@ merge). Methods live in ``bmm_cli/anchors/``; this module only streams tensors i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -92,10 +93,7 @@ def anchor(
     inputs: dict = {"taskvec": proj.fingerprint}
     ext = None
     if m.needs_external:
-        ext = Checkpoint.open(external, role="anchor model")
-        for key, meta in proj.base.meta.items():
-            if key not in ext.meta or ext.meta[key].shape != meta.shape:
-                raise InputError(f"anchor model {ext.root}: tensor {key!r} is missing or has another shape than the base")
+        ext = _open_external(external, proj.base)
         inputs["external"] = ext.fingerprint()
     grams = None
     if m.needs_data_grams:
@@ -123,10 +121,7 @@ def anchor(
         tensors = {}
         for key in track(proj.plan.others, f"anchor {m.name}: other tensors"):
             base, taus = proj.other_taus(key)
-            if ext is not None and base.is_floating_point():
-                tensors[key] = ext.get(key).float()
-            else:
-                tensors[key] = other_value(m, others, key, base, taus, o, state)
+            tensors[key] = _other_full(m, o, state, others, key, base, taus, ext)
         stage.write(OTHERS, tensors)
     stage.finish(method=m.name, options=options_dict(o))
     res = {"stage": stage.name, "dir": str(stage.dir), "method": m.name, "options": options_dict(o),
@@ -140,31 +135,42 @@ def anchor(
     return res
 
 
+def _open_external(external: str, base: Checkpoint) -> Checkpoint:
+    ext = Checkpoint.open(external, role="anchor model")
+    for key, meta in base.meta.items():
+        if key not in ext.meta or ext.meta[key].shape != meta.shape:
+            raise InputError(f"anchor model {ext.root}: tensor {key!r} is missing or has another shape than the base")
+    return ext
+
+
+def _module_u0(m: AnchorMethod, o, state, dev, ref, taus: torch.Tensor, base: torch.Tensor, grams, ext) -> torch.Tensor:
+    """U0 of one solvable module from its [T, d_out, d_in] task vectors, as the stage stores it (fp32, CPU)."""
+    inp = ModuleInput(key=ref.key, taus=taus, base=base, grams=grams,
+                      external=to_linear(ref, ext.get(ref.key)).float() if ext is not None else None)
+    return m.module(inp, o, state, dev).float().cpu().contiguous()
+
+
+def _other_full(m: AnchorMethod, o, state, others: str, key: str, base: torch.Tensor, taus: torch.Tensor, ext):
+    """The merged full value of one "other" tensor (what the stage's others shard stores)."""
+    if ext is not None and base.is_floating_point():
+        return ext.get(key).float()
+    return other_value(m, others, key, base, taus, o, state)
+
+
 def _anchor_block(proj: Project, blk: Block, m: AnchorMethod, o, state, stage: Stage, dev, grams, ext) -> None:
     reader = proj.reader(blk)
     greader = grams(blk) if grams is not None else None
     out = {}
     for ref in blk.modules:
-        inp = ModuleInput(
-            key=ref.key,
-            taus=proj.taus(blk, ref, reader),
-            base=proj.base_linear(ref),
-            grams=greader(ref.key) if greader is not None else None,
-            external=to_linear(ref, ext.get(ref.key)).float() if ext is not None else None,
-        )
-        out[ref.key] = m.module(inp, o, state, dev).float().cpu().contiguous()
+        g = greader(ref.key) if greader is not None else None
+        out[ref.key] = _module_u0(m, o, state, dev, ref, proj.taus(blk, ref, reader), proj.base_linear(ref), g, ext)
     stage.write(blk.shard, out)
 
 
 def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | None, max_shard_size: int,
                        recipe: dict, force: bool) -> Path:
     """W = W_pre + U0 for solvable modules, the stage's others for the rest, in the base's dtypes."""
-    from .store import parse_dtype
-
-    out_dt = parse_dtype(dtype) if dtype else None
-    entries = [(k, meta.shape, _out_dtype(proj.base, k, out_dt)) for k, meta in proj.base.meta.items()]
-    writer = ModelWriter(Path(out), entries, max_shard_size=max_shard_size, copy_from=proj.base.root, force=force,
-                         plan_id=stage.id, inputs=proj.inputs())
+    writer = _model_writer(proj.base, out, dtype, max_shard_size, force, stage.id, proj.inputs())
     for blk in track(proj.plan.blocks, "write anchor model"):
         r = stage.read(blk.shard)
         for ref in blk.modules:
@@ -176,7 +182,21 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
     for key in proj.plan.others:
         if not writer.shard_done(key):
             writer.add(key, r.get(key))
-    full = {"tool": f"bmm {__version__}", "base": str(proj.base.root), "experts": [str(e.root) for e in proj.experts],
+    return _close_model(writer, proj.base, proj.experts, recipe)
+
+
+def _model_writer(base: Checkpoint, out: Path, dtype: str | None, max_shard_size: int, force: bool, plan_id: str,
+                  inputs: dict[str, Path]) -> ModelWriter:
+    from .store import parse_dtype
+
+    out_dt = parse_dtype(dtype) if dtype else None
+    entries = [(k, meta.shape, _out_dtype(base, k, out_dt)) for k, meta in base.meta.items()]
+    return ModelWriter(Path(out), entries, max_shard_size=max_shard_size, copy_from=base.root, force=force,
+                       plan_id=plan_id, inputs=inputs)
+
+
+def _close_model(writer: ModelWriter, base: Checkpoint, experts: list[Checkpoint], recipe: dict) -> Path:
+    full = {"tool": f"bmm {__version__}", "base": str(base.root), "experts": [str(e.root) for e in experts],
             "merge": "anchor", **recipe}
     return writer.close(recipe=full, card=model_card({"title": f"{recipe['method']} merge", **full}))
 
@@ -186,6 +206,81 @@ def _out_dtype(base: Checkpoint, key: str, override: torch.dtype | None) -> torc
 
     dt = DTYPES[base.meta[key].dtype]
     return override if (override is not None and dt.is_floating_point) else dt
+
+
+def anchor_direct(
+    base: str,
+    experts: list[str],
+    method: str,
+    opts: list[str] | None = None,
+    *,
+    materialize: Path,
+    others: str = "anchor",
+    external: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    allow_dtype_mismatch: bool = False,
+) -> dict:
+    """The anchor merge written straight from the checkpoints, without a work directory (``bmm anchor --base B
+    --experts E... --method ta --materialize OUT``): ``W_t − W_pre`` is formed per tensor as it is read, as
+    mergekit does, so no fp32 task-vector stage and no anchor stage go to disk. TIES / DARE-TIES stream their exact
+    global threshold with extra read passes over the checkpoints. The output is byte-identical to
+    ``bmm taskvec`` + ``bmm anchor --materialize`` (same tensors, same arithmetic, same order of reductions)."""
+    from .taskvec import open_inputs
+
+    t0 = time.perf_counter()
+    m = get_method(method)
+    o = parse_options(m, opts or [])
+    if others not in OTHER_RULES:
+        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
+    if m.needs_data_grams:
+        raise InputError(f"anchor {m.name} needs data Grams: run it with a work directory (bmm merge --calib ...)")
+    if m.needs_external and not external:
+        raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    max_size = parse_size(max_shard_size)
+    dev = resolve_device(device)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    ext = _open_external(external, b) if m.needs_external else None
+    refs = {r.key: r for r in plan.modules}
+
+    def taus_of(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, [T, ...] task vectors) of one tensor; solvable modules in [d_out, d_in] as the taskvec stage."""
+        ref = refs.get(key)
+        if ref is None:
+            return Project.other_taus_of(b, es, key)
+        w0 = b.get(key).float()
+        return to_linear(ref, w0), torch.stack([to_linear(ref, e.get(key).float() - w0) for e in es])
+
+    def iter_all() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, meta in b.meta.items():
+            if meta.is_float:
+                yield key, taus_of(key)[1]
+
+    recipe = {"method": m.name, "options": options_dict(o)}
+    plan_id = hashlib.sha256(json.dumps({
+        "base": b.fingerprint(), "experts": [e.fingerprint() for e in es], **recipe, "others": others,
+        "external": ext.fingerprint() if ext is not None else None}, sort_keys=True).encode()).hexdigest()
+    roles = {"base model": b.root, **{f"expert {i + 1}": e.root for i, e in enumerate(es)}}
+    writer = _model_writer(b, materialize, dtype, max_size, force, plan_id, roles)
+    state = None
+    if m.needs_global_pass and not writer.current:
+        info(f"bmm: {m.name}: global pass over all tensors")
+        state = json.loads(json.dumps(m.prepare(o, iter_all, len(es), dev)))  # as the stage keeps it
+    for key in track(list(b.meta), f"anchor {m.name} -> {materialize}"):
+        if writer.shard_done(key):
+            continue
+        base_v, taus = taus_of(key)
+        ref = refs.get(key)
+        if ref is not None:
+            u0 = _module_u0(m, o, state, dev, ref, taus, base_v, None, ext)
+            writer.add(key, from_linear(ref, base_v + u0))
+        else:
+            writer.add(key, _other_full(m, o, state, others, key, base_v, taus, ext))
+    out = _close_model(writer, b, es, recipe)
+    return {"model": str(out), "method": m.name, "options": options_dict(o), "blocks": len(plan.blocks),
+            "streamed": True, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 class AnchorStage:

@@ -18,7 +18,7 @@ import typer
 
 from . import __version__
 from .defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
-from .errors import BmmError
+from .errors import BmmError, InputError
 from .progress import set_quiet
 
 app = typer.Typer(
@@ -167,11 +167,14 @@ class OthersRule(str, Enum):
 
 @app.command()
 def anchor(
-    work: Path = WORK_OPT,
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory holding the stages (omit it with "
+                                        "--base/--experts/--materialize to merge straight from the checkpoints)."),
     method: AnchorName = typer.Option(..., "--method", "-m", help="Anchor merge method."),
     opt: List[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt k=0.2."),
     materialize: Optional[Path] = typer.Option(None, "--materialize",
                                                help="Also write the anchor merge itself as a model directory."),
+    base: Optional[str] = typer.Option(None, "--base", "-b", help="Without --work: the base model."),
+    experts: List[str] = typer.Option([], "--experts", "-e", help="Without --work: the experts."),
     model: Optional[str] = typer.Option(None, "--model", help="The merged checkpoint for --method external."),
     others: OthersRule = typer.Option(OthersRule.anchor, "--others",
                                       help="Rule for non-solved tensors: the anchor's own, base, or mean."),
@@ -181,10 +184,25 @@ def anchor(
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Stage 2: the anchor U0 of every solvable module (and the merged other tensors); --materialize writes it."""
+    """Stage 2: the anchor U0 of every solvable module (and the merged other tensors); --materialize writes it.
+
+    Without --work (give --base, --experts and --materialize) the anchor merge is streamed straight from the
+    checkpoints, W_t - W_pre per tensor, with nothing else written to disk."""
     from .anchor import anchor as run
+    from .anchor import anchor_direct
     from .stage import work_lock
 
+    if work is None:
+        if not base or not experts or materialize is None:
+            raise InputError("bmm anchor: give --work DIR, or --base, --experts and --materialize OUT to merge "
+                             "straight from the checkpoints")
+        res = anchor_direct(base, experts, method.value, opt, materialize=materialize, others=others.value,
+                            external=model, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+        _emit(res, as_json, lambda r: r["model"])
+        return
+    if base or experts:
+        raise InputError("bmm anchor: --base/--experts are read from the work dir's taskvec stage; drop them or "
+                         "drop --work to merge straight from the checkpoints")
     with work_lock(work, create=False):
         res = run(work, method.value, opt, materialize=materialize, others=others.value, external=model,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)

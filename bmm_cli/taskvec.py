@@ -78,11 +78,15 @@ class Project:
 
     def other_taus(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, [T, ...] task vectors) of an "other" tensor, read from the checkpoints (fp32 for floats)."""
-        b = self.base.get(key)
+        return self.other_taus_of(self.base, self.experts, key)
+
+    @staticmethod
+    def other_taus_of(base: Checkpoint, experts: list[Checkpoint], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        b = base.get(key)
         if not b.is_floating_point():
             return b, torch.zeros((0,) + tuple(b.shape), dtype=b.dtype)
         b = b.float()
-        return b, torch.stack([e.get(key).float() - b for e in self.experts])
+        return b, torch.stack([e.get(key).float() - b for e in experts])
 
 
 def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False) -> tuple[Checkpoint, list[Checkpoint], Plan]:

@@ -33,13 +33,15 @@ _bmm() {
                 --method|-m) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
                 --opt) return;;
                 --materialize) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --model) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --others) COMPREPLY=( $(compgen -W "anchor base mean" -- "$cur") ); return;;
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
             esac
-            COMPREPLY=( $(compgen -W "--work -w --method -m --opt --materialize --model --others --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--work -w --method -m --opt --materialize --base -b --experts -e --model --others --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
         gram)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

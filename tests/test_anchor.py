@@ -121,3 +121,44 @@ def test_changed_options_are_refused(prepared):
         anchor(work, "ta", ["lam=0.5"])
     with pytest.raises(InputError, match="unknown option"):
         anchor(work, "ta", ["lamda=0.5"])
+
+
+@pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare-ties", "tsv"])
+def test_direct_equals_taskvec_stage_path(prepared, tmp_path, method):
+    """No work dir: W_t − W_pre streamed per tensor gives the same bytes as taskvec + anchor --materialize."""
+    from bmm_cli.anchor import anchor_direct
+
+    base, experts, work = prepared
+    opts = []  # the shared work dir's stages were made with the defaults
+    staged = tmp_path / "staged"
+    anchor(work, method, opts, materialize=staged, dtype="bfloat16", force=True)
+    direct = tmp_path / "direct"
+    res = anchor_direct(str(base), [str(e) for e in experts], method, opts, materialize=direct, dtype="bfloat16")
+    assert res["model"] == str(direct) and res["streamed"]
+    assert not (tmp_path / "direct.bmm-work").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "direct", "staged"]
+    a, b = Checkpoint.open(staged), Checkpoint.open(direct)
+    assert list(a.meta) == list(b.meta)
+    for k in a.meta:
+        x, y = a.get(k), b.get(k)
+        assert x.dtype == y.dtype and torch.equal(x, y), (method, k)
+
+
+def test_direct_cli_needs_base_experts_and_out(prepared, tmp_path, capsys):
+    from bmm_cli.cli import main
+
+    def bmm(*args):
+        with pytest.raises(SystemExit) as e:
+            main(list(args))
+        return e.value.code
+
+    base, experts, _ = prepared
+    es = [str(e) for e in experts]
+    out = tmp_path / "ta"
+    assert bmm("anchor", "--method", "ta", "--base", str(base), "--experts", *es, "--materialize", str(out)) in (0, None)
+    assert (out / "config.json").exists()
+    assert bmm("anchor", "--method", "ta", "--base", str(base)) == 2
+    assert "--materialize" in capsys.readouterr().err
+    rm = tmp_path / "rm"
+    assert bmm("anchor", "--method", "regmean", "--base", str(base), "--experts", *es, "--materialize", str(rm)) == 2
+    assert "data Grams" in capsys.readouterr().err and not rm.exists()

@@ -11,9 +11,11 @@ Per 2-D module with T task vectors ``τ_t = U_t S_t V_tᵀ`` (thin SVD):
 The reference pads the stacks with zero columns up to min(d_out, d_in); the zero columns meet zero entries of S,
 so the result is the same. When ``T·r`` exceeds ``d_out`` (or ``d_in``) the stack is wider than tall and its polar
 factor has orthonormal rows instead of columns (the nearest partial isometry); ``U0`` stays well defined.
-Triplets with a numerically zero singular value (``s <= s_max(τ_t)·max(d)·eps``, only for rank-deficient τ_t such
-as LoRA experts) are dropped before stacking: their vectors are an arbitrary basis of a null space and would only
-perturb the orthogonalization (the reference keeps them).
+Triplets whose singular value is a numerical zero decided in float64 (``s <= s_max(τ_t)·max(d)·eps_fp64``, see
+``_spectral``; only exactly rank-deficient τ_t) are dropped before stacking: their vectors are an arbitrary basis
+of a null space and would only perturb the orthogonalization (the reference keeps them). The leading triplets come
+from a guarded Rayleigh-Ritz step on the Gram's leading eigenvectors when r is well below min(d), else from the
+SVD in its faster orientation.
 Other tensors: ``W_pre + mean τ``.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ._spectral import null_tol, polar_factor
+from ._spectral import leading_triplets, polar_factor
 from .base import AnchorMethod, ModuleInput, opt
 from .ta import check_lam
 
@@ -40,13 +42,10 @@ def tsv_merge(taus: torch.Tensor) -> torch.Tensor:
     r = tsv_rank(d_out, d_in, T)
     us, ss, vs = [], [], []
     for t in range(T):
-        u, s, vh = torch.linalg.svd(taus[t], full_matrices=False)
-        if s.numel() == 0:
-            continue
-        keep = s[:r] > null_tol(s[0], (d_out, d_in), taus.dtype)
-        us.append(u[:, :r][:, keep])
-        ss.append(s[:r][keep])
-        vs.append(vh[:r][keep])
+        u, s, vh = leading_triplets(taus[t], r, ritz=True)
+        us.append(u)
+        ss.append(s)
+        vs.append(vh)
     u_all = torch.cat(us, dim=1)
     if u_all.shape[1] == 0:
         return torch.zeros_like(taus[0])

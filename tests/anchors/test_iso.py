@@ -55,15 +55,15 @@ def test_iso_cts_split_rule():
     assert iso_cts_split(768, 768, 8, 0.8) == (19, 616)
     assert iso_cts_split(4096, 14336, 8, 0.8) == (102, 3280)  # 820/8 = 102.5
     assert iso_cts_split(4096, 14336, 8, 0.8, "round") == (102, 3280)  # half to even, as Python's round
-    assert iso_cts_split(768, 3072, 20, 0.8) == (7, 628)  # 154/20 = 7.7
-    assert iso_cts_split(768, 3072, 20, 0.8, "round") == (8, 608)  # the reference code
+    assert iso_cts_split(768, 3072, 20, 0.8) == (8, 608)  # 154/20 = 7.7, rounded as the reference code
+    assert iso_cts_split(768, 3072, 20, 0.8, "floor") == (7, 628)
     assert iso_cts_split(16, 16, 12, 0.8) == (1, 4)  # (16-12)/12 < 1: one direction per task
     assert iso_cts_split(5, 8, 7, 0.8) == (1, 0)  # more tasks than directions: no common subspace
 
 
-def _reference_iso_cts(taus, frac=0.8, split="floor"):
-    """Alg. 1 of Marczak et al. 2025 as the reference code runs it (≥ 1 direction per task; the reference code
-    rounds where design.md floors)."""
+def _reference_iso_cts(taus, frac=0.8, split="round"):
+    """Alg. 1 of Marczak et al. 2025 as the reference code runs it (≥ 1 direction per task; ``floor`` is the
+    optional split)."""
     T, d_out, d_in = taus.shape
     r = min(d_out, d_in)
     q = (r - math.floor(frac * r)) / T
@@ -107,6 +107,16 @@ def test_iso_cts_spans_common_and_task_subspaces_with_flat_spectrum(gen, T, d_ou
     torch.testing.assert_close(proj @ U, U, rtol=0, atol=1e-11)
     k_t, k_c = iso_cts_split(d_out, d_in, T, 0.8)
     assert U.shape[1] == T * k_t + k_c == r
+
+
+def test_iso_cts_default_split_is_the_reference_rounding():
+    """fusion-bench at r = 384, T = 3 (MiniLM): k_t = round((384 - 307) / 3) = 26, k_c = 306; floor gives 25/309."""
+    assert iso_cts_split(384, 384, 3, 0.8) == (26, 306)
+    assert iso_cts_split(384, 1536, 3, 0.8, "round") == (26, 306)
+    assert iso_cts_split(384, 384, 3, 0.8, "floor") == (25, 309)
+    m = get_method("iso-cts")
+    assert parse_options(m, []).split == "round"
+    assert parse_options(m, ["split=floor"]).split == "floor"
 
 
 def test_iso_cts_one_task_is_iso_c(gen):
