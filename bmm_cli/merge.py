@@ -51,6 +51,8 @@ def merge(
     max_shard_size: str = "5GB",
     allow_dtype_mismatch: bool = False,
     force: bool = False,
+    eval_cmd: str | None = None,
+    trials: int = 30,
 ) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
@@ -67,6 +69,10 @@ def merge(
             raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
         parse_calib(calib, experts)
     resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    if eval_cmd is not None:
+        from .search.command import check_merge_eval
+
+        check_merge_eval(eval_cmd, trials, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon)
     b, es, _ = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
     check_output_dir(out, force=force, inputs={"base model": b.root, "work directory": work,
                                                **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
@@ -82,9 +88,15 @@ def merge(
                                           batch_size=batch_size, device=device, force=force)
     stages["anchor"] = run_anchor(work, method.name, anchor_opts, others=others, external=anchor_model,
                                   device=device, force=force)
-    res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
-                    epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                    force=force)
+    if eval_cmd is None:
+        res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
+                        epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                        force=force)
+    else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
+        from .search import search as run_search
+
+        res = run_search(work, method.name, gram, eval_cmd, out=out, trials=trials, blocks=blocks, device=device,
+                         dtype=dtype, max_shard_size=max_shard_size, force=force)
     res["work"] = str(work)
     res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
     res["seconds"] = round(time.perf_counter() - t0, 3)

@@ -134,6 +134,20 @@ def _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include) -> tu
             {"lm_eval": {"tasks": tasks, "limit": lm_eval_limit, "include": include}})
 
 
+def check_merge_eval(eval_cmd: str, trials: int, *, params_file=None, lam=None, scale=None, epsilon=None) -> None:
+    """``bmm merge --eval``'s options, checked in merge's preflight (before any stage runs)."""
+    from bmm_cli.hooks import render_command
+
+    if params_file is not None or lam is not None or scale is not None or epsilon is not None:
+        raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
+                         "(or drop --eval to merge with them)")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise InputError(f"--trials must be an integer >= 1, got {trials!r}")
+    if not str(eval_cmd).strip():
+        raise InputError("--eval: the evaluation command is empty")
+    render_command(eval_cmd, {"model": "m", "trial": "0", "workdir": "w", "evaldir": "e"})
+
+
 def search(
     work: str | os.PathLike,
     anchor: str,

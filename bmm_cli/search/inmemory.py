@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,12 +34,15 @@ def load_scorer(spec: str) -> Callable:
         if not path.is_file():
             raise InputError(f"--eval-py {spec!r}: file {path} not found")
         mod_name = "bmm_eval_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        mspec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(mspec)
-        try:
-            mspec.loader.exec_module(module)
-        except Exception as exc:
-            raise InputError(f"--eval-py {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        module = sys.modules.get(mod_name)  # imported once per process (the preflight check and the worker)
+        if module is None:
+            mspec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mspec)
+            try:
+                mspec.loader.exec_module(module)
+            except Exception as exc:
+                raise InputError(f"--eval-py {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+            sys.modules[mod_name] = module
     else:
         try:
             module = importlib.import_module(target)

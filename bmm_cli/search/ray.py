@@ -12,6 +12,7 @@ the others.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -116,24 +117,37 @@ class RayRunner(Runner):
             if self.parallel > cpus:
                 info(f"search: ray: --parallel {self.parallel} but the cluster has {cpus} CPU(s): {self.slots} actors")
 
-    def _new_actor(self, slot: int):
+    def _new_actors(self, slots: list[int]) -> list[tuple]:
+        """Start actors for ``slots`` and wait until each has loaded its worker; [(actor, meta)]."""
         ray = self.ray
+        # no restarts by Ray: a replacement is started here, so that the driver knows which trial a death cost
         cls = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=2, **self.per_actor)(_TrialActor)
-        actor = cls.remote(self.spec, slot)
-        try:
-            meta = ray.get(actor.ready.remote(), timeout=READY_TIMEOUT)
-        except Exception as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise StateError(f"ray: trial worker {slot} did not start: {_short(cause)}") from None
-        return actor, meta
+        actors = [cls.remote(self.spec, slot) for slot in slots]
+        out = []
+        for slot, actor in zip(slots, actors):
+            try:
+                out.append((actor, ray.get(actor.ready.remote(), timeout=READY_TIMEOUT)))
+            except Exception as exc:
+                for a in actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(a)
+                cause = getattr(exc, "cause", None) or exc
+                raise StateError(f"ray: trial worker {slot} did not start: {_short(cause)}") from None
+        return out
+
+    def _new_actor(self, slot: int):
+        return self._new_actors([slot])[0]
 
     def open(self, post) -> None:
         super().open(post)
         t0 = time.monotonic()
         kind = "GPU" if "num_gpus" in self.per_actor else "CPU"
         info(f"search: ray: starting {self.slots} trial actor(s), one per {kind} slot...")
-        for slot in range(self.slots):
-            actor, meta = self._new_actor(slot)
+        # the first one alone: it builds the solver cache in the shared work dir if needed; the others then load it
+        started = self._new_actors([0])
+        if self.slots > 1:
+            started += self._new_actors(list(range(1, self.slots)))
+        for actor, meta in started:
             self.actors.append(actor)
             self.info.append(meta)
         hosts = sorted({m["host"] for m in self.info})
