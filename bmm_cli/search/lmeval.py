@@ -43,7 +43,7 @@ def check(tasks: list[str], limit: float | None, include: str | None) -> None:
     if include is not None and not Path(include).is_dir():
         raise InputError(f"--lm-eval-include {include}: not a directory")
     _, _, TaskManager = _import()
-    tm = TaskManager(include_path=include, verbosity="ERROR")
+    tm = TaskManager(include_path=include)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise InputError(f"--lm-eval: unknown task(s) {', '.join(unknown)}"
@@ -81,7 +81,7 @@ class LmEvalScorer:
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
                             device=str(next(model.parameters()).device))
             self._model_id = id(model)
-            self._tm = TaskManager(include_path=self.include, verbosity="ERROR")
+            self._tm = TaskManager(include_path=self.include)
         res = simple_evaluate(model=self._lm, tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
                               task_manager=self._tm, log_samples=False, verbosity="ERROR", bootstrap_iters=0)
         results, configs, higher = res["results"], res.get("configs", {}), res.get("higher_is_better", {})
