@@ -108,7 +108,8 @@ def test_rerun_notes_say_what_changed(setup, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "--initial 2 -> 3" in p.stderr and "diverged" not in p.stderr and "interrupted before" not in p.stderr
     assert f"--out changed from {tmp_path / 'a'}" in p.stderr
-    p = _bmm(*base[:-4], "--eval", ev + " --other", "--trials", 6, "--out", tmp_path / "b")
+    p = _bmm("search", "-w", w, "--anchor", "ta", "--eval", ev + " --other", "--lam", "0.02", "--scale", "1.0:1.5",
+             "--trials", 6, "--out", tmp_path / "b")
     assert p.returncode == 3 and p.stdout == ""
     assert p.stderr.strip().splitlines()[-1].startswith("bmm: error: the 5 trial(s) in ")
     assert "scored by another objective" in p.stderr and "--force" in p.stderr

@@ -153,3 +153,27 @@ def test_in_memory_refuses_local_parallel_and_two_scorers(family, tmp_path):
     with pytest.raises(InputError, match="--memory-budget 'lots'"):
         search(work, "ta", "free", "echo 1", out=tmp_path / "o", memory_budget="lots")
     assert not (work / "search-ta-free").exists()
+
+
+def test_example_in_memory_scorer_is_the_mean_token_loss(family, tmp_path, monkeypatch):
+    """examples/eval_inmemory.py against a direct computation with transformers' own loss."""
+    import transformers
+
+    base, _ = family("llama")
+    data = tmp_path / "val.jsonl"
+    texts = ["w1 w2 w3 w4 w5", "w7 w8 w9", "w10 w11 w12 w13 w14 w15 w16"]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setenv("BMM_EVAL_DATA", str(data))
+    fn = load_scorer(f"{Path(__file__).resolve().parents[1] / 'examples' / 'eval_inmemory.py'}:score")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    res = fn(model, tok, {"trial": 0})
+    total = count = 0
+    with torch.no_grad():
+        for t in texts:  # one at a time: no padding, transformers' mean loss over the shifted tokens
+            ids = tok(t, return_tensors="pt")["input_ids"]
+            n = ids.shape[1] - 1
+            total += float(model(input_ids=ids, labels=ids).loss) * n
+            count += n
+    assert res["tokens"] == count
+    assert res["loss"] == pytest.approx(total / count, rel=1e-5) and res["score"] == -res["loss"]

@@ -133,3 +133,43 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip() == "bmm: error: --ray needs Ray, which is not installed: pip install 'bmm-cli[ray]'"
     assert not (tmp_path / "o").exists()
+
+
+SCORER = textwrap.dedent('''
+    import os
+
+    def score(model, tokenizer, trial):
+        w = dict(model.named_parameters())["encoder.layer.0.output.dense.weight"]
+        return {"score": -abs(float(w.float().norm()) - 3.0), "pid": os.getpid(), "model_id": id(model)}
+''')
+
+
+@pytest.mark.slow
+def test_ray_in_memory_one_resident_model_per_actor(family, tmp_path, ray_cluster):
+    from bmm_cli.search import search
+    from bmm_cli.solve import solve
+
+    base, experts = family("bert")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, "ta")
+    gram(work, "free")
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(SCORER)
+    out = tmp_path / "best"
+    res = search(work, "ta", "free", out=out, eval_py=f"{scorer}:score", trials=6, initial=6, blocks=1,
+                 ray="auto", parallel=2)
+    assert res["in_memory"] and res["backend"] == "ray" and res["trials_failed"] == 0
+    recs = read_jsonl(work / "search-ta-free" / "trials.jsonl")
+    pids = {int(r["metrics"]["pid"]) for r in recs}
+    assert len(pids) == 2 and os.getpid() not in pids  # two actors, each with its own resident model
+    per_pid = {}
+    for r in recs:
+        per_pid.setdefault(int(r["metrics"]["pid"]), set()).add(r["metrics"]["model_id"])
+    assert all(len(ids) == 1 for ids in per_pid.values())  # the same model object across an actor's trials
+    solve(work, "ta", "free", out=tmp_path / "check", params_file=work / "search-ta-free" / "best.json")
+    best, chk = Checkpoint.open(out), Checkpoint.open(tmp_path / "check")
+    import torch
+
+    for k in chk.keys():
+        torch.testing.assert_close(best.get(k), chk.get(k), rtol=0, atol=1e-5, msg=k)

@@ -581,6 +581,7 @@ class _Driver:
             o = Outcome(trial=n, x=[float(v) for v in x], params=params, worker=worker, source=src,
                         model_dir=self.trial_dir / f"trial-{n:04d}")
             self.in_flight[n] = o
+            self.launched[n] = time.monotonic()
             self.view.started(n, params, worker)
             self.runner.start(o, self.model_env(n, worker), _fields(self.workdir, self.sdir, self.trial_dir, n),
                               self.cancel)
@@ -625,6 +626,8 @@ class _Driver:
         # point. Before any trial succeeded there is no worst score: the point is not told (the optimizer is
         # still drawing random initial points then, so nothing repeats).
         y = (float(o.score) if self.minimize else -float(o.score)) if ok else self._worst_y()
+        if o.trial in self.launched:  # as the driver saw it: dispatch to a worker and back included
+            o.seconds = {**o.seconds, "wall": round(time.monotonic() - self.launched.pop(o.trial), 4)}
         rec = self._record(o, y)
         if ok and _is_better(o.score, self.best, self.minimize):
             prev, self.best = self.best, rec
@@ -652,6 +655,7 @@ class _Driver:
         self.cancel = threading.Event()
         self.results: queue.Queue[Outcome] = queue.Queue()
         self.in_flight: dict[int, Outcome] = {}
+        self.launched: dict[int, float] = {}
         self.free = list(range(self.runner.slots))
         self.view = _View(self.space, self.trials, self.minimize)
         self.session_failed = 0
