@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import alive
 
 from bmm_cli.atomic import read_jsonl
 from bmm_cli.errors import InputError, StateError
@@ -386,14 +387,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 90.0) -> None:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     sp = SearchSpace(1)
@@ -413,7 +406,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     orphan = int(started.read_text())
-    assert _alive(orphan)  # the hook is in its own session: SIGKILL of bmm cannot take it along
+    assert alive(orphan)  # the hook is in its own session: SIGKILL of bmm cannot take it along
     assert trial_numbers(tmp_path / "wd") == [0, 1, 2, 3]
     block.unlink()
 
@@ -421,7 +414,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     res = run_search(space=sp, workdir=tmp_path / "wd", materialize=write_params, hook=hook, trials=trials,
                      initial=initial, seed=seed, timeout=30, out=tmp_path / "merged", grace=0.5,
                      optimizer_kwargs=fast_optimizer(sp, seed))
-    assert not _alive(orphan)
+    assert not alive(orphan)
     nums = trial_numbers(tmp_path / "wd")
     assert nums == list(range(trials))
     for a, b in zip(ref.records, res.records):
@@ -449,7 +442,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, hook_setup, sig):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     hook_pid = int(started.read_text())
-    assert not _alive(hook_pid)
+    assert not alive(hook_pid)
     sdir = tmp_path / "wd" / "search"
     assert trial_numbers(tmp_path / "wd") == [0, 1]
     assert json.loads((sdir / "summary.json").read_text())["state"] == "interrupted"

@@ -13,26 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmm_cli.anchor import anchor
+from conftest import ready_work
+
 from bmm_cli.atomic import read_jsonl
 from bmm_cli.errors import InputError
-from bmm_cli.gram import gram
 from bmm_cli.search.inmemory import ResidentModel, load_scorer
 from bmm_cli.solve import Merger, Params, solve
 from bmm_cli.store import Checkpoint
-from bmm_cli.taskvec import taskvec
 
 ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "BMM_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def stages(family, kind: str, root: Path, method: str = "ta") -> Path:
-    base, experts = family(kind)
-    work = root / f"w-{kind}"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, method)
-    gram(work, "free")
-    return work
+    return ready_work(family, kind, root / f"w-{kind}", method)
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])

@@ -11,12 +11,11 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="the [lm-eval] extra is not installed")
 
-from bmm_cli.anchor import anchor  # noqa: E402
+from conftest import ready_work  # noqa: E402
+
 from bmm_cli.atomic import read_jsonl  # noqa: E402
 from bmm_cli.errors import InputError  # noqa: E402
-from bmm_cli.gram import gram  # noqa: E402
 from bmm_cli.search import search  # noqa: E402
-from bmm_cli.taskvec import taskvec  # noqa: E402
 
 TASK = """task: bmm_tiny
 dataset_path: json
@@ -52,11 +51,7 @@ def write_task(root: Path) -> Path:
 @pytest.mark.slow
 def test_lm_eval_scorer_in_memory(family, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    base, experts = family("llama")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = ready_work(family, "llama", tmp_path / "w")
     tasks = write_task(tmp_path)
     out = tmp_path / "best"
     res = search(work, "ta", "free", out=out, lm_eval="bmm_tiny", lm_eval_limit=10, lm_eval_include=tasks,
@@ -84,11 +79,7 @@ def test_lm_eval_scorer_in_memory(family, tmp_path, monkeypatch):
 
 
 def test_lm_eval_options_are_checked_up_front(family, tmp_path):
-    base, experts = family("llama")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = ready_work(family, "llama", tmp_path / "w")
     tasks = write_task(tmp_path)
     with pytest.raises(InputError, match="unknown task.*no_such_task"):
         search(work, "ta", "free", out=tmp_path / "o", lm_eval="bmm_tiny,no_such_task", lm_eval_include=tasks)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from bmm_cli.anchor import anchor
+from conftest import alive, ready_work
+
 from bmm_cli.atomic import read_jsonl
-from bmm_cli.gram import gram
 from bmm_cli.search import MARKER
 from bmm_cli.store import Checkpoint
-from bmm_cli.taskvec import taskvec
 
 HOOK = textwrap.dedent('''
     import json, os, sys, time
@@ -41,14 +40,6 @@ HOOK = textwrap.dedent('''
 ''')
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
@@ -63,11 +54,7 @@ def ray_cluster():
 def test_ray_search_survives_killed_actors(family, tmp_path, ray_cluster):
     from bmm_cli.search import search
 
-    base, experts = family("bert")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = ready_work(family, "bert", tmp_path / "w")
     ctl = tmp_path / "ctl"
     ctl.mkdir()
     hook = tmp_path / "hook.py"
@@ -105,7 +92,7 @@ def test_ray_search_survives_killed_actors(family, tmp_path, ray_cluster):
     assert {r["worker"] for r in recs.values()} == {0, 1}
     # the orphaned hooks of the killed actors were stopped, and the three killed actors are gone
     for pids in killed:
-        assert not _alive(pids["hook"]) and not _alive(pids["actor"])
+        assert not alive(pids["hook"]) and not alive(pids["actor"])
     # the trials ran in actor processes, never in this one; trial 2's second run on a replacement actor
     assert os.getpid() not in {int(r["metrics"]["pid"]) for r in recs.values() if r["status"] == "ok"}
     assert int(recs[2]["metrics"]["pid"]) not in {p["actor"] for p in killed}
@@ -149,11 +136,7 @@ def test_ray_in_memory_one_resident_model_per_actor(family, tmp_path, ray_cluste
     from bmm_cli.search import search
     from bmm_cli.solve import solve
 
-    base, experts = family("bert")
-    work = tmp_path / "w"
-    taskvec(str(base), [str(e) for e in experts], work)
-    anchor(work, "ta")
-    gram(work, "free")
+    work = ready_work(family, "bert", tmp_path / "w")
     scorer = tmp_path / "scorer.py"
     scorer.write_text(SCORER)
     out = tmp_path / "best"
@@ -173,3 +156,60 @@ def test_ray_in_memory_one_resident_model_per_actor(family, tmp_path, ray_cluste
 
     for k in chk.keys():
         torch.testing.assert_close(best.get(k), chk.get(k), rtol=0, atol=1e-5, msg=k)
+
+
+BLOCK_HOOK = textwrap.dedent('''
+    import json, os, sys, time
+    model, trial, ctl = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if trial == 3 and not os.path.exists(os.path.join(ctl, "released")):
+        tmp = os.path.join(ctl, ".started")
+        open(tmp, "w").write(json.dumps({"actor": int(os.environ["BMM_WORKER_PID"]), "hook": os.getpid()}))
+        os.rename(tmp, os.path.join(ctl, "started"))
+        time.sleep(120)
+    s = json.load(open(os.path.join(model, "bmm_merge.json")))["params"]["s_0"]
+    print(-(s - 1.2) ** 2)
+''')
+
+
+@pytest.mark.slow
+def test_ray_driver_sigkill_then_resume(family, tmp_path, ray_cluster):
+    """The driver (a `bmm search --ray ADDRESS` process joined to the test's cluster) is SIGKILLed while trial 3
+    runs on an actor: Ray reaps the actors it owned, the records stay valid, and a rerun stops the orphaned hook,
+    redoes trial 3 under its own number and finishes the budget."""
+    from bmm_cli.search import search
+
+    work = ready_work(family, "bert", tmp_path / "w")
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    hook = tmp_path / "hook.py"
+    hook.write_text(BLOCK_HOOK)
+    ev = f"{sys.executable} -I -S {hook} {{model}} {{trial}} {ctl}"
+    address = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "bmm_cli.cli", "search", "-w", str(work), "--anchor", "ta", "--eval", ev,
+           "--trials", "6", "--initial", "6", "--lam", "0.02", "--scale", "1.0:1.4", "--out", str(tmp_path / "best"),
+           "--ray", address, "--parallel", "1", "--trial-dir", str(tmp_path / "node-local")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BMM_NO_PROGRESS": "1"})
+    end = time.monotonic() + 240
+    while not (ctl / "started").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < end, "trial 3 never started"
+        time.sleep(0.1)
+    pids = json.loads((ctl / "started").read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    assert [r["trial"] for r in read_jsonl(work / "search-ta-free" / "trials.jsonl")] == [0, 1, 2]
+    end = time.monotonic() + 60
+    while alive(pids["actor"]) and time.monotonic() < end:  # the actor belonged to the killed driver's job
+        time.sleep(0.2)
+    assert not alive(pids["actor"])
+    assert alive(pids["hook"])  # its own session: nothing but bmm's resume stops it
+    (ctl / "released").touch()
+    res = search(work, "ta", "free", ev, out=tmp_path / "best", trials=6, initial=6, blocks=1, lam="0.02",
+                 scale="1.0:1.4", ray="auto", parallel=1, trial_dir=tmp_path / "node-local")
+    assert not alive(pids["hook"])
+    recs = read_jsonl(work / "search-ta-free" / "trials.jsonl")
+    assert [r["trial"] for r in recs] == list(range(6)) and all(r["status"] == "ok" for r in recs)
+    assert res["trials"] == 6
+    best = max(recs, key=lambda r: r["score"])
+    assert json.loads((tmp_path / "best" / MARKER).read_text())["trial"] == best["trial"] == res["best_trial"]

@@ -198,6 +198,9 @@ def search(
     if ray is not None:
         from .ray import check_ray
 
+        if gpus:
+            raise InputError("--gpus sets CUDA_VISIBLE_DEVICES of local workers; with --ray, Ray gives each actor "
+                             "its GPU: drop --gpus")
         check_ray()
     elif parallel > 1 and not eval_cmd:
         raise InputError("in-memory trials (--eval-py / --lm-eval) hold one resident model per worker: run them "

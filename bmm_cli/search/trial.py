@@ -119,18 +119,27 @@ class TrialWorker:
         o.stderr_tail = "".join(traceback.format_exception(exc))[-2000:]
         o.seconds = {**seconds, "total": time.monotonic() - t0}
 
+    def _weights(self, o, what: str, write: Callable[[], Mapping | None], seconds: dict, t0: float) -> bool:
+        """The trial's weights written (a checkpoint, or the resident model in place); False when the trial ended
+        there (failed, fatal or cancelled: ``o`` says which)."""
+        t_m = time.monotonic()
+        try:
+            with self.lock:
+                timings = write()
+        except Exception as exc:
+            self._failed_step(o, what, exc, {"materialize": time.monotonic() - t_m}, t0)
+            return False
+        seconds["materialize"] = time.monotonic() - t_m
+        _timings(seconds, timings)
+        return True
+
     def _run_command(self, o, env, fields, cancel, t0) -> None:
         shutil.rmtree(o.model_dir, ignore_errors=True)
         o.model_dir.mkdir(parents=True)
         seconds: dict = {}
-        t_m = time.monotonic()
-        try:
-            with self.lock:
-                timings = self.materialize(dict(o.params), o.model_dir, dict(env))
-        except Exception as exc:
-            return self._failed_step(o, "materialize", exc, {"materialize": time.monotonic() - t_m}, t0)
-        seconds["materialize"] = time.monotonic() - t_m
-        _timings(seconds, timings)
+        if not self._weights(o, "materialize", lambda: self.materialize(dict(o.params), o.model_dir, dict(env)),
+                             seconds, t0):
+            return
         if cancel.is_set():
             o.status = "cancelled"
             return
@@ -146,14 +155,8 @@ class TrialWorker:
 
     def _run_in_memory(self, o, env, fields, cancel, t0) -> None:
         seconds: dict = {}
-        t_m = time.monotonic()
-        try:
-            with self.lock:
-                timings = self.resident.update(dict(o.params))
-        except Exception as exc:
-            return self._failed_step(o, "in-place update", exc, {"materialize": time.monotonic() - t_m}, t0)
-        seconds["materialize"] = time.monotonic() - t_m
-        _timings(seconds, timings)
+        if not self._weights(o, "in-place update", lambda: self.resident.update(dict(o.params)), seconds, t0):
+            return
         if cancel.is_set():
             o.status = "cancelled"
             return
