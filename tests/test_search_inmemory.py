@@ -146,7 +146,32 @@ def test_in_memory_refuses_local_parallel_and_two_scorers(family, tmp_path):
         search(work, "ta", "free", "echo 1", out=tmp_path / "o", eval_py="json:dumps")
     with pytest.raises(InputError, match="--memory-budget 'lots'"):
         search(work, "ta", "free", "echo 1", out=tmp_path / "o", memory_budget="lots")
+    with pytest.raises(InputError, match="--gpu-memory-budget '0'"):
+        search(work, "ta", "free", "echo 1", out=tmp_path / "o", gpu_memory_budget="0")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="--spill-dir .*not a directory"):
+        search(work, "ta", "free", "echo 1", out=tmp_path / "o", spill_dir=tmp_path / "file")
     assert not (work / "search-ta-free").exists()
+
+
+def test_memory_budget_reaches_the_solver_only_when_given(family, tmp_path, capfd):
+    """The budget options go to solve.Merger only when given (a Merger without them still runs every search), and
+    a Merger that has them gets the parsed byte counts and reports where it put the cache."""
+    import inspect
+
+    from bmm_cli.search import search
+
+    work = stages(family, "bert", tmp_path)
+    kw = dict(out=tmp_path / "o", trials=1, blocks=1, device="cpu")
+    res = search(work, "ta", "free", "echo 1", **kw)  # no budget given: nothing passed
+    assert res["trials_ok"] == 1
+    if "memory_budget" in inspect.signature(Merger.__init__).parameters:
+        res = search(work, "ta", "free", "echo 1", memory_budget="64MB", spill_dir=tmp_path / "spill",
+                     **{**kw, "trials": 2})
+        assert res["trials_ok"] == 2 and "trial cache:" in capfd.readouterr().err
+    else:
+        with pytest.raises(InputError, match="--memory-budget: this bmm's trial solver has no memory budget yet"):
+            search(work, "ta", "free", "echo 1", memory_budget="64MB", **kw)
 
 
 def test_example_in_memory_scorer_is_the_mean_token_loss(family, tmp_path, monkeypatch):
