@@ -182,3 +182,90 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# directory swaps: a directory (a whole model) replaced so that readers see the old one or the new one, never a mix
+
+import ctypes  # noqa: E402
+import uuid  # noqa: E402
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) (Linux); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold what ``src`` holds; ``dst`` is never partial.
+
+    ``src`` is renamed (or, across file systems, copied and fsynced) into a temp sibling of ``dst``, then swapped
+    in: with an atomic exchange where the kernel has one, else old ``dst`` is renamed aside and the new one renamed
+    into place (a crash between the two renames leaves the old one aside, which the next run restores).
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dst.parent / f".{dst.name}.bmm-new-{tag}"
+    try:
+        os.rename(src, tmp)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        try:
+            shutil.copytree(src, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    fsync_tree(tmp)
+    if dst.exists():
+        if _exchange(tmp, dst):
+            fsync_dir(dst.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = dst.parent / f".{dst.name}.bmm-old-{tag}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            fsync_dir(dst.parent)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+    if src.exists():  # the copy case
+        shutil.rmtree(src, ignore_errors=True)
+
+
+def recover_dir_swap(dst: Path) -> None:
+    """Undo what a crash inside :func:`replace_dir` left next to ``dst``."""
+    olds = sorted(dst.parent.glob(f".{dst.name}.bmm-old-*"))
+    if not dst.exists() and olds:
+        os.rename(olds[-1], dst)  # the crash fell between the two renames: the old best comes back
+        olds = olds[:-1]
+        fsync_dir(dst.parent)
+    for p in olds + sorted(dst.parent.glob(f".{dst.name}.bmm-new-*")):
+        shutil.rmtree(p, ignore_errors=True)

@@ -284,9 +284,13 @@ def merge(
     max_shard_size: str = SHARD_OPT,
     allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch", help="Accept experts in another dtype."),
     force: bool = typer.Option(False, "--force", help="Redo stages whose inputs changed; replace a foreign --out."),
+    eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Search s and λ with this evaluation command (as "
+                                           "bmm search --eval) and write the best trial's model to --out."),
+    trials: int = typer.Option(30, "--trials", min=1, help="Search trials with --eval."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model."""
+    """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model;
+    with --eval, a search replaces the single solve."""
     from .merge import merge as run
 
     # merge checks every input first and only then creates and locks the work directory
@@ -294,15 +298,24 @@ def merge(
               others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
               scale=scale, epsilon=epsilon, blocks=blocks, work=work, samples=samples, max_len=max_len,
               device=device, dtype=dtype, max_shard_size=max_shard_size,
-              allow_dtype_mismatch=allow_dtype_mismatch, force=force)
+              allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials)
     _emit(res, as_json, lambda r: r["model"])
 
 
 @app.command()
 def search(
     work: Path = WORK_OPT,
-    eval_cmd: str = typer.Option(..., "--eval", help="Evaluation command template; {model} {trial} {workdir} "
-                                 "{evaldir} are substituted shell-quoted. Prints a number or JSON with score last."),
+    eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Evaluation command template; {model} {trial} "
+                                           "{workdir} {evaldir} are substituted shell-quoted. Prints a number or "
+                                           "JSON with score last."),
+    eval_py: Optional[str] = typer.Option(None, "--eval-py", help="In-memory trials: MODULE:FUNCTION or "
+                                          "path/file.py:FUNCTION, called as FUNCTION(model, tokenizer, trial) -> "
+                                          "float | dict on the resident base, updated in place per trial."),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="In-memory trials scored by lm-evaluation-harness"
+                                          " tasks (comma-separated): the mean of their primary metrics."),
+    lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="Examples per lm-eval task."),
+    lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="Directory of custom lm-eval "
+                                                   "task YAML files."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the best model is kept (always complete)."),
     anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
     gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
@@ -313,38 +326,70 @@ def search(
     epsilon: str = typer.Option("0:1", "--epsilon", help="Range of ε for --gram hybrid."),
     initial: int = typer.Option(10, "--initial", min=0, help="Random points before the GP takes over."),
     seed: int = typer.Option(0, "--seed", help="Optimizer seed."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per evaluation before it is killed."),
-    parallel: int = typer.Option(1, "--parallel", min=1, help="Trials evaluated at once."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per evaluation command before it is killed."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Trials evaluated at once (with --ray on CPU "
+                                 "nodes: actors)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA_VISIBLE_DEVICES per worker: 0,1 or '0,1;2,3'."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run trials on Ray actors, one per GPU (or per "
+                                      "--parallel CPU slot): --ray alone starts Ray here; auto, HOST:PORT or "
+                                      "ray://HOST:10001 join a cluster."),
     minimize: bool = typer.Option(False, "--minimize", help="Lower scores are better (e.g. perplexity)."),
     trial_dir: Optional[Path] = typer.Option(None, "--trial-dir", help="Where trial models are written "
-                                             "(tmpfs such as /dev/shm/bmm makes trials cheaper)."),
+                                             "(node-local; tmpfs such as /dev/shm/bmm makes trials cheaper)."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
     factor_dtype: str = typer.Option("float32", "--factor-dtype", help="Storage of the cached eigenbasis "
                                      "(bfloat16 halves memory; see bench/README.md for its error)."),
-    force: bool = typer.Option(False, "--force", help="Archive an earlier search with another space and start over."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Host memory for the trial cache, "
+                                                "e.g. 8GB (default: what is free)."),
+    gpu_memory_budget: Optional[str] = typer.Option(None, "--gpu-memory-budget", help="GPU memory for the trial "
+                                                    "cache, e.g. 20GB (default: what is free)."),
+    spill_dir: Optional[Path] = typer.Option(None, "--spill-dir", help="Where the trial cache spills beyond the "
+                                             "budgets (fast local disk; default: the work dir)."),
+    force: bool = typer.Option(False, "--force", help="Archive an earlier search (another space or objective) "
+                               "and start over."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Stage 5: Bayesian optimization (GP + expected improvement) of s and λ per block-group, scored by --eval."""
+    """Stage 5: Bayesian optimization (GP + expected improvement) of s and λ per block-group, scored by --eval,
+    --eval-py or --lm-eval; locally or on a Ray cluster (--ray)."""
     from .search import search as run
     from .stage import work_lock
 
-    gpu_sets = None
-    if gpus:
-        gpu_sets = [g.strip() for g in gpus.split(";")] if ";" in gpus else [g.strip() for g in gpus.split(",")]
     with work_lock(work, create=False):
-        res = run(work, anchor.value, gram.value, eval_cmd, out=out, trials=trials, blocks=blocks, scale=scale,
-                  lam=lam, epsilon=epsilon, initial=initial, seed=seed, timeout=timeout, parallel=parallel,
-                  gpus=gpu_sets, minimize=minimize, trial_dir=trial_dir, device=device, dtype=dtype,
-                  max_shard_size=max_shard_size, factor_dtype=factor_dtype, force=force)
+        res = run(work, anchor.value, gram.value, eval_cmd, out=out, eval_py=eval_py, lm_eval=lm_eval,
+                  lm_eval_limit=lm_eval_limit, lm_eval_include=lm_eval_include, trials=trials, blocks=blocks,
+                  scale=scale, lam=lam, epsilon=epsilon, initial=initial, seed=seed, timeout=timeout,
+                  parallel=parallel, gpus=_gpu_sets(gpus), minimize=minimize, trial_dir=trial_dir, device=device,
+                  dtype=dtype, max_shard_size=max_shard_size, factor_dtype=factor_dtype, ray=ray,
+                  memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, spill_dir=spill_dir,
+                  force=force)
+    _emit(res, as_json, _search_human)
 
-    def human(r: dict) -> str:
-        return (f"best trial {r['best_trial']}: score {r['best_score']} (first trial {r['first_score']}), "
-                f"{r['trials_ok']} ok / {r['trials_failed']} failed\n{r['model']}\n{r['best_json']}")
 
-    _emit(res, as_json, human)
+def _gpu_sets(gpus: Optional[str]) -> Optional[list[str]]:
+    if not gpus:
+        return None
+    return [g.strip() for g in gpus.split(";")] if ";" in gpus else [g.strip() for g in gpus.split(",")]
+
+
+def _search_human(r: dict) -> str:
+    """The summary on stderr; stdout holds only the best model's path (``model=$(bmm -q search ...)``)."""
+    from .progress import info
+
+    info(f"best trial {r['best_trial']}: score {r['best_score']:.6g} (first trial {r['first_score']}), "
+         f"{r['trials_ok']} ok / {r['trials_failed']} failed; params: {r['best_json']}")
+    return r["model"]
+
+
+def _optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` may stand alone (start Ray here): give it the value ``local`` when no address follows."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("local")
+    return out
 
 
 def _expand_lists(argv: list[str]) -> list[str]:
@@ -383,7 +428,7 @@ def _interrupted() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = _hoist_global_flags(_expand_lists(list(sys.argv[1:] if argv is None else argv)))
+    args = _optional_values(_hoist_global_flags(_expand_lists(list(sys.argv[1:] if argv is None else argv))))
     debug = "--debug" in args or os.environ.get("BMM_DEBUG", "") not in ("", "0")
     try:
         # with standalone_mode=False click/typer *return* the exit code of a typer.Exit, and typer turns a Ctrl-C

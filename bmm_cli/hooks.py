@@ -39,6 +39,7 @@ __all__ = [
     "parse_score",
     "render_command",
     "run_hook",
+    "score_from_value",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +276,6 @@ def parse_score(stdout: str) -> tuple[float, dict[str, float | None]]:
         raise ValueError('no output on stdout; the last line must be a number or a JSON object with "score"')
     last = lines[-1]
     shown = last if len(last) <= 120 else last[:117] + "..."
-    metrics: dict[str, float | None] = {}
     value: object
     try:
         value = float(last)
@@ -286,14 +286,24 @@ def parse_score(stdout: str) -> tuple[float, dict[str, float | None]]:
             raise ValueError(
                 f'last stdout line is not a number or a JSON object with "score": {shown!r}'
             ) from None
-        if isinstance(value, dict):
-            if "score" not in value:
-                keys = ", ".join(map(str, list(value)[:8])) or "none"
-                raise ValueError(f'the JSON object on the last stdout line has no "score" key (keys: {keys})')
-            metrics = _flatten_metrics({k: v for k, v in value.items() if k != "score"})
-            value = value["score"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f'"score" must be a number, got {type(value).__name__}: {shown!r}')
+    return score_from_value(value, shown)
+
+
+def score_from_value(value: object, shown: str | None = None, *, what: str = "the JSON object on the last stdout line",
+                     ) -> tuple[float, dict[str, float | None]]:
+    """A score and its metrics from what an evaluation returned: a number, or a mapping with ``"score"`` (its other
+    numeric keys are the metrics, nested mappings flattened with ``/``). The in-memory scorers' return value and
+    the hook's last stdout line obey the same rule. Raises ``ValueError`` with the reason when it is no score."""
+    shown = repr(value)[:120] if shown is None else shown
+    metrics: dict[str, float | None] = {}
+    if isinstance(value, Mapping):
+        if "score" not in value:
+            keys = ", ".join(map(str, list(value)[:8])) or "none"
+            raise ValueError(f'{what} has no "score" key (keys: {keys})')
+        metrics = _flatten_metrics({k: v for k, v in value.items() if k != "score"})
+        value = value["score"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'"score" must be a number, got {type(value).__name__}: {shown!r}')
     score = float(value)
     if math.isnan(score):
         raise ValueError("score is NaN")

@@ -57,6 +57,8 @@ def merge(
     max_shard_size: str = "5GB",
     allow_dtype_mismatch: bool = False,
     force: bool = False,
+    eval_cmd: str | None = None,
+    trials: int = 30,
 ) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
@@ -83,6 +85,10 @@ def merge(
     if data_grams and not calib:
         raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
     params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    if eval_cmd is not None:
+        from .search.command import check_merge_eval
+
+        check_merge_eval(eval_cmd, trials, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon)
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
     plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
     if method.needs_external:
@@ -96,14 +102,14 @@ def merge(
                           anchor_model=anchor_model, others=others, calib=calib, params_file=params_file, lam=lam,
                           scale=scale, epsilon=epsilon, blocks=blocks, samples=samples, max_len=max_len,
                           batch_size=batch_size, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                          allow_dtype_mismatch=allow_dtype_mismatch, force=force)
+                          allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
 
 def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_model, others, calib, params_file,
                 lam, scale, epsilon, blocks, samples, max_len, batch_size, device, dtype, max_shard_size,
-                allow_dtype_mismatch, force) -> dict:
+                allow_dtype_mismatch, force, eval_cmd=None, trials=30) -> dict:
     info(f"bmm: work directory {work}")
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
@@ -116,9 +122,15 @@ def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_m
                                           batch_size=batch_size, device=device, force=force)
     stages["anchor"] = run_anchor(work, method.name, anchor_opts, others=others, external=anchor_model,
                                   device=device, force=force)
-    res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
-                    epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                    force=force)
+    if eval_cmd is None:
+        res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
+                        epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                        force=force)
+    else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
+        from .search import search as run_search
+
+        res = run_search(work, method.name, gram, eval_cmd, out=out, trials=trials, blocks=blocks, device=device,
+                         dtype=dtype, max_shard_size=max_shard_size, force=force)
     res["work"] = str(work)
     res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
     return res

@@ -92,12 +92,18 @@ _bmm() {
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
+                --eval) return;;
+                --trials) return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --trials --json --help" -- "$cur") ); return;;
         search)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --eval) return;;
+                --eval-py) return;;
+                --lm-eval) return;;
+                --lm-eval-limit) return;;
+                --lm-eval-include) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --anchor|-a) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
                 --gram) COMPREPLY=( $(compgen -W "free data hybrid" -- "$cur") ); return;;
@@ -111,13 +117,17 @@ _bmm() {
                 --timeout) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --parallel) return;;
                 --gpus) return;;
+                --ray) return;;
                 --trial-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
                 --factor-dtype) return;;
+                --memory-budget) return;;
+                --gpu-memory-budget) return;;
+                --spill-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--work -w --eval --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --initial --seed --timeout --parallel --gpus --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--work -w --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --initial --seed --timeout --parallel --gpus --ray --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --memory-budget --gpu-memory-budget --spill-dir --force --json --help" -- "$cur") ); return;;
     esac
     COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge search --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
 }

@@ -126,3 +126,25 @@ def family(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def ready_work(family, kind: str, work: Path, method: str = "ta") -> Path:
+    """taskvec + anchor ``method`` + data-free Grams of ``family(kind)`` in ``work``: what a search starts from."""
+    from bmm_cli.anchor import anchor
+    from bmm_cli.gram import gram
+    from bmm_cli.taskvec import taskvec
+
+    base, experts = family(kind)
+    taskvec(str(base), [str(e) for e in experts], work)
+    anchor(work, method)
+    gram(work, "free")
+    return work
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"

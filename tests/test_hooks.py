@@ -221,9 +221,14 @@ def test_run_hook_keyboard_interrupt_kills_group_and_reraises(tmp_path):
             time.sleep(0.02)
         signal.pthread_kill(main, signal.SIGINT)
 
-    threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_hook(f"sleep 30 & echo $! > {pidfile}; wait", timeout=60, grace=0.5)
+    # under `nohup pytest ... &` this process starts with SIGINT ignored: restore Python's handler for the test
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_hook(f"sleep 30 & echo $! > {pidfile}; wait", timeout=60, grace=0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     child = int(pidfile.read_text())
     time.sleep(0.1)
     assert _dead(child)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import alive
 
 from bmm_cli.atomic import read_jsonl
 from bmm_cli.errors import InputError, StateError
-from bmm_cli.search import MARKER, SearchSpace, _recover_dir_swap, _replace_dir, run_search
+from bmm_cli.atomic import recover_dir_swap as _recover_dir_swap
+from bmm_cli.atomic import replace_dir as _replace_dir
+from bmm_cli.search import MARKER, SearchSpace, run_search
 
 ZSTAR = {"s": 0.7, "lam": 0.35}
 
@@ -64,7 +68,10 @@ print(json.dumps({"score": 1 - 5 * sum(d * d for d in z) / len(z), "gpu": float(
 '''
 
 RUNNER = r'''
-import json, sys
+import json, signal, sys
+# the test signals this process: Ctrl-C must raise KeyboardInterrupt even when the suite was started with SIGINT
+# ignored (`nohup pytest ... &` passes SIG_IGN on to children, and Python then installs no handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from bmm_cli.search import SearchSpace, run_search
 cfg = json.loads(sys.argv[1])
 def materialize(params, model_dir, env):
@@ -108,7 +115,7 @@ def fast_optimizer(space: SearchSpace, seed: int) -> dict:
 
 def write_params(params, model_dir, env):
     assert model_dir.is_dir() and not any(model_dir.iterdir())
-    assert env["BMM_MODEL"] == str(model_dir) and env["BMM_TRIAL"] == str(int(model_dir.name.split("-")[1]))
+    assert env["BMM_MODEL"] == str(model_dir) and env["BMM_TRIAL"] == str(int(re.search(r"trial-(\d{4})", model_dir.name)[1]))
     (model_dir / "params.json").write_text(json.dumps(params))
     return {"solve_s": 0.001, "write_s": 0.002}
 
@@ -223,7 +230,7 @@ def test_first_trial_is_default_point_out_always_complete(tmp_path, hook_setup):
     import shutil
 
     shutil.rmtree(out)
-    res3 = run_search(space=sp, workdir=tmp_path / "wd", materialize=write_params, hook="false", trials=6,
+    res3 = run_search(space=sp, workdir=tmp_path / "wd", materialize=write_params, hook=hook, trials=6,
                       initial=3, seed=0, timeout=30, out=out, optimizer_kwargs=fast_optimizer(sp, 0))
     assert json.loads((out / "params.json").read_text()) == best["params"] and res3.n_failed == 0
 
@@ -380,14 +387,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, limit: float = 90.0) -> None:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     sp = SearchSpace(1)
@@ -407,7 +406,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     orphan = int(started.read_text())
-    assert _alive(orphan)  # the hook is in its own session: SIGKILL of bmm cannot take it along
+    assert alive(orphan)  # the hook is in its own session: SIGKILL of bmm cannot take it along
     assert trial_numbers(tmp_path / "wd") == [0, 1, 2, 3]
     block.unlink()
 
@@ -415,7 +414,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, hook_setup):
     res = run_search(space=sp, workdir=tmp_path / "wd", materialize=write_params, hook=hook, trials=trials,
                      initial=initial, seed=seed, timeout=30, out=tmp_path / "merged", grace=0.5,
                      optimizer_kwargs=fast_optimizer(sp, seed))
-    assert not _alive(orphan)
+    assert not alive(orphan)
     nums = trial_numbers(tmp_path / "wd")
     assert nums == list(range(trials))
     for a, b in zip(ref.records, res.records):
@@ -443,7 +442,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, hook_setup, sig):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     hook_pid = int(started.read_text())
-    assert not _alive(hook_pid)
+    assert not alive(hook_pid)
     sdir = tmp_path / "wd" / "search"
     assert trial_numbers(tmp_path / "wd") == [0, 1]
     assert json.loads((sdir / "summary.json").read_text())["state"] == "interrupted"

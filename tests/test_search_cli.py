@@ -67,3 +67,70 @@ def test_search_finds_the_hidden_merge(setup):
     # rerunning the finished search does no new trial
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0 and json.loads(p.stdout)["trials"] == 10
+
+
+def _bmm(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "bmm_cli.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env)
+
+
+def test_no_successful_trial_exits_nonzero_with_nothing_on_stdout(setup, tmp_path):
+    """Issue 12 item 2: even with fewer trials than the fail-fast count, a search without a successful trial
+    fails: no "None" on stdout, no pointer to a best.json that does not exist."""
+    work, _, _, _ = setup
+    w = tmp_path / "w"
+    import shutil
+
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("search-*"))
+    for quiet in ([], ["-q"]):
+        p = _bmm(*quiet, "search", "-w", w, "--anchor", "ta", "--eval", "nonexistent_cmd {model}", "--trials", 2,
+                 "--out", tmp_path / "s", "--force")
+        assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("bmm: error: search: none of the 2 trial(s) succeeded") and "exit code 127" in last
+        assert not (w / "search-ta-free" / "best.json").exists() and not (tmp_path / "s").exists()
+
+
+def test_rerun_notes_say_what_changed(setup, tmp_path):
+    """Issue 12 item 3: --initial and --out changes are named as such (no "interrupted", no "diverged"), a changed
+    --eval is refused in one line."""
+    work, target, hook, root = setup
+    import shutil
+
+    w = tmp_path / "w"
+    shutil.copytree(work, w, ignore=shutil.ignore_patterns("search-*"))
+    ev = f"{sys.executable} {hook} {{model}} {target}"
+    base = ["search", "-w", w, "--anchor", "ta", "--eval", ev, "--lam", "0.02", "--scale", "1.0:1.5"]
+    p = _bmm(*base, "--trials", 4, "--initial", 2, "--out", tmp_path / "a")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "a")  # stdout: the best model's path only
+    p = _bmm(*base, "--trials", 5, "--initial", 3, "--out", tmp_path / "b")
+    assert p.returncode == 0, p.stderr
+    assert "--initial 2 -> 3" in p.stderr and "diverged" not in p.stderr and "interrupted before" not in p.stderr
+    assert f"--out changed from {tmp_path / 'a'}" in p.stderr
+    p = _bmm("search", "-w", w, "--anchor", "ta", "--eval", ev + " --other", "--lam", "0.02", "--scale", "1.0:1.5",
+             "--trials", 6, "--out", tmp_path / "b")
+    assert p.returncode == 3 and p.stdout == ""
+    assert p.stderr.strip().splitlines()[-1].startswith("bmm: error: the 5 trial(s) in ")
+    assert "scored by another objective" in p.stderr and "--force" in p.stderr
+
+
+def test_merge_with_eval_runs_the_search(family, tmp_path):
+    """Issue 13 item 4: `bmm merge --eval CMD --trials K` merges and searches in one command; --out holds the best
+    trial's model; conflicting options are refused before any stage runs."""
+    base, experts = family("bert")
+    hook = tmp_path / "score.py"
+    hook.write_text("import json, sys\nr = json.load(open(sys.argv[1] + '/bmm_merge.json'))\n"
+                    "print(-(r['params']['s_0'] - 1.2) ** 2)\n")
+    out = tmp_path / "merged"
+    common = ["merge", "-b", base, "-e", *experts, "--anchor", "ta", "--out", out]
+    p = _bmm(*common, "--eval", f"{sys.executable} {hook} {{model}}", "--lam", "0.1")
+    assert p.returncode == 2 and "drop --params/--lam" in p.stderr and not (tmp_path / "merged.bmm-work" / "taskvec").exists()
+    p = _bmm(*common, "--eval", f"{sys.executable} {hook} {{modle}}")
+    assert p.returncode == 2 and "unknown placeholder" in p.stderr
+    p = _bmm(*common, "--eval", f"{sys.executable} {hook} {{model}}", "--trials", 4, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["trials"] == 4 and res["model"] == str(out) and res["work"] == str(tmp_path / "merged.bmm-work")
+    best = json.loads((tmp_path / "merged.bmm-work" / "search-ta-free" / "best.json").read_text())
+    assert json.loads((out / "bmm_merge.json").read_text())["params"] == best["params"] == res["best_params"]
