@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS_DIR, TASKS, base_model_path, cache_dir, expert_dir, parse_tasks, set_threads, write_json  # noqa: E402
-from bench.ensemble_hook import EnsembleEval  # noqa: E402
+from bench.ensemble_hook import EnsembleEval, pooled  # noqa: E402
 
 SIGMAS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
 
@@ -66,15 +66,6 @@ def draw(work: Path, out: Path, samples: int, noise: list[str]) -> dict:
     return res
 
 
-def flat(pred: dict, tasks: list[str]):
-    """Pool every task's rows: (probs [N, Kmax], labels [N])."""
-    import torch
-
-    K = max(pred[t][0].shape[1] for t in tasks)
-    probs = torch.cat([torch.nn.functional.pad(pred[t][0], (0, K - pred[t][0].shape[1])) for t in tasks])
-    return probs, torch.cat([pred[t][1] for t in tasks])
-
-
 def score(evals: dict, members: list[Path], tasks: list[str]) -> tuple[dict, dict]:
     """Metrics per split and the pooled test predictions."""
     from bmm_cli.calibration import metrics
@@ -82,7 +73,7 @@ def score(evals: dict, members: list[Path], tasks: list[str]) -> tuple[dict, dic
     out, test = {}, None
     for split, ev in evals.items():
         t0 = time.time()
-        p, y = flat(ev.predict(members), tasks)
+        p, y = pooled(ev.predict(members), tasks)
         out[split] = {**metrics(p, y), "seconds": round(time.time() - t0, 1)}
         if split == "test":
             test = (p, y)

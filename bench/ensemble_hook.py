@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_VAL_LIMIT, BenchError, embed, load_encoder, load_head, parse_tasks, set_threads, cache_dir,
+    DEFAULT_VAL_LIMIT, BenchError, MiniBert, embed, load_encoder, load_head, parse_tasks, set_threads, cache_dir,
 )
 from bench.eval_hook import load_tokens  # noqa: E402
 
@@ -66,15 +66,11 @@ def reference_of(path: Path, members: list[Path]) -> Path:
 
 
 def _state(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise BenchError(f"{path}: no *.safetensors")
-    out: dict = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
+    """Every encoder tensor of a model directory (fp32, "bert." prefix stripped), as the eval hook reads them."""
+    try:
+        return MiniBert.from_dir(path).w
+    except BenchError as e:
+        raise BenchError(f"{path}: {e}") from None
 
 
 def replay_point(keys: list[str]) -> str | None:
@@ -203,16 +199,20 @@ class EnsembleEval:
         return out
 
 
-def summarize(pred: dict, tasks: list[str]) -> dict:
-    """Metrics pooled over every task's rows, plus accuracy per task."""
+def pooled(pred: dict, tasks: list[str]):
+    """Every task's rows together: (probs [N, K_max] zero-padded, labels [N])."""
     import torch
-
-    from bmm_cli.calibration import metrics
 
     K = max(pred[t][0].shape[1] for t in tasks)
     probs = torch.cat([torch.nn.functional.pad(pred[t][0], (0, K - pred[t][0].shape[1])) for t in tasks])
-    labels = torch.cat([pred[t][1] for t in tasks])
-    res = metrics(probs, labels)
+    return probs, torch.cat([pred[t][1] for t in tasks])
+
+
+def summarize(pred: dict, tasks: list[str]) -> dict:
+    """Metrics pooled over every task's rows, plus accuracy per task."""
+    from bmm_cli.calibration import metrics
+
+    res = metrics(*pooled(pred, tasks))
     for t in tasks:
         res[f"acc/{t}"] = metrics(*pred[t])["acc"]
     return res
