@@ -213,3 +213,29 @@ def test_cli_errors_are_one_line(work, tmp_path):
     p = bmm("--out", tmp_path / "y", "--beta", "inf", "--samples", "1", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["samples"] == ["sample-000"]
+
+
+def test_hybrid_gram_samples_around_the_hybrid_map(family, tmp_path):
+    """--gram hybrid: no cached eigenbasis exists (ε changes Ĝ), so the sampled module is eigh'd on the fly."""
+    from conftest import write_calib_files
+
+    from bmm_cli.closed_form import hybrid_stats
+
+    base, experts = family("bert")
+    w = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], w)
+    anchor(w, "pretrained")
+    gram(w, "free")
+    gram(w, "data", calib=write_calib_files(tmp_path, len(experts), 8), samples=8, max_len=16)
+    res = sample(w, "pretrained", "hybrid", out=tmp_path / "s", beta=math.inf, samples=1, epsilon=0.3)
+    solve(w, "pretrained", "hybrid", out=tmp_path / "m", epsilon=0.3)
+    assert (tmp_path / "s" / "sample-000" / "model.safetensors").read_bytes() == \
+        (tmp_path / "m" / "model.safetensors").read_bytes()
+    src = Sources(w, "pretrained", "hybrid")
+    (mod,) = prepare_modules(src, Params.uniform(1, eps=0.3), select_modules(src.proj.plan, None),
+                             dev=torch.device("cpu"), need_basis=True)
+    blk = next(b for b in src.proj.plan.blocks if any(r.key == LAST for r in b.modules))
+    h = hybrid_stats(src.grams["free"].block(blk)(LAST), src.grams["data"].block(blk)(LAST), 0.3)
+    G = (mod.Q.double() * mod.evals.double()) @ mod.Q.double().T
+    assert torch.allclose(G, h.G_hat.double(), atol=1e-5)
+    assert res["params"]["eps"] == 0.3
