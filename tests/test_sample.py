@@ -239,3 +239,15 @@ def test_hybrid_gram_samples_around_the_hybrid_map(family, tmp_path):
     G = (mod.Q.double() * mod.evals.double()) @ mod.Q.double().T
     assert torch.allclose(G, h.G_hat.double(), atol=1e-5)
     assert res["params"]["eps"] == 0.3
+
+
+def test_params_from_a_search_best_json(work, tmp_path):
+    """A search's best.json nests the parameters under "params"; λ and s reach the sampled module."""
+    p = Params.uniform(1, lam=0.2, scale=1.25)
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"trial": 3, "score": 0.5, "params": p.flat()}))
+    res = sample(work, "tsv", out=tmp_path / "s", beta=math.inf, samples=1, params_file=best)
+    solve(work, "tsv", out=tmp_path / "m", lam=0.2, scale=1.25)
+    assert (tmp_path / "s" / "sample-000" / "model.safetensors").read_bytes() == \
+        (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert res["modules"][0]["lam"] == 0.2 and res["modules"][0]["s"] == 1.25
