@@ -90,7 +90,7 @@ def compare(a, b, labels) -> dict:
             "d_ece": ece(a, labels) - ece(b, labels), "se_ece": paired_bootstrap_ece(a, b, labels, reps=1000)}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,11 +108,36 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot([m["test"]["ece"]], [m["test"]["acc"]], "k*", markersize=12, label="MAP (single model)")
     ax.set_xlabel("ECE (20 bins, test; lower is better)")
     ax.set_ylabel("accuracy (test)")
-    ax.set_title("Ensembles of 10 merged MiniLM models: noise RMS / base RMS annotated", fontsize=9)
+    ax.set_title(f"Ensembles of {meta['samples']} merged MiniLM models ({', '.join(meta['tasks'])}, "
+                 f"{meta['test_limit']} test rows/task)\nannotated: noise RMS / base weight RMS", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+
+
+def table(result: dict) -> str:
+    """The README table (markdown) of a calibration.json."""
+    lines = ["| ensemble | noise RMS / r | β | val NLL | test acc | test ECE | test NLL |", "|---|---:|---:|---:|---:|---:|---:|"]
+    picked = set(result["picked"].values())
+    for r in result["rows"]:
+        name = {"map": "MAP (one model)"}.get(r["family"], f"{'posterior' if r['family'] == 'posterior' else 'IID'}")
+        mark = " **(picked)**" if r["name"] in picked else ""
+        beta = f"{r['beta']:.3g}" if r.get("beta") else "—"
+        lines.append(f"| {name}{mark} | {r['noise_rms_rel']:g} | {beta} | {r['val']['nll']:.4f} | {r['test']['acc']:.4f} "
+                     f"| {r['test']['ece']:.4f} | {r['test']['nll']:.4f} |")
+    lines.append("")
+    lines.append("| test, picked vs picked | Δ acc ± SE | Δ ECE ± SE | Δ NLL ± SE |")
+    lines.append("|---|---:|---:|---:|")
+    for k, c in result["comparisons_test"].items():
+        lines.append(f"| {k.replace('_vs_', ' − ').replace('_', ' ')} | {c['d_acc']:+.4f} ± {c['se_acc']:.4f} "
+                     f"| {c['d_ece']:+.4f} ± {c['se_ece']:.4f} | {c['d_nll']:+.4f} ± {c['se_nll']:.4f} |")
+    lines += ["", "| test, posterior − IID at the same noise RMS | Δ acc ± SE | Δ ECE ± SE | Δ NLL ± SE |",
+              "|---|---:|---:|---:|"]
+    for nu, c in result["posterior_minus_iid_at_equal_noise_test"].items():
+        lines.append(f"| {nu} | {c['d_acc']:+.4f} ± {c['se_acc']:.4f} | {c['d_ece']:+.4f} ± {c['se_ece']:.4f} "
+                     f"| {c['d_nll']:+.4f} ± {c['se_nll']:.4f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", help="benchmark cache (default $BMM_BENCH_CACHE or ~/.cache/bmm-bench)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", action="store_true", help="print the README table of OUT/calibration.json, redraw "
+                    "its plot and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        res = json.loads((a.out / "calibration.json").read_text())
+        plot(res["rows"], a.out / "calibration.png", res["meta"])
+        print(table(res))
+        return 0
     set_threads(a.threads)
     tasks, cache = parse_tasks(a.tasks), cache_dir(a.cache)
     work, runs = a.scratch / "work", a.scratch / "runs"
@@ -166,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     for nu in a.sigmas:
         same[f"{nu:g}"] = compare(preds[f"posterior-{nu:g}"][0], preds[f"iid-{nu:g}"][0], labels)
     a.out.mkdir(parents=True, exist_ok=True)
-    plot(rows, a.out / "calibration.png")
     result = {
         "meta": {"tasks": tasks, "samples": a.samples, "test_limit": a.test_limit, "val_limit": a.val_limit,
                  "module": probe["modules"][0]["key"], "params": probe["params"], "anchor": "tsv", "gram": "free",
@@ -180,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "posterior_minus_iid_at_equal_noise_test": same,
     }
     write_json(a.out / "calibration.json", result)
+    plot(rows, a.out / "calibration.png", result["meta"])
     _log(f"done in {result['meta']['total_seconds']} s: picked {result['picked']}; {comparisons['posterior_vs_iid']}")
     return 0
 
