@@ -392,6 +392,54 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+@app.command()
+def sample(
+    work: Path = WORK_OPT,
+    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use (prior mean)."),
+    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: map/, sample-000/ ... and samples.json."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="Posterior precision, dimensionless: row covariance "
+                                         "r^2/β (G + λI)^-1 with r = RMS of the base weight (relative units; "
+                                         "paper's β = β/(r^2 m), recorded per module). inf gives the MAP model."),
+    iid: Optional[float] = typer.Option(None, "--iid", help="Baseline instead of the posterior: MAP + IID noise of "
+                                        "RMS SIGMA·r (r = RMS of the module's base weight; = β 1/SIGMA^2 with "
+                                        "G + λI replaced by I)."),
+    samples: int = typer.Option(10, "--samples", "-n", min=1, help="Models to draw."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed; sample i's noise depends on (seed, i, module key) only."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="Regex (re.search) over checkpoint keys of the "
+                                          "sampled modules (default: the last block's mlp_out, as in the paper)."),
+    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM})."),
+    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE}); "
+                                          "W = W_pre + s·U multiplies the sampled noise too."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
+    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
+    search_beta: Optional[str] = typer.Option(None, "--search-beta", help="LOW:HIGH: score one ensemble per β of a "
+                                              "log grid with --eval, keep the best."),
+    grid: int = typer.Option(7, "--grid", min=1, help="Points of the --search-beta grid."),
+    eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Scores an ensemble directory for --search-beta: "
+                                           "{model} {beta} {workdir} substituted shell-quoted; a number or JSON "
+                                           "with score last. Higher is better unless --minimize."),
+    minimize: bool = typer.Option(False, "--minimize", help="Lower --eval scores are better (NLL, ECE)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per --eval run before it is killed."),
+    device: str = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OUT_OPT,
+    max_shard_size: str = SHARD_OPT,
+    force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a bmm sample output."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Posterior sampling (paper App. B): S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules."""
+    from .sample import sample as run
+    from .stage import work_lock
+
+    with work_lock(work):
+        res = run(work, anchor.value, gram.value, out=out, beta=beta, iid=iid, samples=samples, seed=seed,
+                  modules=modules, params_file=params, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
+                  search_beta=search_beta, grid=grid, eval_cmd=eval_cmd, minimize=minimize, timeout=timeout,
+                  device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    _emit(res, as_json, lambda r: "\n".join([r["map"]] + [str(Path(r["dir"]) / n) for n in r["samples"]]))
+
+
 def _expand_lists(argv: list[str]) -> list[str]:
     """Let ``--experts A B C`` work like ``--experts A --experts B --experts C`` (as users of mergekit expect)."""
     multi = {"--experts", "-e", "--calib", "--opt"}

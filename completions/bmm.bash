@@ -128,7 +128,32 @@ _bmm() {
                 --spill-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
             COMPREPLY=( $(compgen -W "--work -w --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --initial --seed --timeout --parallel --gpus --ray --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --memory-budget --gpu-memory-budget --spill-dir --force --json --help" -- "$cur") ); return;;
+        sample)
+            case "$prev" in
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --anchor|-a) COMPREPLY=( $(compgen -W "pretrained ta ties dare dare-ties tsv iso-c iso-cts wudi regmean external" -- "$cur") ); return;;
+                --gram) COMPREPLY=( $(compgen -W "free data hybrid" -- "$cur") ); return;;
+                --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --beta) return;;
+                --iid) return;;
+                --samples|-n) return;;
+                --seed) return;;
+                --modules) return;;
+                --params) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --lam) return;;
+                --scale) return;;
+                --epsilon) return;;
+                --blocks) return;;
+                --search-beta) return;;
+                --grid) return;;
+                --eval) return;;
+                --timeout) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --device) return;;
+                --dtype) return;;
+                --max-shard-size) return;;
+            esac
+            COMPREPLY=( $(compgen -W "--work -w --anchor -a --gram --out -o --beta --iid --samples -n --seed --modules --params --lam --scale --epsilon --blocks --search-beta --grid --eval --minimize --timeout --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
     esac
-    COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge search --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
+    COMPREPLY=( $(compgen -W "version plan taskvec anchor gram solve merge search sample --debug --quiet -q --version --install-completion --show-completion" -- "$cur") )
 }
 complete -o default -F _bmm bmm
