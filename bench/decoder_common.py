@@ -190,10 +190,33 @@ def build_windows(cache: Path, domains: list[str], log=print) -> dict:
             save_file({"ids": t}, str(wdir / f"{d}.{split}.safetensors"))
             entry["files"][split] = len(fl)
             entry["windows"][split] = int(t.shape[0])
+        _write_calib(cache, tok, d, wdir)
         manifest["domains"][d] = entry
         log(f"{d}: files {entry['files']} windows {entry['windows']}")
         write_json(mpath, manifest)
     return manifest
+
+
+CALIB_ROWS = 256
+
+
+def calib_path(cache: Path, domain: str) -> Path:
+    return cache / "calib" / f"{domain}.train.jsonl"
+
+
+def _write_calib(cache: Path, tok, domain: str, wdir: Path) -> None:
+    """Calibration texts for `bmm gram --kind data`: CALIB_ROWS train windows (seeded draw), decoded to text."""
+    import torch
+    from safetensors.torch import load_file
+
+    ids = load_file(str(wdir / f"{domain}.train.safetensors"))["ids"]
+    pick = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(1234))[:CALIB_ROWS]
+    rows = [json.dumps({"text": tok.decode(ids[i].tolist())}, ensure_ascii=False) for i in pick.tolist()]
+    p = calib_path(cache, domain)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
 
 
 def load_windows(cache: Path, domain: str, split: str, limit: int | None = None):

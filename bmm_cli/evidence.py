@@ -149,8 +149,8 @@ def evidence_lam(sp: Spectrum, lam_range: tuple[float, float] = LAM_RANGE, point
 
 
 def default_num_obs(kind: str, num_tasks: int, d_out: int, tokens: float | None = None) -> float:
-    """N of the evidence: data-free ``T·d_out`` (the rows of the task vectors are the inputs); data-assisted
-    the calibration tokens of all tasks when known, else ``T·d_in``-free fallback ``T·d_out``."""
+    """N of the evidence: data-free ``T·d_out`` (the rows of the task vectors are the inputs); data-assisted the
+    calibration tokens of all tasks (the Gram stage records them), ``T·d_out`` when unknown."""
     if kind == "free" or tokens is None:
         return float(num_tasks * d_out)
     return float(tokens)
@@ -164,3 +164,83 @@ def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, be
     mean = torch.zeros_like(Y) if U0 is None else X @ _f64(U0).T
     dist = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), covariance_matrix=C)
     return float(dist.log_prob((Y - mean).T).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: λ_ev of every module from a finished work dir (taskvec, gram-<kind>, anchor-<method>)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def module_lams(work, anchor: str, gram: str, *, eps: float | None = None,
+                lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0) -> dict[str, float]:
+    """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid).
+
+    Needs the task vectors (for Ŝ), the anchor and the Gram stages; the data kind also reads the per-task Grams
+    and the calibration token counts the Gram stage recorded. ``n_obs_scale`` multiplies N (for studies of how
+    much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
+    from .gram import task_gram_reader
+    from .solve import Sources
+
+    src = Sources(work, anchor, gram)
+    proj = src.proj
+    T = proj.num_tasks
+    kinds = ("free", "data") if gram == "hybrid" else (gram,)
+    if gram == "hybrid" and eps is None:
+        raise InputError("hybrid evidence λ needs ε")
+    tokens = None
+    task_grams = None
+    if "data" in kinds:
+        tok = src.grams["data"].manifest.get("tokens") or {}
+        tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
+        task_grams = task_gram_reader(work)
+    out: dict[str, float] = {}
+    for blk in proj.plan.blocks:
+        a = src.anchor.block(blk)
+        g = {k: src.grams[k].block(blk) for k in kinds}
+        reader = proj.reader(blk)
+        tg = task_grams(blk) if task_grams is not None else None
+        for ref in blk.modules:
+            u0 = None if src.anchor.method.name == "pretrained" else a.get(ref.key).to(torch.float64)
+            taus = proj.taus(blk, ref, reader).to(torch.float64)
+            d_out = taus.shape[1]
+            parts = []
+            for k in kinds:
+                st = g[k](ref.key)
+                S = residual_energy(taus, tg(ref.key) if k == "data" else None, u0, st.m, key=ref.key)
+                n = default_num_obs(k, T, d_out, tokens) * n_obs_scale
+                parts.append((st, S, n))
+            if len(parts) == 1:
+                st, S, n = parts[0]
+                G, B = st.G_hat, st.B_hat
+            else:
+                (sf, Sf, nf), (sd, Sd, nd) = parts
+                G = torch.lerp(sf.G_hat.double(), sd.G_hat.double(), eps)
+                B = torch.lerp(sf.B_hat.double(), sd.B_hat.double(), eps)
+                S, n = (1 - eps) * Sf + eps * Sd, (1 - eps) * nf + eps * nd
+            out[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key), lam_range)
+    return out
+
+
+def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | None = None) -> dict[str, float]:
+    """A ``bmm solve --params`` file (flat dict) with one block-group per layer and, per (layer, group), the
+    geometric mean of its modules' λ (q/k/v share attn_in, gate/up share mlp_in)."""
+    from .taskvec import load_project
+
+    proj = load_project(work)
+    layers = max(proj.plan.stack_layers.values())
+    acc: dict[tuple[int, str], list[float]] = {}
+    for blk in proj.plan.blocks:
+        b = proj.plan.block_group(blk, layers)
+        for ref in blk.modules:
+            acc.setdefault((b, ref.group), []).append(math.log(lams[ref.key]))
+    out: dict[str, float] = {}
+    from .arch import GROUPS
+
+    for b in range(layers):
+        out[f"s_{b}"] = scale
+        for grp in GROUPS:
+            v = acc.get((b, grp))
+            out[f"lam_{b}_{grp}"] = math.exp(sum(v) / len(v)) if v else 1.0
+    if eps is not None:
+        out["eps"] = eps
+    return out
