@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--domains")
     r.add_argument("--config", default="")
     a = ap.parse_args(argv)
-    set_threads(2)
+    set_threads(1)  # one thread: on a loaded 2-core machine two threads were 4x slower per step (sync waits)
     try:
         return {"score": cmd_score, "lam": cmd_lam, "report": cmd_report}[a.cmd](a)
     except BenchError as e:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"tokens per window (default {DEFAULT_TOKENS})")
     ap.add_argument("--domains", help="comma-separated subset of python,perl,man,rst")
     ap.add_argument("--cache", help="cache dir (default $BMM_DECODER_CACHE or ~/.cache/bmm-decoder)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a loaded machine)")
     a = ap.parse_args(argv)
     if not a.model:
         ap.error("--model is required (or set BMM_MODEL)")

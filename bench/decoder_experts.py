@@ -1,6 +1,6 @@
 """Decoder benchmark data and experts: SmolLM2-135M base, one fully fine-tuned expert per text domain.
 
-    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 6] [--results FILE] [--data-only]
+    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 10] [--results FILE] [--data-only]
 
 Every transformer-block parameter is trained (all linear weights and norms; the tied 49k×576 token embedding,
 which is also the LM head, stays frozen: it is shared by every expert, so merging leaves it as the base's).
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
 from bench.decoder_common import (  # noqa: E402
-    WINDOW, base_dir, build_base, build_windows, cache_dir, load_lm, load_windows, parse_domains, window_losses,
+    DOMAINS, WINDOW, base_dir, build_base, build_windows, cache_dir, load_lm, load_windows, parse_domains, window_losses,
 )
 
 EXPERT_VERSION = 1
@@ -34,7 +34,7 @@ def _log(msg: str) -> None:
 
 def recipe(domain: str, steps: int, batch: int, lr: float, seed: int) -> dict:
     return {"version": EXPERT_VERSION, "domain": domain, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-            "window": WINDOW, "optimizer": "AdamW(wd=0, betas=(0.9, 0.95))", "warmup": min(1, steps),
+            "window": WINDOW, "optimizer": "AdamW(wd=0, betas=(0.9, 0.95))", "warmup": min(2, steps),
             "trained": "transformer blocks + final norm (embedding/LM head tied, frozen)"}
 
 
@@ -83,15 +83,15 @@ def train_expert(cache: Path, domain: str, steps: int, batch: int, lr: float, se
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--domains", help="comma-separated subset of python,perl,man,rst")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-limit", type=int, default=12, help="validation windows per domain for the check (0: no check)")
     ap.add_argument("--cache", help="cache dir (default $BMM_DECODER_CACHE or ~/.cache/bmm-decoder)")
     ap.add_argument("--results", help="write the base/expert validation losses here (JSON)")
     ap.add_argument("--data-only", action="store_true", help="build the base checkpoint and windows, then stop")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a loaded machine)")
     a = ap.parse_args(argv)
     set_threads(a.threads)
     try:
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         res: dict = {"domains": {}}
         base = None
-        for i, d in enumerate(domains):
-            path = train_expert(cache, d, a.steps, a.batch, a.lr, a.seed + i)
+        for d in domains:
+            path = train_expert(cache, d, a.steps, a.batch, a.lr, a.seed + DOMAINS.index(d))  # same seed in any subset
             if a.val_limit == 0:
                 res["domains"][d] = {"train_seconds": read_json(path / "train.json")["seconds"]}
                 continue

@@ -11,10 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread each: on the loaded 2-core machine 2 threads ran 4x slower
 export BMM_DECODER_CACHE="${BMM_DECODER_CACHE:-$HOME/.cache/bmm-decoder}"
 C="$BMM_DECODER_CACHE"
 DOMAINS="${DEC_DOMAINS:-python,perl,man,rst}"
-STEPS="${DEC_STEPS:-6}"              # fine-tuning steps per expert (batch 2 x 64 tokens, lr 5e-4)
+STEPS="${DEC_STEPS:-10}"             # fine-tuning steps per expert (batch 4 x 64 tokens, lr 3e-4)
 TEST_LIMIT="${DEC_TEST_LIMIT:-16}"   # test windows per domain (one per held-out file)
 TOKENS="${DEC_TOKENS:-32}"           # tokens per scored window
 SAMPLES="${DEC_CALIB:-16}"           # calibration texts per expert for the data-assisted Grams (64 tokens each)
