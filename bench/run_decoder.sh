@@ -50,8 +50,6 @@ T=$(echo ${DOMAINS//,/ } | wc -w)
 log "bmm stages"
 timed taskvec bmm -q taskvec --base "$BASE" --experts "${EXPERTS[@]}" --work "$W" >&2
 timed gram-free bmm -q gram --work "$W" --kind free >&2
-[ "$ROWS" = all ] && timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" \
-  --max-len 64 >&2
 
 log "references"
 [ "$ROWS" = min ] && ANCHORS="ta"
@@ -66,8 +64,10 @@ MODELS+=("average=$RUN/models/average")
 
 GRAMS="free data"; [ "$ROWS" = min ] && GRAMS="free"
 log "bmm: defaults (λ, s of bmm_cli/defaults.py) and the evidence rule (λ per module by type-II ML, s = 1)"
-for a in $ANCHORS; do
-  for g in $GRAMS; do
+for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per expert) come after them
+  [ "$g" = data ] && timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" \
+    --max-len 64 >&2
+  for a in $ANCHORS; do
     timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --out "$RUN/models/bmm-$g-$a" >&2
     MODELS+=("bmm-$g-$a=$RUN/models/bmm-$g-$a")
     P="$RUN/params-evidence-$g-$a.json"

@@ -218,7 +218,22 @@ def module_lams(work, anchor: str, gram: str, *, eps: float | None = None,
                 B = torch.lerp(sf.B_hat.double(), sd.B_hat.double(), eps)
                 S, n = (1 - eps) * Sf + eps * Sd, (1 - eps) * nf + eps * nd
             out[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key), lam_range)
-    return out
+    return fill_degenerate(out, lam_range)
+
+
+def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM_RANGE) -> dict[str, float]:
+    """Modules whose evidence peaks at the lower end of the range get the median λ of the others.
+
+    Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
+    ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
+    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum). With no identifiable module at all, the
+    default λ (bmm_cli/defaults.py) is used."""
+    from .defaults import DEFAULT_LAM
+
+    lo = lam_range[0]
+    ok = sorted(v for v in lams.values() if v > lo * 1.01)
+    fill = ok[len(ok) // 2] if ok else DEFAULT_LAM
+    return {k: (v if v > lo * 1.01 else fill) for k, v in lams.items()}
 
 
 def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | None = None) -> dict[str, float]:

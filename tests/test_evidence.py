@@ -7,7 +7,7 @@ import torch
 
 from bmm_cli.errors import InputError, NumericError
 from bmm_cli.evidence import (
-    evidence_lam, log_evidence, log_evidence_dense, residual_energy, spectrum, spectrum_from_factors,
+    evidence_lam, fill_degenerate, log_evidence, log_evidence_dense, residual_energy, spectrum, spectrum_from_factors,
 )
 
 
@@ -130,3 +130,9 @@ def test_errors_name_the_module():
         log_evidence(0.0, sp)
     zero = spectrum(torch.zeros(3, 3), torch.zeros(2, 3), None, 0.0, 5)
     assert evidence_lam(zero, (1e-3, 10.0)) == 10.0  # no evidence: the anchor
+
+
+def test_modules_at_the_lower_bound_get_the_median_of_the_others():
+    filled = fill_degenerate({"a": 1e-6, "b": 0.1, "c": 0.3, "d": 0.02}, (1e-6, 1e2))
+    assert filled == {"a": 0.1, "b": 0.1, "c": 0.3, "d": 0.02}
+    assert fill_degenerate({"a": 1e-6}, (1e-6, 1e2)) == {"a": 0.03}
