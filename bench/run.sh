@@ -18,7 +18,7 @@ STEPS="${BENCH_STEPS:-300}"           # fine-tuning steps per expert
 SAMPLES="${BENCH_CALIB:-128}"         # calibration texts per task for the data-assisted Grams
 ANCHORS="${BENCH_ANCHORS:-pretrained ta ties dare tsv iso-c iso-cts wudi regmean}"
 RESULTS="${BENCH_RESULTS:-bench/results}"
-RUN="$BMM_BENCH_CACHE/run"            # models, work dir and raw scores
+RUN="${BENCH_RUN:-$BMM_BENCH_CACHE/run}"  # models, work dir and raw scores (BENCH_RUN: a separate run dir over the same data/experts)
 W="$RUN/work"
 mkdir -p "$RUN/scores" "$RESULTS"
 log() { echo "== $*" >&2; }

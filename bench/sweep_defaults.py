@@ -1,10 +1,13 @@
 """How `bmm solve`/`bmm merge` defaults (λ, s, ε) were chosen: a grid over one uniform λ and scale per BMM variant
-on the benchmark's validation split (never test), TSV anchor, the MiniLM experts of bench/run.sh.
+on a benchmark's validation split (never test).
 
-    python3 bench/sweep_defaults.py --work ~/.cache/bmm-bench/run/work          # after bench/run.sh's stages
+    python3 bench/sweep_defaults.py --work ~/.cache/bmm-bench/run/work          # MiniLM, after bench/run.sh
+    python3 bench/sweep_defaults.py --bench decoder --work ~/.cache/bmm-decoder/run/work --anchor ta \\
+        --grams free --lams evidence --scales 0.7,0.85,1.0,1.15 --out bench/results/decoder-scale.json
 
-Writes bench/results/defaults.json: the validation accuracy of every grid point and the best per variant. The
-defaults in bmm_cli/solve.py are a value that is good for every variant, not each variant's own argmax.
+``--lams evidence`` uses the per-module type-II ML λ (bmm_cli/evidence.py) instead of a uniform λ, so the grid is
+over the scale alone. MiniLM: validation accuracy (higher is better); decoder: mean validation next-token loss
+(lower is better). Writes the score of every grid point and the best per variant.
 """
 
 from __future__ import annotations
@@ -19,47 +22,71 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS_DIR, cache_dir, parse_tasks, set_threads, write_json  # noqa: E402
-from bench.eval_hook import evaluate  # noqa: E402
+from bench.common import RESULTS_DIR, set_threads, write_json  # noqa: E402
+
+
+def _scorer(a):
+    """(score function model_dir -> float, higher_is_better)."""
+    if a.bench == "minilm":
+        from bench.common import cache_dir, parse_tasks
+        from bench.eval_hook import evaluate
+
+        tasks, cache = parse_tasks(a.tasks), cache_dir(a.cache)
+        return (lambda m: evaluate(m, cache, tasks, "val", a.limit)["score"]), True
+    from bench.decoder_common import cache_dir, parse_domains
+    from bench.decoder_eval import evaluate
+
+    domains, cache = parse_domains(a.tasks), cache_dir(a.cache)
+    return (lambda m: evaluate(m, cache, domains, "val", a.limit, a.tokens)["score"]), False
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", choices=("minilm", "decoder"), default="minilm")
     ap.add_argument("--work", required=True, help="bmm work dir with taskvec, gram-free, gram-data, anchor-<anchor>")
     ap.add_argument("--anchor", default="tsv")
     ap.add_argument("--grams", default="free,data,hybrid")
-    ap.add_argument("--lams", default="0.001,0.003,0.01,0.03,0.1,0.3,1")
+    ap.add_argument("--lams", default="0.001,0.003,0.01,0.03,0.1,0.3,1", help="uniform λ values, or 'evidence'")
     ap.add_argument("--scales", default="1.0,1.15,1.3")
     ap.add_argument("--eps", type=float, default=0.5, help="ε of the hybrid variant")
-    ap.add_argument("--tasks", help="comma-separated subset (default: all five)")
-    ap.add_argument("--limit", type=int, default=150, help="validation rows per task")
-    ap.add_argument("--cache", help="bench cache dir (default $BMM_BENCH_CACHE or ~/.cache/bmm-bench)")
+    ap.add_argument("--tasks", help="comma-separated subset of the benchmark's tasks / domains")
+    ap.add_argument("--limit", type=int, default=None, help="validation rows (MiniLM, 150) / windows (decoder, 12)")
+    ap.add_argument("--tokens", type=int, default=32, help="decoder: tokens per window")
+    ap.add_argument("--cache", help="bench cache dir")
     ap.add_argument("--out", default=str(RESULTS_DIR / "defaults.json"))
     a = ap.parse_args(argv)
+    a.limit = a.limit or (150 if a.bench == "minilm" else 12)
     set_threads(2)
+    from bmm_cli.evidence import module_lams, params_per_layer
     from bmm_cli.solve import Merger, Params
 
-    tasks, cache = parse_tasks(a.tasks), cache_dir(a.cache)
-    lams = [float(x) for x in a.lams.split(",")]
+    score, higher = _scorer(a)
     scales = [float(x) for x in a.scales.split(",")]
+    lams = ["evidence"] if a.lams == "evidence" else [float(x) for x in a.lams.split(",")]
     rows, best = [], {}
     with tempfile.TemporaryDirectory(prefix="bmm-sweep-") as tmp:
         for gram in a.grams.split(","):
+            eps = a.eps if gram == "hybrid" else None
+            ev = module_lams(Path(a.work), a.anchor, gram, eps=eps) if lams == ["evidence"] else None
             merger = Merger(Path(a.work), a.anchor, gram, device="cpu")
             try:
                 for lam in lams:
                     for s in scales:
-                        params = Params.uniform(1, lam, s, a.eps if gram == "hybrid" else None)
+                        if ev is not None:
+                            params = Params.from_flat(params_per_layer(Path(a.work), ev, s, eps))
+                        else:
+                            params = Params.uniform(1, lam, s, eps)
                         model = Path(tmp) / "m"
                         merger.write(params, model)
-                        r = evaluate(model, cache, tasks, "val", a.limit)
-                        rows.append({"gram": gram, "lam": lam, "scale": s, "val_acc": r["score"]})
-                        print(f"{gram:6s} lam={lam:<6g} s={s:<5g} val {r['score']:.4f}", flush=True)
+                        v = score(model)
+                        rows.append({"gram": gram, "lam": lam, "scale": s, "val_score": v})
+                        print(f"{gram:6s} lam={lam!s:<8} s={s:<5g} val {v:.4f}", flush=True)
             finally:
                 merger.close()
             mine = [r for r in rows if r["gram"] == gram]
-            best[gram] = max(mine, key=lambda r: r["val_acc"])
-    res = {"anchor": a.anchor, "tasks": tasks, "val_limit": a.limit, "eps": a.eps, "grid": rows, "best": best}
+            best[gram] = (max if higher else min)(mine, key=lambda r: r["val_score"])
+    res = {"bench": a.bench, "anchor": a.anchor, "tasks": a.tasks, "val_limit": a.limit, "eps": a.eps,
+           "higher_is_better": higher, "grid": rows, "best": best}
     write_json(Path(a.out), res)
     print(json.dumps(best))
     return 0

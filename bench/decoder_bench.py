@@ -1,0 +1,229 @@
+"""Decoder benchmark driver: score models (cached), evidence-λ params files, and the report.
+
+    python3 bench/decoder_bench.py score --run RUN NAME=MODEL_DIR ... [--split test] [--limit 16] [--tokens 32]
+    python3 bench/decoder_bench.py lam --work W --anchor ta --gram free --scale 1.0 --out params.json
+    python3 bench/decoder_bench.py report --run RUN --out bench/results [--config "k=v ..."]
+
+`score` evaluates every model in one process (no interpreter start per model) into RUN/scores/NAME.json; a score
+is reused while it is newer than the model's bmm_merge.json / model.safetensors. An `expert-<domain>` row is scored
+on its own domain only (all the gap needs). `report` writes decoder.json, decoder.md and decoder.png: loss per
+domain, gap closed (mean over domains of (L_base - L)/(L_base - L_expert)) and paired standard errors on the same
+windows (each row against its anchor, and against the best reference merge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
+from bench.decoder_common import DOMAINS, cache_dir, load_lm, load_windows, parse_domains, window_losses  # noqa: E402
+
+REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _stamp(model: Path) -> float:
+    cands = [model / "bmm_merge.json", model / "model.safetensors", model / "config.json"]
+    return max((p.stat().st_mtime for p in cands if p.exists()), default=0.0)
+
+
+def cmd_score(a) -> int:
+    run, cache = Path(a.run), cache_dir(a.cache)
+    domains = parse_domains(a.domains)
+    (run / "scores").mkdir(parents=True, exist_ok=True)
+    data = {d: load_windows(cache, d, a.split, a.limit)[:, :a.tokens] for d in domains}
+    for spec in a.models:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise BenchError(f"score: {spec!r} is not NAME=MODEL_DIR")
+        model_dir = Path(path)
+        f = run / "scores" / f"{name}.json"
+        if f.exists() and f.stat().st_mtime >= _stamp(model_dir):
+            _log(f"{name}: cached")
+            continue
+        if not model_dir.is_dir():
+            raise BenchError(f"score {name}: {model_dir} is not a model directory")
+        t0 = time.time()
+        model = load_lm(model_dir)
+        mine = [name[len("expert-"):]] if name.startswith("expert-") else domains
+        out = {"model": str(model_dir), "split": a.split, "limit": a.limit, "tokens": a.tokens}
+        for d in mine:
+            w = window_losses(model, data[d])
+            out[f"loss/{d}"] = float(w.mean())
+            out[f"windows/{d}"] = w.tolist()
+        out["seconds"] = round(time.time() - t0, 1)
+        write_json(f, out)
+        _log(f"{name}: " + " ".join(f"{d} {out[f'loss/{d}']:.4f}" for d in mine) + f" ({out['seconds']} s)")
+        del model
+    return 0
+
+
+def cmd_lam(a) -> int:
+    from bmm_cli.evidence import module_lams, params_per_layer
+
+    lams = module_lams(Path(a.work), a.anchor, a.gram, eps=a.eps, n_obs_scale=a.n_scale)
+    params = params_per_layer(Path(a.work), lams, a.scale, a.eps if a.gram == "hybrid" else None)
+    vals = sorted(lams.values())
+    params_info = {"lam_min": vals[0], "lam_median": vals[len(vals) // 2], "lam_max": vals[-1]}
+    write_json(Path(a.out), params)
+    write_json(Path(a.out).with_suffix(".modules.json"), {"modules": lams, **params_info})
+    print(json.dumps(params_info))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def gap_stats(rows: dict, domains: list[str]) -> dict:
+    """Per row: loss per domain, gap closed, and helpers for paired SEs (per-window scaled losses)."""
+    base = rows["base"]
+    gaps = {}
+    for d in domains:
+        e = rows.get(f"expert-{d}")
+        if e is None:
+            raise BenchError(f"report: no expert-{d} score")
+        gaps[d] = base[f"loss/{d}"] - e[f"loss/{d}"]
+        if gaps[d] <= 0:
+            raise BenchError(f"report: expert-{d} is not better than the base on {d} (gap {gaps[d]:.4f})")
+    out = {}
+    for name, r in rows.items():
+        if name.startswith("expert-"):
+            continue
+        gc = sum((base[f"loss/{d}"] - r[f"loss/{d}"]) / gaps[d] for d in domains) / len(domains)
+        out[name] = {"loss": {d: round(r[f"loss/{d}"], 4) for d in domains},
+                     "mean_loss": round(sum(r[f"loss/{d}"] for d in domains) / len(domains), 4),
+                     "gap_closed": round(gc, 4)}
+    return {"gaps": gaps, "rows": out}
+
+
+def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str]) -> float:
+    """SE of gap_closed(r1) - gap_closed(r2) on the same windows (domains independent)."""
+    var = 0.0
+    for d in domains:
+        a, b = r1[f"windows/{d}"], r2[f"windows/{d}"]
+        n = len(a)
+        diff = [(y - x) / gaps[d] for x, y in zip(a, b)]  # (L2 - L1)/gap: positive when r1 is better
+        mu = sum(diff) / n
+        var += sum((x - mu) ** 2 for x in diff) / (n - 1) / n
+    return math.sqrt(var) / len(domains)
+
+
+def anchor_of(name: str) -> str | None:
+    if name.startswith("bmm-"):
+        parts = name.split("-")
+        return f"anchor-{parts[2]}" if len(parts) > 2 else None
+    return None
+
+
+def cmd_report(a) -> int:
+    run, out_dir = Path(a.run), Path(a.out)
+    domains = parse_domains(a.domains)
+    rows = {p.stem: read_json(p) for p in sorted((run / "scores").glob("*.json"))}
+    st = gap_stats(rows, domains)
+    refs = [r for r in REFERENCES if r in st["rows"]]
+    best_ref = max(refs, key=lambda r: st["rows"][r]["gap_closed"]) if refs else None
+    for name, r in st["rows"].items():
+        anc = anchor_of(name)
+        if anc in rows:
+            r["vs_anchor"] = {"anchor": anc, "diff": round(r["gap_closed"] - st["rows"][anc]["gap_closed"], 4),
+                              "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], domains), 4)}
+        if best_ref and name != best_ref:
+            r["vs_best_reference"] = {"reference": best_ref,
+                                      "diff": round(r["gap_closed"] - st["rows"][best_ref]["gap_closed"], 4),
+                                      "se": round(paired_gap_se(rows[name], rows[best_ref], st["gaps"], domains), 4)}
+    experts = {d: round(rows[f"expert-{d}"][f"loss/{d}"], 4) for d in domains}
+    res = {"benchmark": "decoder (SmolLM2-135M-Instruct, 4 Debian text domains)", "domains": domains,
+           "expert_own_loss": experts, "gap": {d: round(v, 4) for d, v in st["gaps"].items()},
+           "rows": st["rows"], "best_reference": best_ref, "config": a.config,
+           "machine": "2 shared CPU cores (other jobs running: load average 8-13); times are wall clock"}
+    extra = run / "scores" / "timings.json"
+    if extra.exists():
+        res["timings"] = read_json(extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "decoder.json", res)
+    (out_dir / "decoder.md").write_text(markdown(res), encoding="utf-8")
+    plot(res, out_dir / "decoder.png")
+    print(json.dumps({k: v["gap_closed"] for k, v in res["rows"].items()}))
+    return 0
+
+
+def markdown(res: dict) -> str:
+    ds = res["domains"]
+    lines = ["| row | " + " | ".join(f"loss {d}" for d in ds) + " | gap closed | vs anchor (± paired SE) | "
+             f"vs {res['best_reference']} |", "|---|" + "---:|" * (len(ds) + 3)]
+    lines.append("| expert (own domain) | " + " | ".join(f"{res['expert_own_loss'][d]:.4f}" for d in ds)
+                 + " | 1 | | |")
+    for name, r in res["rows"].items():
+        va = r.get("vs_anchor")
+        vb = r.get("vs_best_reference")
+        lines.append(f"| {name} | " + " | ".join(f"{r['loss'][d]:.4f}" for d in ds) + f" | {r['gap_closed']:.3f} | "
+                     + (f"{va['diff']:+.3f} ± {va['se']:.3f}" if va else "") + " | "
+                     + (f"{vb['diff']:+.3f} ± {vb['se']:.3f}" if vb else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["rows"])
+    vals = [res["rows"][n]["gap_closed"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(names) + 1.2))
+    colors = ["tab:gray" if not n.startswith("bmm") else "tab:blue" for n in names]
+    ax.barh(range(len(names)), vals, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("gap closed on test (1 = each expert on its own domain)")
+    ax.set_title("Decoder benchmark: SmolLM2-135M, 4 domain experts")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("score")
+    s.add_argument("--run", required=True)
+    s.add_argument("--split", choices=("val", "test"), default="test")
+    s.add_argument("--limit", type=int, default=16)
+    s.add_argument("--tokens", type=int, default=32)
+    s.add_argument("--domains")
+    s.add_argument("--cache")
+    s.add_argument("models", nargs="+", help="NAME=MODEL_DIR")
+    l_ = sub.add_parser("lam")
+    l_.add_argument("--work", required=True)
+    l_.add_argument("--anchor", required=True)
+    l_.add_argument("--gram", choices=("free", "data", "hybrid"), required=True)
+    l_.add_argument("--scale", type=float, default=1.0)
+    l_.add_argument("--eps", type=float)
+    l_.add_argument("--n-scale", type=float, default=1.0, help="multiply the evidence's N (a study knob)")
+    l_.add_argument("--out", required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--run", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--domains")
+    r.add_argument("--config", default="")
+    a = ap.parse_args(argv)
+    set_threads(1)  # one thread: on a loaded 2-core machine two threads were 4x slower per step (sync waits)
+    try:
+        return {"score": cmd_score, "lam": cmd_lam, "report": cmd_report}[a.cmd](a)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""λ per module by type-II maximum likelihood: the evidence of BMM's Bayesian linear regression.
+
+The regression behind ``U = (B + λ_abs·U0)(G + λ_abs·I)⁻¹`` (paper Eq. 4-7): for one module and each output row
+``j``, every task t contributes observations ``(x, y_j = u_tj·x)`` for inputs ``x`` of that task (data-assisted:
+the expert's activations, ``G_t = Σ x xᵀ``; data-free: the rows of ``U_t`` themselves, ``G_t = U_tᵀU_t``). With a
+row prior ``w ~ N(u0_j, α⁻¹I)`` and noise ``N(0, β⁻¹)`` the MAP row is the formula above with ``λ_abs = α/β``, and
+the evidence ``p(y) = N(y; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` has a closed form in the eigen-decomposition ``G = QΛQᵀ``:
+
+    log p = -½ Σ_j [ N log 2π - N log β + Σ_i log(1 + βΛ_i/α) + β·R_j(λ_abs) ]
+    R(λ)  = Σ_j R_j = S - Σ_i c_i / (λ + Λ_i),   c_i = Σ_j Z_ji²,   Z = (B - U0·G)·Q,
+    S     = Σ_t tr((U_t - U0) G_t (U_t - U0)ᵀ)   (the prior-mean residual energy)
+
+``R(λ)`` is the minimised MAP objective. Maximising over β (``β* = d_out·N / R``) leaves, per output row,
+
+    f(λ) = -½ [ N·log R(λ) + Σ_i log(1 + Λ_i/λ) ]  + const,
+
+and ``λ_ev = argmax f``. Everything is invariant to BMM's relative units (``Ĝ = G/m``, ``B̂ = B/m``, ``Ŝ = S/m``,
+``λ = λ_abs/m``): ``log R`` only shifts by ``log m``. So the rule works on exactly the cached ``Λ̂`` (eigenvalues of
+Ĝ), ``B̂Q``, ``U0Q`` plus one scalar ``Ŝ`` per module. ``N`` is the number of observations per row: ``T·d_out`` for
+the data-free Gram; for the data Gram (each ``G_t`` a per-token mean) the number of calibration tokens is what the
+model assumes, see :func:`default_num_obs`.
+
+All of it is fp64. :func:`log_evidence_dense` is the brute-force Gaussian density the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import InputError, NumericError
+
+Tensor = torch.Tensor
+
+LAM_RANGE = (1e-6, 1e2)  # relative λ searched by evidence_lam (log grid, then a golden-section refinement)
+GRID_POINTS = 97
+_R_FLOOR = 1e-12  # R(λ) is floored at this fraction of S (R(0) = 0 only when one W fits every task exactly)
+
+
+@dataclass
+class Spectrum:
+    """What the evidence of one module depends on, in relative units (fp64)."""
+
+    lam: Tensor  # [d] eigenvalues of Ĝ (clamped at 0)
+    c: Tensor  # [d] Σ_j Z_ji², Z = (B̂ - U0·Ĝ)Q
+    S: float  # Ŝ = S/m
+    n_obs: float  # observations per output row (N)
+    key: str = "<module>"
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(dtype=torch.float64)
+
+
+def spectrum_from_factors(lam: Tensor, BQ: Tensor, U0Q: Tensor | None, S_hat: float, n_obs: float, *,
+                          key: str = "<module>") -> Spectrum:
+    """From the search cache of one module: eigenvalues Λ of Ĝ, ``B̂Q``, ``U0Q`` (None = zero anchor)."""
+    lam64 = _f64(lam).clamp_min(0.0)
+    Z = _f64(BQ)
+    if U0Q is not None:
+        Z = Z - _f64(U0Q) * lam64  # (B̂ - U0Ĝ)Q = B̂Q - U0Q·diag(Λ)
+    return _checked(Spectrum(lam64, (Z * Z).sum(0), float(S_hat), float(n_obs), key))
+
+
+def spectrum(G_hat: Tensor, B_hat: Tensor, u0: Tensor | None, S_hat: float, n_obs: float, *,
+             key: str = "<module>") -> Spectrum:
+    """From the normalised statistics themselves (one fp64 eigh)."""
+    G = _f64(G_hat)
+    lam, Q = torch.linalg.eigh(0.5 * (G + G.T))
+    BQ = _f64(B_hat) @ Q
+    U0Q = None if u0 is None else _f64(u0) @ Q
+    return spectrum_from_factors(lam, BQ, U0Q, S_hat, n_obs, key=key)
+
+
+def _checked(sp: Spectrum) -> Spectrum:
+    if not (math.isfinite(sp.S) and sp.S >= 0):
+        raise NumericError(f"{sp.key}: residual energy Ŝ = {sp.S} must be a finite number ≥ 0")
+    if not (math.isfinite(sp.n_obs) and sp.n_obs > 0):
+        raise InputError(f"{sp.key}: number of observations N = {sp.n_obs} must be > 0")
+    if not (bool(torch.isfinite(sp.lam).all()) and bool(torch.isfinite(sp.c).all())):
+        raise NumericError(f"{sp.key}: NaN/Inf in the eigen-decomposition of Ĝ or in B̂Q/U0Q")
+    return sp
+
+
+def residual_energy(taus: Tensor | Sequence[Tensor], grams: Tensor | Sequence[Tensor] | None, u0: Tensor | None,
+                    m: float, *, key: str = "<module>") -> float:
+    """``Ŝ = Σ_t tr((U_t - U0) G_t (U_t - U0)ᵀ) / m``; ``grams=None`` means the data-free ``G_t = U_tᵀU_t``.
+
+    ``m`` is the stage's normaliser ``tr(G)/d_in`` (0: no evidence, Ŝ = 0)."""
+    if m <= 0:
+        return 0.0
+    items = list(taus.unbind(0)) if isinstance(taus, Tensor) else list(taus)
+    gl = [None] * len(items) if grams is None else (list(grams.unbind(0)) if isinstance(grams, Tensor)
+                                                    else list(grams))
+    if len(gl) != len(items):
+        raise InputError(f"{key}: {len(items)} task vectors but {len(gl)} Grams")
+    total = 0.0
+    for u, g in zip(items, gl):
+        u = _f64(u)
+        d = u if u0 is None else u - _f64(u0)
+        if g is None:  # tr(D UᵀU Dᵀ) = ‖U Dᵀ‖²
+            total += float((u @ d.T).square().sum())
+        else:
+            total += float(((d @ _f64(g)) * d).sum())
+    return total / m
+
+
+def log_evidence(lam: float | Tensor, sp: Spectrum) -> Tensor:
+    """Profiled log-evidence per output row, ``-½[N log R(λ) + Σ log(1 + Λ_i/λ)]`` (constants dropped)."""
+    lam_t = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1)
+    if bool((lam_t <= 0).any()):
+        raise InputError(f"{sp.key}: λ must be > 0")
+    R = sp.S - (sp.c / (lam_t + sp.lam)).sum(1)
+    R = R.clamp_min(_R_FLOOR * max(sp.S, 1e-300))
+    occ = torch.log1p(sp.lam / lam_t).sum(1)
+    out = -0.5 * (sp.n_obs * torch.log(R) + occ)
+    return out if torch.is_tensor(lam) and torch.as_tensor(lam).dim() > 0 else out.reshape(())
+
+
+def evidence_lam(sp: Spectrum, lam_range: tuple[float, float] = LAM_RANGE, points: int = GRID_POINTS) -> float:
+    """``argmax_λ f(λ)`` over a log grid on ``lam_range``, refined by golden-section search in log λ."""
+    lo, hi = lam_range
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise InputError(f"{sp.key}: λ range {lam_range} must satisfy 0 < lo < hi")
+    if float(sp.lam.max()) <= 0 or sp.S <= 0:
+        return hi  # no evidence: the anchor, i.e. the largest λ
+    grid = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64)
+    vals = log_evidence(grid, sp)
+    i = int(torch.argmax(vals))
+    a = math.log(grid[max(i - 1, 0)])
+    b = math.log(grid[min(i + 1, points - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    f = lambda x: float(log_evidence(torch.tensor([math.exp(x)], dtype=torch.float64), sp)[0])  # noqa: E731
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(40):
+        if fc > fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return math.exp(0.5 * (a + b))
+
+
+def default_num_obs(kind: str, num_tasks: int, d_out: int, tokens: float | None = None) -> float:
+    """N of the evidence: data-free ``T·d_out`` (the rows of the task vectors are the inputs); data-assisted the
+    calibration tokens of all tasks (the Gram stage records them), ``T·d_out`` when unknown."""
+    if kind == "free" or tokens is None:
+        return float(num_tasks * d_out)
+    return float(tokens)
+
+
+def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, beta: float) -> float:
+    """Brute force: ``Σ_j log N(y_j; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` for stacked inputs X [N, d], targets Y [N, d_out]."""
+    X, Y = _f64(X), _f64(Y)
+    n = X.shape[0]
+    C = torch.eye(n, dtype=torch.float64) / beta + (X @ X.T) / alpha
+    mean = torch.zeros_like(Y) if U0 is None else X @ _f64(U0).T
+    dist = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=torch.float64), covariance_matrix=C)
+    return float(dist.log_prob((Y - mean).T).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole model: λ_ev of every module from a finished work dir (taskvec, gram-<kind>, anchor-<method>)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def module_lams(work, anchor: str, gram: str, *, eps: float | None = None,
+                lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0) -> dict[str, float]:
+    """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid).
+
+    Needs the task vectors (for Ŝ), the anchor and the Gram stages; the data kind also reads the per-task Grams
+    and the calibration token counts the Gram stage recorded. ``n_obs_scale`` multiplies N (for studies of how
+    much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
+    from .gram import task_gram_reader
+    from .solve import Sources
+
+    src = Sources(work, anchor, gram)
+    proj = src.proj
+    T = proj.num_tasks
+    kinds = ("free", "data") if gram == "hybrid" else (gram,)
+    if gram == "hybrid" and eps is None:
+        raise InputError("hybrid evidence λ needs ε")
+    tokens = None
+    task_grams = None
+    if "data" in kinds:
+        tok = src.grams["data"].manifest.get("tokens") or {}
+        tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
+        task_grams = task_gram_reader(work)
+    out: dict[str, float] = {}
+    for blk in proj.plan.blocks:
+        a = src.anchor.block(blk)
+        g = {k: src.grams[k].block(blk) for k in kinds}
+        reader = proj.reader(blk)
+        tg = task_grams(blk) if task_grams is not None else None
+        for ref in blk.modules:
+            u0 = None if src.anchor.method.name == "pretrained" else a.get(ref.key).to(torch.float64)
+            taus = proj.taus(blk, ref, reader).to(torch.float64)
+            d_out = taus.shape[1]
+            parts = []
+            for k in kinds:
+                st = g[k](ref.key)
+                S = residual_energy(taus, tg(ref.key) if k == "data" else None, u0, st.m, key=ref.key)
+                n = default_num_obs(k, T, d_out, tokens) * n_obs_scale
+                parts.append((st, S, n))
+            if len(parts) == 1:
+                st, S, n = parts[0]
+                G, B = st.G_hat, st.B_hat
+            else:
+                (sf, Sf, nf), (sd, Sd, nd) = parts
+                G = torch.lerp(sf.G_hat.double(), sd.G_hat.double(), eps)
+                B = torch.lerp(sf.B_hat.double(), sd.B_hat.double(), eps)
+                S, n = (1 - eps) * Sf + eps * Sd, (1 - eps) * nf + eps * nd
+            out[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key), lam_range)
+    return fill_degenerate(out, lam_range)
+
+
+def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM_RANGE) -> dict[str, float]:
+    """Modules whose evidence peaks at the lower end of the range get the median λ of the others.
+
+    Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
+    ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
+    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum). With no identifiable module at all, the
+    default λ (bmm_cli/defaults.py) is used."""
+    from .defaults import DEFAULT_LAM
+
+    lo = lam_range[0]
+    ok = sorted(v for v in lams.values() if v > lo * 1.01)
+    fill = ok[len(ok) // 2] if ok else DEFAULT_LAM
+    return {k: (v if v > lo * 1.01 else fill) for k, v in lams.items()}
+
+
+def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | None = None) -> dict[str, float]:
+    """A ``bmm solve --params`` file (flat dict) with one block-group per layer and, per (layer, group), the
+    geometric mean of its modules' λ (q/k/v share attn_in, gate/up share mlp_in)."""
+    from .taskvec import load_project
+
+    proj = load_project(work)
+    layers = max(proj.plan.stack_layers.values())
+    acc: dict[tuple[int, str], list[float]] = {}
+    for blk in proj.plan.blocks:
+        b = proj.plan.block_group(blk, layers)
+        for ref in blk.modules:
+            acc.setdefault((b, ref.group), []).append(math.log(lams[ref.key]))
+    out: dict[str, float] = {}
+    from .arch import GROUPS
+
+    for b in range(layers):
+        out[f"s_{b}"] = scale
+        for grp in GROUPS:
+            v = acc.get((b, grp))
+            out[f"lam_{b}_{grp}"] = math.exp(sum(v) / len(v)) if v else 1.0
+    if eps is not None:
+        out["eps"] = eps
+    return out
