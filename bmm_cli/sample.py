@@ -16,7 +16,10 @@ With ``Ĝ = QΛQᵀ`` (one eigh per sampled module, fp64) a draw is one GEMM:
 ``U = U_MAP + (r/√β) · E · diag((Λ+λ)^{-1/2}) · Qᵀ``, E standard normal ``[d_out, d_in]``, and the merged weight
 is ``W = W_pre + s·U``: the scale s applies to the sampled ``U`` as to the MAP (so the noise in W is ``s`` times
 the noise in U; the IID baseline is scaled the same way). ``U_MAP`` is the same Cholesky solve as ``bmm solve``,
-so β = ∞ reproduces its model byte for byte. Hybrid Grams work the same (Ĝ is mixed with ε, then eigh'd).
+so β = ∞ reproduces its model byte for byte. Hybrid Grams work the same (Ĝ is mixed with ε, then eigh'd). The
+search's cached factors (``factors-<anchor>-<gram>/``) are not needed: they would factorize every module of the
+model, while a draw needs the eigenbasis of the sampled modules only (one eigh each, fp64, done here). Memory:
+``W_pre``, ``U_MAP`` and ``Q`` of every sampled module stay resident (fp32) while the S models are written.
 
 E is drawn on the CPU from a generator seeded by (``--seed``, sample index, module key): sample i is the same
 whatever S is and whatever modules are sampled alongside.
