@@ -122,7 +122,8 @@ def log_grid(spec: str, points: int) -> list[float]:
     if points < 2:
         raise InputError(f"--grid {points}: a range needs at least 2 points")
     step = (math.log(hi) - math.log(lo)) / (points - 1)
-    return [math.exp(math.log(lo) + i * step) for i in range(points)]
+    inner = [float(f"{math.exp(math.log(lo) + i * step):.12g}") for i in range(1, points - 1)]  # 30.0, not 29.99…
+    return [lo, *inner, hi]
 
 
 def pick_best(scores: Sequence[tuple[float, float | None]], *, minimize: bool) -> tuple[float, float]:

@@ -15,8 +15,13 @@ recorded in ``samples.json``.
 With ``Ĝ = QΛQᵀ`` (one eigh per sampled module, fp64) a draw is one GEMM:
 ``U = U_MAP + (r/√β) · E · diag((Λ+λ)^{-1/2}) · Qᵀ``, E standard normal ``[d_out, d_in]``, and the merged weight
 is ``W = W_pre + s·U``: the scale s applies to the sampled ``U`` as to the MAP (so the noise in W is ``s`` times
-the noise in U; the IID baseline is scaled the same way). ``U_MAP`` is the same Cholesky solve as ``bmm solve``,
-so β = ∞ reproduces its model byte for byte. Hybrid Grams work the same (Ĝ is mixed with ε, then eigh'd).
+the noise in U; the IID baseline is scaled the same way). ``W_pre + s·U_MAP`` is read from the MAP model that
+``bmm solve`` writes to ``DIR/map`` (so a draw is ``W_map + s·noise``, and β = ∞ reproduces it byte for byte,
+whichever solve path made it). Hybrid Grams work the same (Ĝ is mixed with ε, then eigh'd). The
+search's cached factors (``factors-<anchor>-<gram>/``) are not needed: they would factorize every module of the
+model, while a draw needs the eigenbasis of the sampled modules only (one eigh each, fp64, done here). Memory:
+``Q`` of every sampled module stays resident (fp32) while the S models are written. With a 16-bit ``--dtype``
+the noise is added to the MAP weight as stored (one extra rounding, far below the noise).
 
 E is drawn on the CPU from a generator seeded by (``--seed``, sample index, module key): sample i is the same
 whatever S is and whatever modules are sampled alongside.
@@ -43,14 +48,14 @@ import torch
 from . import __version__, atomic
 from .arch import Block, ModuleRef, Plan
 from .calibration import log_grid, pick_best
-from .closed_form import eig_gram, hybrid_stats, solve_direct
+from .closed_form import eig_gram, hybrid_stats
 from .device import resolve_device
 from .errors import InputError
 from .hooks import render_command, run_hook
 from .progress import info, track
 from .solve import Params, Sources, resolve_params, solve
 from .store import MARKER_NAME, Checkpoint, ModelWriter, check_not_input, model_card, parse_dtype, parse_size, read_header
-from .taskvec import from_linear
+from .taskvec import from_linear, to_linear
 
 MANIFEST = "samples.json"
 MAP_DIR = "map"
@@ -131,28 +136,31 @@ def posterior_noise(E: torch.Tensor, Q: torch.Tensor, evals: torch.Tensor, lam: 
 @dataclass
 class Module:
     ref: ModuleRef
-    w0: torch.Tensor  # W_pre [d_out, d_in] fp32 on the device
-    U: torch.Tensor  # U_MAP
+    shape: tuple[int, int]  # [d_out, d_in]
     s: float
     lam: float
     r: float  # RMS of W_pre
-    Q: torch.Tensor | None  # eigenbasis of Ĝ (posterior noise only)
+    Q: torch.Tensor | None  # eigenbasis of Ĝ (posterior noise only), fp32 on the device
     evals: torch.Tensor | None
     m: float
 
-    def weight(self, sample: int, *, seed: int, beta: float | None, iid: float | None) -> torch.Tensor:
-        """Merged weight of one draw, in the checkpoint orientation, on the CPU."""
+    def weight(self, sample: int, W_map: torch.Tensor, *, seed: int, beta: float | None,
+               iid: float | None) -> torch.Tensor:
+        """One draw ``W_map + s·noise`` from the MAP model's weight (checkpoint orientation in and out, CPU).
+
+        ``W_map = W_pre + s·U_MAP`` as `bmm solve` wrote it, so β = ∞ returns it unchanged (the same bytes).
+        """
         if iid is None and math.isinf(beta):
-            W = self.w0 + self.s * self.U  # exactly what `bmm solve` computes
-        else:
-            E = standard_normal(tuple(self.U.shape), seed, sample, self.ref.key).to(self.U.device)
-            noise = E * (iid * self.r) if iid is not None else posterior_noise(E, self.Q, self.evals, self.lam, beta,
-                                                                              self.r)
-            W = self.w0 + self.s * (self.U + noise)
+            return W_map
+        dev = self.Q.device if self.Q is not None else torch.device("cpu")
+        E = standard_normal(self.shape, seed, sample, self.ref.key).to(dev)
+        noise = E * (iid * self.r) if iid is not None else posterior_noise(E, self.Q, self.evals, self.lam, beta,
+                                                                          self.r)
+        W = to_linear(self.ref, W_map).to(device=dev, dtype=torch.float32) + self.s * noise
         return from_linear(self.ref, W.cpu())
 
     def describe(self, beta: float | None, iid: float | None) -> dict:
-        d = {"key": self.ref.key, "shape": list(self.U.shape), "lam": self.lam, "s": self.s, "m": self.m,
+        d = {"key": self.ref.key, "shape": list(self.shape), "lam": self.lam, "s": self.s, "m": self.m,
              "base_rms": self.r}
         if iid is not None:
             d["noise_rms_rel"] = iid
@@ -166,7 +174,7 @@ class Module:
 
 def prepare_modules(src: Sources, params: Params, refs: list[ModuleRef], *, dev: torch.device,
                     need_basis: bool) -> list[Module]:
-    """U_MAP (the Cholesky solve of ``bmm solve``), W_pre and, for posterior noise, the eigenbasis of Ĝ."""
+    """Per sampled module: λ, s, the RMS of W_pre and, for posterior noise, the eigenbasis of Ĝ (fp64 eigh)."""
     proj = src.proj
     by_block: dict[int, list[ModuleRef]] = {}
     blocks = {}
@@ -176,27 +184,24 @@ def prepare_modules(src: Sources, params: Params, refs: list[ModuleRef], *, dev:
                 by_block.setdefault(blk.index, []).append(ref)
                 blocks[blk.index] = blk
     out: list[Module] = []
-    for bi in track(sorted(by_block), "prepare sampled modules (solve + eigh)"):
+    for bi in track(sorted(by_block), "prepare sampled modules (eigh of Ĝ)"):
         blk = blocks[bi]
-        a = src.anchor.block(blk)
         g = {k: gs.block(blk) for k, gs in src.grams.items()}
         for ref in by_block[bi]:
             lam, s = params.lam_scale(proj, blk, ref.group)
-            u0 = a.get(ref.key).to(dev)
             if src.gram == "hybrid":
-                st = hybrid_stats(g["free"](ref.key).to(dev), g["data"](ref.key).to(dev), params.eps, key=ref.key)
+                st = hybrid_stats(g["free"](ref.key), g["data"](ref.key), params.eps, key=ref.key)
             else:
-                st = g[src.gram](ref.key).to(dev)
-            U = solve_direct(st.G_hat, st.B_hat, u0, lam, key=ref.key, dtype=torch.float32)
-            w0 = proj.base_linear(ref).to(dev)
+                st = g[src.gram](ref.key)
+            w0 = proj.base_linear(ref)
             r = float(w0.double().square().mean().sqrt())
             if not (r > 0 and math.isfinite(r)):
                 raise InputError(f"{ref.key}: the base weight is all zero, so noise relative to its RMS is undefined")
             Q = evals = None
             if need_basis:
-                Q64, ev64 = eig_gram(st.G_hat, key=ref.key, dtype=torch.float64)
+                Q64, ev64 = eig_gram(st.G_hat.to(dev), key=ref.key, dtype=torch.float64)
                 Q, evals = Q64.float(), ev64.float()
-            out.append(Module(ref, w0, U, s, lam, r, Q, evals, st.m))
+            out.append(Module(ref, tuple(w0.shape), s, lam, r, Q, evals, st.m))
     return out
 
 
@@ -253,8 +258,8 @@ def write_sample(i: int, mods: list[Module], src: Sources, map_ckpt: Checkpoint,
             if sh.name in writer.done:
                 continue
             for key in sh.keys:
-                writer.add(key, drawn[key].weight(i, seed=seed, beta=beta, iid=iid) if key in drawn
-                           else map_ckpt.get(key))
+                W_map = map_ckpt.get(key)
+                writer.add(key, drawn[key].weight(i, W_map, seed=seed, beta=beta, iid=iid) if key in drawn else W_map)
     rec = {**recipe, "sample": i}
     writer.close(recipe=rec, card=model_card({"title": f"BMM posterior sample {i}", **rec}))
     return {"linked_shards": linked, "shards": len(writer.shards)}

@@ -66,7 +66,8 @@ def test_paired_standard_errors():
 
 
 def test_log_grid_and_pick_best():
-    assert log_grid("1:100", 3) == pytest.approx([1.0, 10.0, 100.0])
+    assert log_grid("1:100", 3) == [1.0, 10.0, 100.0]
+    assert log_grid("3:300", 3) == [3.0, 30.0, 300.0]
     assert log_grid("5", 7) == [5.0]
     for bad in ("0:1", "a:b", "1:2:3", "1:inf"):
         with pytest.raises(InputError):
