@@ -468,8 +468,10 @@ class _Driver:
         rec = self._record(o, y)
         if ok and _is_better(o.score, self.best, self.minimize):
             prev, self.best = self.best, rec
+            t_keep = time.monotonic()
             self.runner.keep(o, dict(o.params), o.model_dir, self.dest(rec), self.marker(rec),
                              self.model_env(o.trial, o.worker))
+            self.kept.append(round(time.monotonic() - t_keep, 4))
             self.write_best(rec)
             if self.out is None and prev is not None:
                 shutil.rmtree(self.trial_dir / f"trial-{prev['trial']:04d}", ignore_errors=True)
@@ -493,6 +495,7 @@ class _Driver:
         self.results: queue.Queue[Outcome] = queue.Queue()
         self.in_flight: dict[int, Outcome] = {}
         self.launched: dict[int, float] = {}
+        self.kept: list[float] = []  # seconds of each "new best -> out" (a move; a full write for in-memory)
         self.free = list(range(self.runner.slots))
         self.view = _View(self.space, self.trials, self.minimize)
         self.session_failed = 0
@@ -575,6 +578,7 @@ class _Driver:
             "best_params": None if best is None else best["params"],
             "model": None if model is None else str(model),
             "minimize": self.minimize,
+            "best_kept_s": getattr(self, "kept", []),
             "time": _now(),
         }
         with contextlib.suppress(OSError):
