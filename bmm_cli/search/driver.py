@@ -44,7 +44,8 @@ from .local import LocalRunner, Runner
 from .plot import plot_convergence
 from .propose import _propose, _replay
 from .space import SearchSpace
-from .state import _archive, _fields, _flock, _is_better, _load_records, _normalize, _now, kill_leftover_hooks
+from .state import (_archive, _describe_objective, _fields, _flock, _is_better, _load_records, _normalize, _now,
+                    kill_leftover_hooks)
 from .trial import MARKER, Outcome, TrialWorker
 from .view import _View
 
