@@ -1,6 +1,7 @@
 """``bmm search``: Bayesian optimization of the BMM hyper-parameters, scored by the user's evaluation.
 
-The parts: :mod:`.space` (the parameters and their ranges), :mod:`.driver` (the GP loop, records, resume),
+The parts: :mod:`.space` (the parameters and their ranges), :mod:`.driver` (the GP loop, records, resume; with
+:mod:`.state` (lock, records file, leftovers) and :mod:`.propose` (history replay, proposals)),
 :mod:`.trial` (one trial where its worker lives), :mod:`.local` (the runner interface and its thread backend),
 :mod:`.ray` (Ray actors), :mod:`.inmemory` (a resident model updated in place, Python scorers), :mod:`.lmeval`
 (the lm-evaluation-harness scorer), :mod:`.command` (``bmm search`` itself: the loop wired to the cached BMM

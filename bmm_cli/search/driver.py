@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import re
@@ -36,14 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from bmm_cli.atomic import append_line, fsync_dir, read_jsonl, recover_dir_swap, write_json
+from bmm_cli.atomic import append_line, recover_dir_swap, write_json
 from bmm_cli.errors import InputError, StateError
-from bmm_cli.hooks import kill_process_group, render_command
+from bmm_cli.hooks import render_command
 from bmm_cli.progress import info
 
 from .local import LocalRunner, Runner
 from .plot import plot_convergence
+from .propose import _propose, _replay
 from .space import SearchSpace
+from .state import (_archive, _describe_objective, _fields, _flock, _is_better, _load_records, _normalize, _now,
+                    kill_leftover_hooks)
 from .trial import MARKER, Outcome, TrialWorker
 from .view import _View
 
@@ -61,170 +63,6 @@ class SearchResult:
     best_metrics: dict = field(default_factory=dict)
     model: Path | None = None  # where the best model lies: `out`, or its trial directory when no `out` was given
     state_dir: Path | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# locks, leftovers, small helpers
-
-
-@contextlib.contextmanager
-def _flock(path: Path, what: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise StateError(f"another bmm search is running on {what} (lock {path}); wait for it or stop it") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def kill_leftover_hooks(run_id: str, grace: float, trial: int | None = None) -> int:
-    """Kill hooks of this search (found by BMM_RUN_ID, and BMM_TRIAL when given, in their environment) that a
-    killed earlier run or a dead worker left running on this machine."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return 0
-    needles = [f"BMM_RUN_ID={run_id}".encode()] + ([] if trial is None else [f"BMM_TRIAL={trial}".encode()])
-    own = os.getpgid(0)
-    groups = set()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            if all(n in env for n in needles):
-                pg = os.getpgid(int(entry.name))
-                if pg != own:
-                    groups.add(pg)
-        except (OSError, ValueError):
-            continue
-    for pg in groups:
-        kill_process_group(pg, grace)
-    return len(groups)
-
-
-def _normalize(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _same_x(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(float(u), float(v), rel_tol=1e-9, abs_tol=1e-12) for u, v in zip(a, b))
-
-
-def _archive(sdir: Path) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    k = 0
-    while (sdir / f"trials.{stamp}{'' if k == 0 else f'-{k}'}.jsonl").exists():
-        k += 1
-    stamp = stamp if k == 0 else f"{stamp}-{k}"
-    for name in ("trials.jsonl", "best.json", "search.json", "summary.json"):
-        p = sdir / name
-        if p.exists():
-            stem, dot, ext = name.partition(".")
-            os.replace(p, sdir / f"{stem}.{stamp}.{ext}")
-    with contextlib.suppress(FileNotFoundError):
-        (sdir / "convergence.png").unlink()
-    fsync_dir(sdir)
-    return stamp
-
-
-def _is_better(score: float, best: Mapping | None, minimize: bool) -> bool:
-    if best is None:
-        return True
-    return score < best["score"] if minimize else score > best["score"]
-
-
-def _load_records(path: Path) -> list[dict]:
-    seen: set[int] = set()
-    out = []
-    for r in read_jsonl(path):
-        n = r.get("trial")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n in seen:
-            continue
-        if not isinstance(r.get("x"), list) or r.get("status") not in ("ok", "failed", "timeout"):
-            continue
-        seen.add(n)
-        out.append(r)
-    return out
-
-
-def _fields(workdir: Path, sdir: Path, trial_dir: Path, n: int) -> dict[str, str]:
-    return {
-        "model": str(trial_dir / f"trial-{n:04d}"),
-        "trial": str(n),
-        "workdir": str(workdir),
-        "evaldir": str(sdir / "eval" / f"trial-{n:04d}"),
-    }
-
-
-def _describe_objective(obj: Mapping) -> str:
-    return ", ".join(f"--{k} {v!r}" if v is not None else f"no --{k}" for k, v in obj.items()) or "none"
-
-
-def _replay(opt, records: list[dict], *, changed: str | None = None) -> None:
-    """Tell a fresh optimizer the recorded history so that it continues as the interrupted one would have.
-
-    A sequential history is replayed ask-for-ask (an ``ask`` before each recorded asked point, then ``tell``):
-    the optimizer's random state advances exactly as in the original run, so the next proposals match an
-    uninterrupted run; each re-asked point is checked against the record. A history with parallel (constant
-    liar) proposals cannot be reproduced that way: it is told in one batch. ``changed`` names the options that
-    changed since the history was made (then a divergence is expected and not reported).
-    """
-    if all(r.get("source") in ("first", "ask") for r in records):
-        diverged = False
-        for r in records:
-            if r.get("source") == "ask" and not diverged:
-                again = opt.ask()
-                if not _same_x(again, r["x"]):
-                    diverged = True
-                    if not changed:
-                        info(f"search: note: replaying the history diverged at trial {r['trial']} (the same seed "
-                             f"and --initial proposed another point: another library version?); continuing from "
-                             f"the recorded points")
-            if r.get("y") is not None:
-                opt.tell(r["x"], r["y"])
-    else:
-        told = [(r["x"], r["y"]) for r in records if r.get("y") is not None]
-        if told:
-            xs, ys = zip(*told)
-            opt.tell(list(xs), list(ys))
-
-
-def _propose(opt, k: int, pending: list[list[float]]) -> tuple[list[list[float]], str]:
-    """``k`` new points. With nothing in flight and k == 1, a plain ``ask`` (the deterministic sequential path).
-    Otherwise constant liar (cl_min, as ``ask(n_points=k, strategy="cl_min")``), extended to the points still in
-    flight: a copy of the optimizer is told the lie at those points too, so a freed worker never gets a point
-    next to one already running."""
-    if k <= 0:
-        return [], "ask"
-    if not pending and k == 1:
-        return [opt.ask()], "ask"
-    if not pending:
-        return [list(x) for x in opt.ask(n_points=k, strategy="cl_min")], "ask-cl"
-    import numpy as np
-
-    tmp = opt.copy(random_state=opt.rng.randint(0, np.iinfo(np.int32).max))
-    lie = float(np.min(opt.yi)) if opt.yi else 0.0
-    tmp.tell([list(p) for p in pending], [lie] * len(pending))
-    xs = []
-    for i in range(k):
-        x = tmp.ask()
-        xs.append(list(x))
-        if i + 1 < k:
-            tmp.tell(list(x), lie)
-    return xs, "ask-cl"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,9 +356,9 @@ class _Driver:
                 elif not complete:
                     moved = self.old_out is not None and self.out is not None and self.old_out != str(self.out)
                     why = (f"--out changed from {self.old_out}" if moved else
-                           "its model was not kept: in-memory trial, or interrupted before the move"
-                           if self.out is None or not self.out.exists() else
-                           "the model there is another trial's")
+                           "its trial directory is gone" if self.out is None else
+                           f"{self.out} is missing" if not self.out.exists() else
+                           "the model there is another trial's: the run was stopped before the new best was kept")
                     info(f"search: writing best trial {best['trial']}'s model into {holder} ({why})")
                 self.runner.keep(None, dict(best["params"]), src if complete else None, holder, self.marker(best),
                                  self.model_env(best["trial"], 0))
@@ -631,8 +469,10 @@ class _Driver:
         rec = self._record(o, y)
         if ok and _is_better(o.score, self.best, self.minimize):
             prev, self.best = self.best, rec
+            t_keep = time.monotonic()
             self.runner.keep(o, dict(o.params), o.model_dir, self.dest(rec), self.marker(rec),
                              self.model_env(o.trial, o.worker))
+            self.kept.append(round(time.monotonic() - t_keep, 4))
             self.write_best(rec)
             if self.out is None and prev is not None:
                 shutil.rmtree(self.trial_dir / f"trial-{prev['trial']:04d}", ignore_errors=True)
@@ -656,6 +496,7 @@ class _Driver:
         self.results: queue.Queue[Outcome] = queue.Queue()
         self.in_flight: dict[int, Outcome] = {}
         self.launched: dict[int, float] = {}
+        self.kept: list[float] = []  # seconds of each "new best -> out" (a move; a full write for in-memory)
         self.free = list(range(self.runner.slots))
         self.view = _View(self.space, self.trials, self.minimize)
         self.session_failed = 0
@@ -738,6 +579,7 @@ class _Driver:
             "best_params": None if best is None else best["params"],
             "model": None if model is None else str(model),
             "minimize": self.minimize,
+            "best_kept_s": getattr(self, "kept", []),
             "time": _now(),
         }
         with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from bmm_cli.errors import InputError, StateError
 from bmm_cli.progress import info
 
-from .driver import kill_leftover_hooks
+from .state import kill_leftover_hooks
 from .local import Runner
 from .trial import Outcome
 
