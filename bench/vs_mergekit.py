@@ -113,8 +113,13 @@ def _run(cmd: list[str], out: Path, env: dict) -> float:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if r.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        raise RunFailed(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])} failed ({r.returncode}): "
+                        f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
     return dt
+
+
+class RunFailed(Exception):
+    """A tool exited non-zero: recorded in the results (e.g. mergekit 0.1.5 on BertModel), the other method goes on."""
 
 
 def _compare(a: Path, b: Path) -> dict:
@@ -170,9 +175,14 @@ def main() -> None:
                    "--device", "cpu", "--force"]
         mk_cmd = [str(mk), str(cfg), str(mk_out), "--no-cuda", "--lazy-unpickle", "--allow-crimes"]
         t_bmm, t_mk = [], []
-        for _ in range(args.reps):
-            t_bmm.append(_run(bmm_cmd, bmm_out, env))
-            t_mk.append(_run(mk_cmd, mk_out, env))
+        try:
+            for _ in range(args.reps):
+                t_bmm.append(_run(bmm_cmd, bmm_out, env))
+                t_mk.append(_run(mk_cmd, mk_out, env))
+        except RunFailed as exc:
+            res["methods"][method] = {"error": str(exc), "bmm_s": [round(t, 2) for t in t_bmm]}
+            print(method, json.dumps(res["methods"][method]), flush=True)
+            continue
         med_b, med_m = statistics.median(t_bmm), statistics.median(t_mk)
         res["methods"][method] = {"bmm_s": [round(t, 2) for t in t_bmm], "mergekit_s": [round(t, 2) for t in t_mk],
                                   "median_bmm_s": round(med_b, 2), "median_mergekit_s": round(med_m, 2),
