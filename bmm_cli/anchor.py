@@ -250,8 +250,11 @@ def anchor_direct(
         ref = refs.get(key)
         if ref is None:
             return Project.other_taus_of(b, es, key)
-        w0 = b.get(key).float()
-        return to_linear(ref, w0), torch.stack([to_linear(ref, e.get(key).float() - w0) for e in es])
+        w0 = to_linear(ref, b.get(key).float())
+        taus = torch.empty((len(es),) + tuple(w0.shape), dtype=torch.float32)
+        for t, e in enumerate(es):  # W_t − W_pre straight into the stack: no per-expert temporaries
+            torch.sub(to_linear(ref, e.get(key).float()), w0, out=taus[t])
+        return w0, taus
 
     def iter_all() -> Iterator[tuple[str, torch.Tensor]]:
         for key, meta in b.meta.items():

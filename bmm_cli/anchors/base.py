@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..errors import InputError, NumericError
+from ..store import all_finite
 
 IterAll = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
@@ -123,7 +124,7 @@ class AnchorMethod:
         out = self._module(moved, opts, state, dev)
         if out.shape != inp.base.shape:  # a bug in a method, not a user error
             raise AssertionError(f"anchor {self.name} returned {tuple(out.shape)} for {inp.key} {_where(inp.base)}")
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NumericError(
                 f"anchor {self.name} produced NaN/Inf for {inp.key}; check that tensor's task vectors "
                 f"(and Grams) for NaN/Inf or use another anchor"
@@ -143,7 +144,7 @@ class AnchorMethod:
         out_dtype = torch.promote_types(base.dtype, taus.dtype)
         cdt = compute_dtype(out_dtype)
         w = self._other(key, base.to(cdt), taus.to(device=base.device, dtype=cdt), opts, state)
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise NumericError(f"anchor {self.name} produced NaN/Inf for {key}; check its task vectors for NaN/Inf")
         return w.to(out_dtype)
 
@@ -282,5 +283,5 @@ def check_range(method: str, name: str, value: float, lo: float, hi: float, lo_o
 
 
 def check_finite(key: str, t: torch.Tensor, what: str = "task vectors") -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NumericError(f"{key}: {what} contain NaN/Inf; check the expert checkpoints for this tensor")

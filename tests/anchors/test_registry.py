@@ -36,7 +36,7 @@ def test_parse_typed_values():
     assert parse_options(get_method("wudi"), ["tf32=False"]).tf32 is False
     assert options_dict(parse_options(get_method("dare"), [])) == {"p": 0.9, "lam": 0.3, "seed": 0}
     iso = options_dict(parse_options(get_method("iso-cts"), None))
-    assert iso == {"alpha": 1.0, "common_frac": 0.8, "split": "floor"}
+    assert iso == {"alpha": 1.0, "common_frac": 0.8, "split": "round"}  # the reference split is the default
 
 
 @pytest.mark.parametrize(
