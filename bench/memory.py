@@ -214,10 +214,11 @@ WORKERS = {"build": worker_build, "cli": worker_cli, "search": worker_search, "t
 
 
 def cache_block_bytes(hidden: int, inter: int, kv: int) -> int:
-    """Trial-cache bytes of one block (free Grams, TA anchor, fp32): Q [d_in²], BQ, U0Q, W_pre [d_out·d_in]."""
+    """Trial-cache bytes of one block (free Grams, TA anchor, fp32): Q [d_in²], evals [d_in], BQ, U0Q, W_pre
+    [d_out·d_in] per module."""
     shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
               (hidden, inter)]
-    return sum(4 * (d_in * d_in + 3 * d_out * d_in) for d_out, d_in in shapes)
+    return sum(4 * (d_in * d_in + d_in + 3 * d_out * d_in) for d_out, d_in in shapes)
 
 
 def has_cli_budget(env: dict) -> bool:
