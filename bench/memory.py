@@ -8,8 +8,8 @@ process also reports its own kernel peak (VmHWM) at exit. Rows:
 * ``taskvec``, ``anchor`` (TA), ``gram`` (data-free), ``solve``: ``bmm <stage>`` one after the other on one
   work dir; ``merge``: ``bmm merge`` from scratch (all stages in one process, a fresh work dir).
 * ``search``: a :class:`bmm_cli.solve.Merger` (what ``bmm search`` builds) writing ``--trials`` trial models,
-  with the default memory budget (what is free: the cache is held in RAM) and with ``memory_budget`` = one cache
-  block (the rest spilled to the work dir). ``search-cli``: the same through ``bmm search --memory-budget`` when
+  with the default memory budget (what is free: the cache is held in RAM) and with ``memory_budget`` = 1.5 cache
+  blocks (one block held, the rest spilled to the work dir). ``search-cli``: the same through ``bmm search --memory-budget`` when
   the installed bmm has that option (``--eval 'echo 0.5'``).
 * ``timing``: one trial (Merger.write) with the cache resident vs. all blocks spilled (page cache warm), at the
   largest L, interleaved A B A B, medians and their ratio.
@@ -214,10 +214,11 @@ WORKERS = {"build": worker_build, "cli": worker_cli, "search": worker_search, "t
 
 
 def cache_block_bytes(hidden: int, inter: int, kv: int) -> int:
-    """Trial-cache bytes of one block (free Grams, TA anchor, fp32): Q [d_in²], BQ, U0Q, W_pre [d_out·d_in]."""
+    """Trial-cache bytes of one block (free Grams, TA anchor, fp32): Q [d_in²], evals [d_in], BQ, U0Q, W_pre
+    [d_out·d_in] per module."""
     shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
               (hidden, inter)]
-    return sum(4 * (d_in * d_in + 3 * d_out * d_in) for d_out, d_in in shapes)
+    return sum(4 * (d_in * d_in + d_in + 3 * d_out * d_in) for d_out, d_in in shapes)
 
 
 def has_cli_budget(env: dict) -> bool:
@@ -286,14 +287,16 @@ def main(argv=None) -> int:
             rows.append(stage("cli", {"argv": q + argv}, row=row, L=L))
         # the factor cache is built (and timed) outside the measured search rows: both rows then load it
         stage("search", {"work": work, "trials": 1, "out": str(root / "trials")}, row="factor cache build", L=L)
-        for label, budget in (("search (default budget)", None), ("search (budget 1 block)", block)):
+        # 1.5 blocks: one block held in memory, the rest spilled (whatever the exact per-block overhead)
+        for label, budget in (("search (default budget)", None), ("search (budget 1.5 blocks)", block * 3 // 2)):
             rows.append(stage("search", {"work": work, "trials": args.trials, "out": str(root / "trials"),
                                          "budget": budget, "spill_dir": work}, row=label, L=L, budget=budget))
         if cli_budget:
             argv = q + ["search", "-w", work, "-a", "ta", "--gram", "free", "--eval", "echo 0.5", "-o",
                         str(root / "best"), "--trials", str(args.trials), "--initial", str(args.trials),
-                        "--device", "cpu", "--memory-budget", str(block), "--force"]
-            rows.append(stage("cli", {"argv": argv}, row="search-cli (--memory-budget 1 block)", L=L, budget=block))
+                        "--device", "cpu", "--memory-budget", str(block * 3 // 2), "--force"]
+            rows.append(stage("cli", {"argv": argv}, row="search-cli (--memory-budget 1.5 blocks)", L=L,
+                              budget=block * 3 // 2))
         if L == max(args.layers):
             timing = stage("timing", {"work": work, "reps": args.reps, "out": str(root / "timing"),
                                       "spill_dir": work}, row="timing", L=L)

@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO))
 
 from bmm_cli.closed_form import (  # noqa: E402
     ModuleFactors,
-    TrialSolver,
     apply_factors,
     eig_gram,
     factorize,
@@ -53,6 +52,7 @@ from bmm_cli.closed_form import (  # noqa: E402
     solve_direct,
 )
 from bmm_cli.device import resolve_device  # noqa: E402
+from bmm_cli.trials import TrialSolver  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FULL = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}

@@ -30,7 +30,8 @@ import torch
 from . import __version__
 from .anchor import AnchorStage
 from .arch import GROUPS, Block
-from .closed_form import ModuleFactors, TrialSolver, factorize, solve_direct
+from .closed_form import ModuleFactors, factorize, solve_direct
+from .trials import TrialSolver
 from .device import parse_budget, resolve_device
 from .errors import InputError
 from .progress import track
