@@ -170,7 +170,8 @@ def _anchor_block(proj: Project, blk: Block, m: AnchorMethod, o, state, stage: S
 def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | None, max_shard_size: int,
                        recipe: dict, force: bool) -> Path:
     """W = W_pre + U0 for solvable modules, the stage's others for the rest, in the base's dtypes."""
-    writer = _model_writer(proj.base, out, dtype, max_shard_size, force, stage.id, proj.inputs())
+    order = [ref.key for blk in proj.plan.blocks for ref in blk.modules] + list(proj.plan.others)
+    writer = _model_writer(proj.base, out, dtype, max_shard_size, force, stage.id, proj.inputs(), order=order)
     for blk in track(proj.plan.blocks, "write anchor model"):
         r = stage.read(blk.shard)
         for ref in blk.modules:
@@ -186,11 +187,14 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
 
 
 def _model_writer(base: Checkpoint, out: Path, dtype: str | None, max_shard_size: int, force: bool, plan_id: str,
-                  inputs: dict[str, Path]) -> ModelWriter:
+                  inputs: dict[str, Path], order: list[str] | None = None) -> ModelWriter:
+    """A writer whose entries are listed in ``order`` (the order the caller produces them; any key it leaves out
+    follows in the base's order), so the streaming writer appends each tensor as it comes instead of holding it."""
     from .store import parse_dtype
 
     out_dt = parse_dtype(dtype) if dtype else None
-    entries = [(k, meta.shape, _out_dtype(base, k, out_dt)) for k, meta in base.meta.items()]
+    keys = list(dict.fromkeys([k for k in (order or []) if k in base.meta] + list(base.meta)))
+    entries = [(k, base.meta[k].shape, _out_dtype(base, k, out_dt)) for k in keys]
     return ModelWriter(Path(out), entries, max_shard_size=max_shard_size, copy_from=base.root, force=force,
                        plan_id=plan_id, inputs=inputs)
 
@@ -266,12 +270,14 @@ def anchor_direct(
         "base": b.fingerprint(), "experts": [e.fingerprint() for e in es], **recipe, "others": others,
         "external": ext.fingerprint() if ext is not None else None}, sort_keys=True).encode()).hexdigest()
     roles = {"base model": b.root, **{f"expert {i + 1}": e.root for i, e in enumerate(es)}}
-    writer = _model_writer(b, materialize, dtype, max_size, force, plan_id, roles)
+    order = list(dict.fromkeys([r.key for blk in plan.blocks for r in blk.modules] + list(plan.others)
+                               + list(b.meta)))  # the stage path's write order: same file layout
+    writer = _model_writer(b, materialize, dtype, max_size, force, plan_id, roles, order=order)
     state = None
     if m.needs_global_pass and not writer.current:
         info(f"bmm: {m.name}: global pass over all tensors")
         state = json.loads(json.dumps(m.prepare(o, iter_all, len(es), dev)))  # as the stage keeps it
-    for key in track(list(b.meta), f"anchor {m.name} -> {materialize}"):
+    for key in track(order, f"anchor {m.name} -> {materialize}"):
         if writer.shard_done(key):
             continue
         base_v, taus = taus_of(key)

@@ -725,7 +725,7 @@ class ModelWriter:
         if sh.name in self.done:
             return
         t = tensor.detach().to(device="cpu", dtype=self.dtypes[key]).contiguous()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             self.abort()
             raise NumericError(f"merged tensor {key!r} has NaN/Inf values; refusing to write it")
         stream = self.streams[sh.name]
