@@ -247,9 +247,10 @@ def solve(
     t0 = time.perf_counter()
     src = Sources(work, anchor, gram)
     params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    proj = src.proj
+    proj.plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
     dev = resolve_device(device)
     out_dt = parse_dtype(dtype) if dtype else None
-    proj = src.proj
     factors = current_factors(src)  # a search's cache: solve through it, as the search's trials did
     path = "direct" if factors is None else f"factors {factors.id}"
     writer = ModelWriter(Path(out), src.out_entries(out_dt), max_shard_size=parse_size(max_shard_size),

@@ -288,3 +288,22 @@ def test_merger_memory_budget_places_the_cache_and_gives_the_same_model(family, 
         Merger(work, "ta", "free", device="cpu", memory_budget="lots")
     with pytest.raises(InputError, match="--gpu-memory-budget -1"):
         Merger(work, "ta", "free", device="cpu", gpu_memory_budget=-1)
+
+
+@pytest.mark.parametrize("command", ["solve", "search"])
+def test_more_block_groups_than_layers_is_refused_before_any_work(command, family, tmp_path):
+    """`bmm solve --blocks N` / `bmm search --blocks N` with N above the number of layers: one line naming the
+    option, before a model or a search state is written (issue 12 item 6)."""
+    from conftest import ready_work
+
+    from bmm_cli.search import search
+
+    work = ready_work(family, "llama", tmp_path / "w")
+    before = sorted(p.name for p in work.iterdir())
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"--blocks 9: 9 block-groups .* at most 3"):
+        if command == "solve":
+            solve(work, "ta", "free", out=out, blocks=9, device="cpu")
+        else:
+            search(work, "ta", "free", "echo 1", out=out, blocks=9, trials=2, device="cpu")
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == before

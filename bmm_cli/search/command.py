@@ -208,6 +208,7 @@ def search(
     merger_kwargs = dict(device=device, dtype=dtype, max_shard_size=max_shard_size, factor_dtype=factor_dtype,
                          compute=compute, **_memory_kwargs(memory_budget, gpu_memory_budget, spill_dir))
     src = Sources(Path(work), anchor, gram)
+    src.proj.plan.check_block_groups(blocks, f"--blocks {blocks}")
     if out is not None:
         check_not_input(Path(out), src.proj.inputs())
     spec = WorkerSpec(work=str(Path(work).resolve()), anchor=anchor, gram=gram, merger_kwargs=merger_kwargs,
