@@ -88,6 +88,8 @@ def anchor(
         raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
     if m.needs_external and not external:
         raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    if materialize is not None:
+        check_output_options(dtype, max_shard_size)
     dev = resolve_device(device)
     proj = load_project(work)
     inputs: dict = {"taskvec": proj.fingerprint}
@@ -184,6 +186,18 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
         if not writer.shard_done(key):
             writer.add(key, r.get(key))
     return _close_model(writer, proj.base, proj.experts, recipe)
+
+
+def check_output_options(dtype: str | None, max_shard_size: str | int) -> None:
+    """--dtype and --max-shard-size of a model to write, checked before any stage runs (merge, anchor --materialize)."""
+    from .store import parse_dtype
+
+    if dtype is not None:
+        try:
+            parse_dtype(dtype)
+        except InputError as exc:
+            raise InputError(f"--dtype {dtype!r}: {exc}") from None
+    parse_size(max_shard_size)
 
 
 def _model_writer(base: Checkpoint, out: Path, dtype: str | None, max_shard_size: int, force: bool, plan_id: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .anchor import OTHER_RULES
+from .anchor import OTHER_RULES, check_output_options
 from .anchor import anchor as run_anchor
 from .anchors import get_method, parse_options
 from .calib import check_calibration
@@ -23,7 +23,7 @@ from .progress import info
 from .solve import GRAM_KINDS, resolve_params
 from .solve import solve as run_solve
 from .stage import work_lock
-from .store import Checkpoint, check_output_dir, parse_dtype, parse_size
+from .store import Checkpoint, check_output_dir
 from .taskvec import open_inputs
 from .taskvec import taskvec as run_taskvec
 
@@ -70,12 +70,7 @@ def merge(
         raise InputError(f"--anchor {method.name} needs --anchor-model DIR_OR_HUB_ID")
     if others not in OTHER_RULES:
         raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
-    if dtype is not None:
-        try:
-            parse_dtype(dtype)
-        except InputError as exc:
-            raise InputError(f"--dtype {dtype!r}: {exc}") from None
-    parse_size(max_shard_size)
+    check_output_options(dtype, max_shard_size)
     resolve_device(device)
     if gram is None:
         gram = "data" if calib else "free"

@@ -123,6 +123,17 @@ def test_changed_options_are_refused(prepared):
         anchor(work, "ta", ["lamda=0.5"])
 
 
+@pytest.mark.parametrize("opts", [{"dtype": "int8"}, {"max_shard_size": "lots"}])
+def test_materialize_output_options_are_checked_before_the_stage(family, tmp_path, opts):
+    """`bmm anchor --materialize OUT --dtype int8`: refused before the anchor stage is computed (issue 12 item 6)."""
+    base, experts = family("gpt2")
+    work = tmp_path / "w"
+    taskvec(str(base), [str(e) for e in experts], work)
+    with pytest.raises(InputError, match="--dtype 'int8'|--max-shard-size"):
+        anchor(work, "iso-c", materialize=tmp_path / "out", **opts)
+    assert not (work / "anchor-iso-c").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare-ties", "tsv"])
 def test_direct_equals_taskvec_stage_path(prepared, tmp_path, method):
     """No work dir: W_t − W_pre streamed per tensor gives the same bytes as taskvec + anchor --materialize."""
