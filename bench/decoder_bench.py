@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
-from bench.decoder_common import DOMAINS, cache_dir, load_lm, load_windows, parse_domains, window_losses  # noqa: E402
+from bench.decoder_common import (  # noqa: E402
+    cache_dir, load_lm, load_windows, paired_se, parse_domains, window_losses,
+)
 
 REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv")
 
@@ -68,15 +70,23 @@ def cmd_score(a) -> int:
 
 
 def cmd_lam(a) -> int:
+    """One params file per anchor (``--out`` holds ``{anchor}``), from one eigh per module for all anchors."""
     from bmm_cli.evidence import module_lams, params_per_layer
 
-    lams = module_lams(Path(a.work), a.anchor, a.gram, eps=a.eps, n_obs_scale=a.n_scale)
-    params = params_per_layer(Path(a.work), lams, a.scale, a.eps if a.gram == "hybrid" else None)
-    vals = sorted(lams.values())
-    params_info = {"lam_min": vals[0], "lam_median": vals[len(vals) // 2], "lam_max": vals[-1]}
-    write_json(Path(a.out), params)
-    write_json(Path(a.out).with_suffix(".modules.json"), {"modules": lams, **params_info})
-    print(json.dumps(params_info))
+    anchors = a.anchor.split(",")
+    if len(anchors) > 1 and "{anchor}" not in a.out:
+        raise BenchError("lam: with several --anchor values, --out must contain {anchor}")
+    res = module_lams(Path(a.work), anchors, a.gram, eps=a.eps, n_obs_scale=a.n_scale)
+    summary = {}
+    for anc, lams in res.items():
+        out = Path(a.out.replace("{anchor}", anc))
+        params = params_per_layer(Path(a.work), lams, a.scale, a.eps if a.gram == "hybrid" else None)
+        vals = sorted(lams.values())
+        info = {"lam_min": vals[0], "lam_median": vals[len(vals) // 2], "lam_max": vals[-1]}
+        write_json(out.with_suffix(".modules.json"), {"modules": lams, **info})
+        write_json(out, params)
+        summary[anc] = info
+    print(json.dumps(summary))
     return 0
 
 
@@ -140,8 +150,11 @@ def cmd_report(a) -> int:
                                       "diff": round(r["gap_closed"] - st["rows"][best_ref]["gap_closed"], 4),
                                       "se": round(paired_gap_se(rows[name], rows[best_ref], st["gaps"], domains), 4)}
     experts = {d: round(rows[f"expert-{d}"][f"loss/{d}"], 4) for d in domains}
+    gain_se = {d: round(paired_se(rows["base"][f"windows/{d}"], rows[f"expert-{d}"][f"windows/{d}"]), 4)
+               for d in domains}
     res = {"benchmark": "decoder (SmolLM2-135M-Instruct, 4 Debian text domains)", "domains": domains,
            "expert_own_loss": experts, "gap": {d: round(v, 4) for d, v in st["gaps"].items()},
+           "gap_se": gain_se, "windows_per_domain": len(rows["base"][f"windows/{domains[0]}"]),
            "rows": st["rows"], "best_reference": best_ref, "config": a.config,
            "machine": "2 shared CPU cores (other jobs running: load average 8-13); times are wall clock"}
     extra = run / "scores" / "timings.json"
@@ -159,6 +172,8 @@ def markdown(res: dict) -> str:
     ds = res["domains"]
     lines = ["| row | " + " | ".join(f"loss {d}" for d in ds) + " | gap closed | vs anchor (± paired SE) | "
              f"vs {res['best_reference']} |", "|---|" + "---:|" * (len(ds) + 3)]
+    lines.append("| base − expert (own domain), ± paired SE | " + " | ".join(
+        f"{res['gap'][d]:.3f} ± {res['gap_se'][d]:.3f}" for d in ds) + " | | | |")
     lines.append("| expert (own domain) | " + " | ".join(f"{res['expert_own_loss'][d]:.4f}" for d in ds)
                  + " | 1 | | |")
     for name, r in res["rows"].items():
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("models", nargs="+", help="NAME=MODEL_DIR")
     l_ = sub.add_parser("lam")
     l_.add_argument("--work", required=True)
-    l_.add_argument("--anchor", required=True)
+    l_.add_argument("--anchor", required=True, help="an anchor, or several comma-separated")
     l_.add_argument("--gram", choices=("free", "data", "hybrid"), required=True)
     l_.add_argument("--scale", type=float, default=1.0)
     l_.add_argument("--eps", type=float)
