@@ -161,16 +161,19 @@ def cmd_report(a) -> int:
         anc = anchor_of(name)
         if anc in rows:
             r["vs_anchor"] = {"anchor": anc, "diff": round(r["gap_closed"] - st["rows"][anc]["gap_closed"], 4),
-                              "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], st["scored"]), 4)}
+                              "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], st["scored"]),
+                                          4)}
         if best_ref and name != best_ref:
             r["vs_best_reference"] = {"reference": best_ref,
                                       "diff": round(r["gap_closed"] - st["rows"][best_ref]["gap_closed"], 4),
-                                      "se": round(paired_gap_se(rows[name], rows[best_ref], st["gaps"], st["scored"]), 4)}
+                                      "se": round(paired_gap_se(rows[name], rows[best_ref], st["gaps"],
+                                                                st["scored"]), 4)}
     experts = {d: round(rows[f"expert-{d}"][f"loss/{d}"], 4) for d in domains}
     gain_se = {d: round(paired_se(rows["base"][f"windows/{d}"], rows[f"expert-{d}"][f"windows/{d}"]), 4)
                for d in domains}
     res = {"benchmark": "decoder (SmolLM2-135M-Instruct, 4 Debian text domains)", "domains": domains,
-           "expert_own_loss": experts, "gap": {d: round(v, 4) for d, v in st["gaps"].items()}, "weak_experts": st["weak"],
+           "expert_own_loss": experts, "gap": {d: round(v, 4) for d, v in st["gaps"].items()},
+           "weak_experts": st["weak"],
            "gap_se": gain_se, "windows_per_domain": len(rows["base"][f"windows/{domains[0]}"]),
            "rows": st["rows"], "best_reference": best_ref, "config": a.config,
            "machine": "2 shared CPU cores (other jobs running: load average 8-13); times are wall clock"}

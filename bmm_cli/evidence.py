@@ -3,8 +3,9 @@
 The regression behind ``U = (B + λ_abs·U0)(G + λ_abs·I)⁻¹`` (paper Eq. 4-7): for one module and each output row
 ``j``, every task t contributes observations ``(x, y_j = u_tj·x)`` for inputs ``x`` of that task (data-assisted:
 the expert's activations, ``G_t = Σ x xᵀ``; data-free: the rows of ``U_t`` themselves, ``G_t = U_tᵀU_t``). With a
-row prior ``w ~ N(u0_j, α⁻¹I)`` and noise ``N(0, β⁻¹)`` the MAP row is the formula above with ``λ_abs = α/β``, and
-the evidence ``p(y) = N(y; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` has a closed form in the eigen-decomposition ``G = QΛQᵀ``:
+row prior ``w ~ N(u0_j, α⁻¹I)`` and noise ``N(0, β⁻¹)`` the MAP row is the formula above with
+``λ_abs = α/β``, and the evidence ``p(y) = N(y; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` has a closed form in the
+eigen-decomposition ``G = QΛQᵀ``:
 
     log p = -½ Σ_j [ N log 2π - N log β + Σ_i log(1 + βΛ_i/α) + β·R_j(λ_abs) ]
     R(λ)  = Σ_j R_j = S - Σ_i c_i / (λ + Λ_i),   c_i = Σ_j Z_ji²,   Z = (B - U0·G)·Q,
@@ -157,7 +158,7 @@ def default_num_obs(kind: str, num_tasks: int, d_out: int, tokens: float | None 
 
 
 def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, beta: float) -> float:
-    """Brute force: ``Σ_j log N(y_j; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` for stacked inputs X [N, d], targets Y [N, d_out]."""
+    """Brute force ``Σ_j log N(y_j; X u0_j, β⁻¹I + α⁻¹XXᵀ)``: inputs X [N, d], targets Y [N, d_out]."""
     X, Y = _f64(X), _f64(Y)
     n = X.shape[0]
     C = torch.eye(n, dtype=torch.float64) / beta + (X @ X.T) / alpha
@@ -232,7 +233,8 @@ def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM
 
     Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
     ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
-    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum). With no identifiable module at all, the
+    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum).
+    With no identifiable module at all, the
     default λ (bmm_cli/defaults.py) is used."""
     from .defaults import DEFAULT_LAM
 
