@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS_DIR / "defaults.json"))
     a = ap.parse_args(argv)
     a.limit = a.limit or (150 if a.bench == "minilm" else 12)
-    set_threads(2)
+    set_threads(1 if a.bench == "decoder" else 2)
     from bmm_cli.evidence import module_lams, params_per_layer
     from bmm_cli.solve import Merger, Params
 

@@ -3,8 +3,9 @@
 The regression behind ``U = (B + λ_abs·U0)(G + λ_abs·I)⁻¹`` (paper Eq. 4-7): for one module and each output row
 ``j``, every task t contributes observations ``(x, y_j = u_tj·x)`` for inputs ``x`` of that task (data-assisted:
 the expert's activations, ``G_t = Σ x xᵀ``; data-free: the rows of ``U_t`` themselves, ``G_t = U_tᵀU_t``). With a
-row prior ``w ~ N(u0_j, α⁻¹I)`` and noise ``N(0, β⁻¹)`` the MAP row is the formula above with ``λ_abs = α/β``, and
-the evidence ``p(y) = N(y; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` has a closed form in the eigen-decomposition ``G = QΛQᵀ``:
+row prior ``w ~ N(u0_j, α⁻¹I)`` and noise ``N(0, β⁻¹)`` the MAP row is the formula above with
+``λ_abs = α/β``, and the evidence ``p(y) = N(y; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` has a closed form in the
+eigen-decomposition ``G = QΛQᵀ``:
 
     log p = -½ Σ_j [ N log 2π - N log β + Σ_i log(1 + βΛ_i/α) + β·R_j(λ_abs) ]
     R(λ)  = Σ_j R_j = S - Σ_i c_i / (λ + Λ_i),   c_i = Σ_j Z_ji²,   Z = (B - U0·G)·Q,
@@ -157,7 +158,7 @@ def default_num_obs(kind: str, num_tasks: int, d_out: int, tokens: float | None 
 
 
 def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, beta: float) -> float:
-    """Brute force: ``Σ_j log N(y_j; X u0_j, β⁻¹I + α⁻¹XXᵀ)`` for stacked inputs X [N, d], targets Y [N, d_out]."""
+    """Brute force ``Σ_j log N(y_j; X u0_j, β⁻¹I + α⁻¹XXᵀ)``: inputs X [N, d], targets Y [N, d_out]."""
     X, Y = _f64(X), _f64(Y)
     n = X.shape[0]
     C = torch.eye(n, dtype=torch.float64) / beta + (X @ X.T) / alpha
@@ -171,17 +172,21 @@ def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, be
 # ---------------------------------------------------------------------------------------------------------
 
 
-def module_lams(work, anchor: str, gram: str, *, eps: float | None = None,
-                lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0) -> dict[str, float]:
-    """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid).
+def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | None = None,
+                lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0):
+    """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid);
+    given a list of anchors, ``{anchor: {key: λ_ev}}`` from one eigh per module (the basis does not depend on U0).
 
     Needs the task vectors (for Ŝ), the anchor and the Gram stages; the data kind also reads the per-task Grams
     and the calibration token counts the Gram stage recorded. ``n_obs_scale`` multiplies N (for studies of how
     much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
+    from .anchor import AnchorStage
     from .gram import task_gram_reader
     from .solve import Sources
 
-    src = Sources(work, anchor, gram)
+    anchors = [anchor] if isinstance(anchor, str) else list(anchor)
+    src = Sources(work, anchors[0], gram)
+    stages = [src.anchor] + [AnchorStage(work, a) for a in anchors[1:]]
     proj = src.proj
     T = proj.num_tasks
     kinds = ("free", "data") if gram == "hybrid" else (gram,)
@@ -193,32 +198,34 @@ def module_lams(work, anchor: str, gram: str, *, eps: float | None = None,
         tok = src.grams["data"].manifest.get("tokens") or {}
         tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
         task_grams = task_gram_reader(work)
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {a: {} for a in anchors}
     for blk in proj.plan.blocks:
-        a = src.anchor.block(blk)
+        ablk = [st.block(blk) for st in stages]
         g = {k: src.grams[k].block(blk) for k in kinds}
         reader = proj.reader(blk)
         tg = task_grams(blk) if task_grams is not None else None
         for ref in blk.modules:
-            u0 = None if src.anchor.method.name == "pretrained" else a.get(ref.key).to(torch.float64)
             taus = proj.taus(blk, ref, reader).to(torch.float64)
-            d_out = taus.shape[1]
-            parts = []
-            for k in kinds:
-                st = g[k](ref.key)
-                S = residual_energy(taus, tg(ref.key) if k == "data" else None, u0, st.m, key=ref.key)
-                n = default_num_obs(k, T, d_out, tokens) * n_obs_scale
-                parts.append((st, S, n))
-            if len(parts) == 1:
-                st, S, n = parts[0]
-                G, B = st.G_hat, st.B_hat
+            stats = {k: g[k](ref.key) for k in kinds}
+            grams_k = {k: (tg(ref.key) if k == "data" else None) for k in kinds}
+            n_k = {k: default_num_obs(k, T, taus.shape[1], tokens) * n_obs_scale for k in kinds}
+            if len(kinds) == 1:
+                G, B = stats[gram].G_hat.double(), stats[gram].B_hat.double()
+                w = {gram: 1.0}
             else:
-                (sf, Sf, nf), (sd, Sd, nd) = parts
-                G = torch.lerp(sf.G_hat.double(), sd.G_hat.double(), eps)
-                B = torch.lerp(sf.B_hat.double(), sd.B_hat.double(), eps)
-                S, n = (1 - eps) * Sf + eps * Sd, (1 - eps) * nf + eps * nd
-            out[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key), lam_range)
-    return fill_degenerate(out, lam_range)
+                G = torch.lerp(stats["free"].G_hat.double(), stats["data"].G_hat.double(), eps)
+                B = torch.lerp(stats["free"].B_hat.double(), stats["data"].B_hat.double(), eps)
+                w = {"free": 1.0 - eps, "data": eps}
+            lam, Q = torch.linalg.eigh(0.5 * (G + G.T))
+            BQ = B @ Q
+            n = sum(w[k] * n_k[k] for k in kinds)
+            for name, st, a in zip(anchors, stages, ablk):
+                u0 = None if st.method.name == "pretrained" else a.get(ref.key).to(torch.float64)
+                S = sum(w[k] * residual_energy(taus, grams_k[k], u0, stats[k].m, key=ref.key) for k in kinds)
+                sp = spectrum_from_factors(lam, BQ, None if u0 is None else u0 @ Q, S, n, key=ref.key)
+                out[name][ref.key] = evidence_lam(sp, lam_range)
+    res = {a: fill_degenerate(v, lam_range) for a, v in out.items()}
+    return res[anchors[0]] if isinstance(anchor, str) else res
 
 
 def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM_RANGE) -> dict[str, float]:
@@ -226,7 +233,8 @@ def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM
 
     Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
     ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
-    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum). With no identifiable module at all, the
+    identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum).
+    With no identifiable module at all, the
     default λ (bmm_cli/defaults.py) is used."""
     from .defaults import DEFAULT_LAM
 

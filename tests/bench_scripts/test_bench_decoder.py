@@ -66,6 +66,8 @@ def test_gap_closed_and_paired_se_by_hand():
     rows["expert-b"] = _row({"b": [3.5, 3.5, 3.5]})
     with pytest.raises(BenchError, match="expert-b"):
         gap_stats(rows, ["a", "b"])
+    weak = gap_stats(rows, ["a", "b"], allow_weak=True)
+    assert weak["weak"] == ["b"] and weak["rows"]["m1"]["gap_closed"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("kind", ["free", "data"])
