@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import __version__
-from .defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
+from .defaults import DEFAULT_EPS, DEFAULT_SCALE
 from .errors import BmmError, InputError
 from .progress import set_quiet
 
@@ -240,7 +240,7 @@ def solve(
     gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
-    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM}, chosen on the benchmark)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
     scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
     blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
@@ -271,7 +271,7 @@ def merge(
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE calibration texts (switches to data-assisted)."),
     gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: data with --calib)."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON, e.g. a search's best.json."),
-    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM}, chosen on the benchmark)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
     scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
     blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
@@ -409,7 +409,7 @@ def sample(
     modules: Optional[str] = typer.Option(None, "--modules", help="Regex (re.search) over checkpoint keys of the "
                                           "sampled modules (default: the last block's mlp_out, as in the paper)."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
-    lam: Optional[float] = typer.Option(None, "--lam", help=f"One relative λ for every module (default {DEFAULT_LAM})."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
     scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE}); "
                                           "W = W_pre + s·U multiplies the sampled noise too."),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from .errors import InputError, NumericError
+from .progress import track
 
 Tensor = torch.Tensor
 
@@ -199,7 +200,7 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
         tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
         task_grams = task_gram_reader(work)
     out: dict[str, dict[str, float]] = {a: {} for a in anchors}
-    for blk in proj.plan.blocks:
+    for blk in track(proj.plan.blocks, "evidence λ (one fp64 eigh per module)"):
         ablk = [st.block(blk) for st in stages]
         g = {k: src.grams[k].block(blk) for k in kinds}
         reader = proj.reader(blk)

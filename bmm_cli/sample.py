@@ -53,7 +53,7 @@ from .device import resolve_device
 from .errors import InputError
 from .hooks import render_command, run_hook
 from .progress import info, track
-from .solve import Params, Sources, resolve_params, solve
+from .solve import Params, Sources, solve, solve_params
 from .store import MARKER_NAME, Checkpoint, ModelWriter, check_not_input, model_card, parse_dtype, parse_size, read_header
 from .taskvec import from_linear, to_linear
 
@@ -383,7 +383,7 @@ def sample(
     betas = _validate(beta, iid, samples, search_beta, eval_cmd, grid)
     out = Path(out)
     src = Sources(work, anchor, gram)
-    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    params = solve_params(src, params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks)
     refs = select_modules(src.proj.plan, modules)
     dev = resolve_device(device)
     out_dt = parse_dtype(dtype) if dtype else None

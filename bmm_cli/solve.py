@@ -227,6 +227,45 @@ class Sources:
                 writer.add(key, r.get(key))
 
 
+EVIDENCE_RULE = "type-II maximum likelihood per module, geometric mean per (layer, group); s = --scale or 1"
+
+
+def solve_params(src: "Sources", params_file: str | Path | None, *, lam: float | None, scale: float | None,
+                 eps: float | None, blocks: int) -> Params:
+    """The parameters a solve uses: the params file, or ``--lam/--scale``; with neither, the default λ is chosen
+    per module by the evidence of BMM's Bayesian regression (:mod:`bmm_cli.evidence`, no validation data) and
+    s = ``--scale`` or 1."""
+    params = resolve_params(params_file, lam=lam, scale=scale, eps=eps, blocks=blocks, gram=src.gram)
+    src.proj.plan.check_block_groups(params.num_groups,
+                                     f"--blocks {blocks}" if params_file is None else str(params_file))
+    if params_file is None and lam is None:
+        params = evidence_params(src, scale=params.scales[0], eps=params.eps)
+    return params
+
+
+def evidence_params(src: "Sources", *, scale: float, eps: float | None) -> Params:
+    """Per (layer, group) the evidence λ of its modules, computed once per work dir (one fp64 eigh per module) and
+    kept in ``<work>/evidence-<anchor>-<gram>.json`` with the stage ids it was made from (recomputed when they
+    change)."""
+    from . import atomic
+    from .evidence import module_lams, params_per_layer
+    from .progress import info
+
+    path = src.work / f"evidence-{src.anchor.method.name}-{src.gram}.json"
+    ident = json.loads(json.dumps({**src.fingerprint, "gram": src.gram, "eps": eps, "rule": EVIDENCE_RULE}))
+    try:
+        kept = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        kept = None
+    if isinstance(kept, dict) and kept.get("inputs") == ident and isinstance(kept.get("modules"), dict):
+        lams = {k: float(v) for k, v in kept["modules"].items()}
+    else:
+        info(f"bmm: default λ per module by type-II maximum likelihood (one fp64 eigh each; kept in {path})")
+        lams = module_lams(src.work, src.anchor.method.name, src.gram, eps=eps)
+        atomic.write_json(path, {"inputs": ident, "modules": lams})
+    return Params.from_flat(params_per_layer(src.work, lams, scale, eps), source=str(path))
+
+
 def solve(
     work: Path,
     anchor: str,
@@ -246,9 +285,8 @@ def solve(
     """One closed-form solve of the whole model, streamed per block, written as an HF model at ``out``."""
     t0 = time.perf_counter()
     src = Sources(work, anchor, gram)
-    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    params = solve_params(src, params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks)
     proj = src.proj
-    proj.plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
     dev = resolve_device(device)
     out_dt = parse_dtype(dtype) if dtype else None
     factors = current_factors(src)  # a search's cache: solve through it, as the search's trials did
@@ -267,7 +305,7 @@ def solve(
                                           float((W - w0).norm() / w0.norm().clamp_min(1e-12)))
             writer.add(ref.key, from_linear(ref, W))
         proj.base.close()  # unmap the base: its pages read so far would stay in RSS (file-backed) to the end
-    recipe = src.recipe(params)
+    recipe = src.recipe(params, **({"lam_rule": EVIDENCE_RULE} if params_file is None and lam is None else {}))
     writer.close(recipe=recipe, card=model_card({"title": f"BMM merge ({gram}, anchor {src.anchor.method.name})",
                                                  **recipe}))
     return {"model": str(out), "anchor": src.anchor.method.name, "gram": gram, "params": params.flat(),

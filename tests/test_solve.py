@@ -307,3 +307,37 @@ def test_more_block_groups_than_layers_is_refused_before_any_work(command, famil
         else:
             search(work, "ta", "free", "echo 1", out=out, blocks=9, trials=2, device="cpu")
     assert not out.exists() and sorted(p.name for p in work.iterdir()) == before
+
+
+def test_default_lambda_is_the_evidence_per_module_and_kept_in_the_work_dir(family, tmp_path, monkeypatch):
+    """Without --lam/--params the solve takes each (layer, group)'s type-II maximum-likelihood λ (issue 13): the
+    model equals an explicit params file of those λ with s = 1; the λ are computed once and kept in the work dir
+    (a rerun neither recomputes them nor rewrites the model); changed inputs recompute them."""
+    from conftest import ready_work
+
+    from bmm_cli import evidence
+    from bmm_cli.solve import Sources, evidence_params
+
+    work = ready_work(family, "llama", tmp_path / "w")
+    res = solve(work, "ta", "free", out=tmp_path / "auto", device="cpu")
+    kept = json.loads((work / "evidence-ta-free.json").read_text())
+    lams = evidence.module_lams(work, "ta", "free")
+    assert kept["modules"] == pytest.approx(lams, rel=1e-12) and len(set(round(v, 9) for v in lams.values())) > 1
+    flat = evidence.params_per_layer(work, lams, 1.0)
+    (tmp_path / "p.json").write_text(json.dumps(flat))
+    solve(work, "ta", "free", out=tmp_path / "explicit", params_file=tmp_path / "p.json", device="cpu")
+    a, b = Checkpoint.open(tmp_path / "auto"), Checkpoint.open(tmp_path / "explicit")
+    assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    assert res["params"] == flat
+    assert "maximum likelihood" in json.loads((tmp_path / "auto" / "bmm_merge.json").read_text())["lam_rule"]
+
+    def boom(*a, **k):
+        raise AssertionError("evidence λ recomputed")
+
+    monkeypatch.setattr(evidence, "module_lams", boom)
+    before = (tmp_path / "auto" / "model.safetensors").stat().st_mtime_ns
+    solve(work, "ta", "free", out=tmp_path / "auto", device="cpu")
+    assert (tmp_path / "auto" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(AssertionError, match="recomputed"):  # another anchor: other inputs, computed anew
+        anchor(work, "ties")
+        evidence_params(Sources(work, "ties", "free"), scale=1.0, eps=None)
