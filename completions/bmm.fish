@@ -94,7 +94,7 @@ complete -c bmm -n '__fish_seen_subcommand_from search' -l anchor -s a -x -a 'pr
 complete -c bmm -n '__fish_seen_subcommand_from search' -l gram -x -a 'free data hybrid' -d 'Gram statistics - free, data or hybrid'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l trials -x -d 'Total trials (a resumed search counts earlier ones)'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l blocks -x -d 'Block-groups, each with its own s and 4 λs'
-complete -c bmm -n '__fish_seen_subcommand_from search' -l scale -x -d 'Range of s (uniform), LOW -HIGH or one number'
+complete -c bmm -n '__fish_seen_subcommand_from search' -l scale -x -d 'Range of s (uniform), LOW -HIGH or one number (below 1 shrinks the merged task vector - it helped on the decoder benchmark)'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l lam -x -d 'Range of λ (log-uniform), LOW -HIGH or one number'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l epsilon -x -d 'Range of ε for --gram hybrid'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l initial -x -d 'Random points before the GP takes over'

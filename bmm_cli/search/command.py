@@ -161,7 +161,7 @@ def search(
     lm_eval_include: str | os.PathLike | None = None,
     trials: int = 100,
     blocks: int = 3,
-    scale: str = "1.0:1.3",
+    scale: str = "0.7:1.3",
     lam: str = "1e-4:1",
     epsilon: str = "0:1",
     initial: int = 10,

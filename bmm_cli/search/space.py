@@ -39,7 +39,7 @@ class SearchSpace:
 
     num_groups: int
     lam_groups: tuple[str, ...] = LAM_GROUPS
-    scale_range: tuple[float, float] = (1.0, 1.3)
+    scale_range: tuple[float, float] = (0.7, 1.3)
     lam_range: tuple[float, float] = (1e-4, 1.0)
     eps_range: tuple[float, float] | None = None
 
