@@ -48,7 +48,7 @@ HOOK="python bench/eval_hook.py --model {model} --tasks $TASKS --limit 150"
 step "bmm plan"
 bmm plan --base "$BASE" --experts "${EXPERTS[@]}"
 
-step "bmm merge (data-free, TSV anchor, default lambda/scale)"
+step "bmm merge (data-free, TSV anchor, default: evidence lambda per module, s = 1)"
 bmm merge --base "$BASE" --experts "${EXPERTS[@]}" --anchor tsv --out "$OUT/bmm-tsv"
 bmm anchor --work "$OUT/bmm-tsv.bmm-work" --method tsv --materialize "$OUT/tsv"
 

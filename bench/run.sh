@@ -76,16 +76,17 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
   --materialize "$RUN/models/average" >&2
 score average "$RUN/models/average"
 
-log "bmm with default parameters (anchor tsv)"
+log "bmm with the constant parameters of the committed table (λ = 0.03, s = 1.15; anchor tsv)"
 for g in free data hybrid; do
-  timed "bmm-$g" bmm -q solve --work "$W" --anchor tsv --gram "$g" --out "$RUN/models/bmm-$g" >&2
+  timed "bmm-$g" bmm -q solve --work "$W" --anchor tsv --gram "$g" --lam 0.03 --scale 1.15 \
+    --out "$RUN/models/bmm-$g" >&2
   score "bmm-$g" "$RUN/models/bmm-$g"
 done
 
 log "bmm search ($TRIALS trials each, validation objective)"
 HOOK="python3 bench/eval_hook.py --model {model} --tasks $TASKS --split val --limit $VAL_LIMIT"
 for g in free data hybrid; do
-  timed "search-$g" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
+  timed "search-$g" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 --scale 1.0:1.3 \
     --initial 8 --eval "$HOOK" --out "$RUN/models/bmm-$g-search" --json > "$RUN/scores/search-$g.summary.json"
   score "bmm-$g-search" "$RUN/models/bmm-$g-search"
 done

@@ -63,7 +63,7 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
 MODELS+=("average=$RUN/models/average")
 
 GRAMS="free data"; [ "$ROWS" = min ] && GRAMS="free"
-log "bmm: defaults (λ, s of bmm_cli/defaults.py) and the evidence rule (λ per module by type-II ML, s = 1)"
+log "bmm: the old constant defaults (λ = 0.03, s = 1.15) and the evidence rule (λ per module by type-II ML, s = 1: now bmm's default)"
 for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per expert) come after them
   [ "$g" = data ] && timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" \
     --max-len 64 >&2
@@ -71,7 +71,8 @@ for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per 
     --work "$W" --anchor "$(echo $ANCHORS | tr ' ' ,)" --gram "$g" --scale 1.0 \
     --out "$RUN/params-evidence-$g-{anchor}.json" >&2
   for a in $ANCHORS; do
-    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --out "$RUN/models/bmm-$g-$a" >&2
+    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --lam 0.03 --scale 1.15 \
+      --out "$RUN/models/bmm-$g-$a" >&2
     MODELS+=("bmm-$g-$a=$RUN/models/bmm-$g-$a")
     P="$RUN/params-evidence-$g-$a.json"
     timed "bmm-$g-$a-evidence" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --params "$P" \
@@ -80,7 +81,8 @@ for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per 
   done
 done
 if [ "$ROWS" = all ]; then
-  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid --out "$RUN/models/bmm-hybrid-tsv" >&2
+  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid --lam 0.03 --scale 1.15 \
+    --out "$RUN/models/bmm-hybrid-tsv" >&2
   MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv")
 fi
 
