@@ -134,3 +134,28 @@ def test_merge_with_eval_runs_the_search(family, tmp_path):
     assert res["trials"] == 4 and res["model"] == str(out) and res["work"] == str(tmp_path / "merged.bmm-work")
     best = json.loads((tmp_path / "merged.bmm-work" / "search-ta-free" / "best.json").read_text())
     assert json.loads((out / "bmm_merge.json").read_text())["params"] == best["params"] == res["best_params"]
+
+
+def test_first_trial_is_the_default_merge_evidence_lambda(family, tmp_path):
+    """The search starts from bmm's default merge (issue 13): its first trial's λ per (block-group, group) is the
+    geometric mean of the evidence λ of the layers in that group (clipped to the range), s = 1, so a search never
+    keeps a model worse on its objective than `bmm merge` without a search."""
+    import math
+
+    from conftest import ready_work
+
+    from bmm_cli.search import search
+    from bmm_cli.solve import Sources, evidence_params
+
+    work = ready_work(family, "llama", tmp_path / "w")
+    res = search(work, "ta", "free", "echo 1", out=tmp_path / "best", blocks=2, trials=1, device="cpu",
+                 lam="1e-6:10")
+    recs = [json.loads(line) for line in (work / "search-ta-free" / "trials.jsonl").read_text().splitlines()]
+    per_layer = evidence_params(Sources(work, "ta", "free"), scale=1.0, eps=None)
+    n = per_layer.num_groups
+    assert n == 3 and res["trials_ok"] == 1
+    for b, layers in enumerate([[0, 1], [2]]):  # 3 layers in 2 block-groups: layer * 2 // 3, as arch.block_group
+        for g in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            want = math.exp(sum(math.log(per_layer.lams[i][g]) for i in layers) / len(layers))
+            assert recs[0]["params"][f"lam_{b}_{g}"] == pytest.approx(want, rel=1e-9)
+        assert recs[0]["params"][f"s_{b}"] == 1.0

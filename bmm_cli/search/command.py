@@ -8,6 +8,7 @@ pickled to Ray actors); :meth:`WorkerSpec.build` makes the :class:`~.trial.Trial
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -148,6 +149,31 @@ def check_merge_eval(eval_cmd: str, trials: int, *, params_file=None, lam=None, 
     render_command(eval_cmd, {"model": "m", "trial": "0", "workdir": "w", "evaldir": "e"})
 
 
+def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: float,
+                default_eps: float) -> dict[str, float]:
+    """The first trial: bmm's default merge as far as the space can express it. Each ``lam_<b>_<group>`` is the
+    geometric mean of the evidence λ (type-II maximum likelihood, :func:`bmm_cli.solve.evidence_params`, kept in the
+    work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults."""
+    from bmm_cli.solve import evidence_params
+
+    point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
+    per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
+    layers = per_layer.num_groups
+    logs: dict[tuple[int, str], list[float]] = {}
+    for layer, row in enumerate(per_layer.lams):
+        b = min(space.num_groups - 1, layer * space.num_groups // layers)
+        for group, v in row.items():
+            logs.setdefault((b, group), []).append(math.log(v))
+    lo, hi = space.lam_range
+    for name in point:
+        if name.startswith("lam_"):
+            _, b, group = name.split("_", 2)
+            v = logs.get((int(b), group))
+            if v:
+                point[name] = float(min(max(math.exp(sum(v) / len(v)), lo), hi))
+    return point
+
+
 def search(
     work: str | os.PathLike,
     anchor: str,
@@ -193,7 +219,6 @@ def search(
     # ---- preflight: every option, before any heavy work ---------------------------------------------------------
     space = SearchSpace(num_groups=blocks, scale_range=parse_range(scale, "scale"), lam_range=parse_range(lam, "lam"),
                         eps_range=parse_range(epsilon, "epsilon") if gram == "hybrid" else None)
-    first = space.default_point(default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
     objective, scorer = _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include)
     if ray is not None:
         from .ray import check_ray
@@ -211,6 +236,7 @@ def search(
     src.proj.plan.check_block_groups(blocks, f"--blocks {blocks}")
     if out is not None:
         check_not_input(Path(out), src.proj.inputs())
+    first = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
     spec = WorkerSpec(work=str(Path(work).resolve()), anchor=anchor, gram=gram, merger_kwargs=merger_kwargs,
                       space={"num_groups": space.num_groups, "lam_groups": space.lam_groups,
                              "scale_range": space.scale_range, "lam_range": space.lam_range,
