@@ -82,12 +82,7 @@ def anchor(
 ) -> dict:
     """Compute the anchor stage (resumable) and optionally write the anchor merge as a model."""
     t0 = time.perf_counter()
-    m = get_method(method)
-    o = parse_options(m, opts or [])
-    if others not in OTHER_RULES:
-        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
-    if m.needs_external and not external:
-        raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    m, o = _method_options(method, opts, others, external)
     if materialize is not None:
         check_output_options(dtype, max_shard_size)
     dev = resolve_device(device)
@@ -188,6 +183,17 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
     return _close_model(writer, proj.base, proj.experts, recipe)
 
 
+def _method_options(method: str, opts: list[str] | None, others: str, external: str | None):
+    """The anchor method and its typed options, with --others and --model checked (both anchor paths)."""
+    m = get_method(method)
+    o = parse_options(m, opts or [])
+    if others not in OTHER_RULES:
+        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
+    if m.needs_external and not external:
+        raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    return m, o
+
+
 def check_output_options(dtype: str | None, max_shard_size: str | int) -> None:
     """--dtype and --max-shard-size of a model to write, checked before any stage runs (merge, anchor --materialize)."""
     from .store import parse_dtype
@@ -249,14 +255,10 @@ def anchor_direct(
     from .taskvec import open_inputs
 
     t0 = time.perf_counter()
-    m = get_method(method)
-    o = parse_options(m, opts or [])
-    if others not in OTHER_RULES:
-        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
+    m, o = _method_options(method, opts, others, external)
     if m.needs_data_grams:
         raise InputError(f"anchor {m.name} needs data Grams: run it with a work directory (bmm merge --calib ...)")
-    if m.needs_external and not external:
-        raise InputError(f"anchor {m.name} needs --model DIR_OR_HUB_ID (the merged checkpoint to use as anchor)")
+    check_output_options(dtype, max_shard_size)
     max_size = parse_size(max_shard_size)
     dev = resolve_device(device)
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
