@@ -4,11 +4,11 @@
     python3 bench/decoder_bench.py lam --work W --anchor ta --gram free --scale 1.0 --out params.json
     python3 bench/decoder_bench.py report --run RUN --out bench/results [--config "k=v ..."]
 
-`score` evaluates every model in one process (no interpreter start per model) into RUN/scores/NAME.json; a score
-is reused while it is newer than the model's bmm_merge.json / model.safetensors. An `expert-<domain>` row is scored
-on its own domain only (all the gap needs). `report` writes decoder.json, decoder.md and decoder.png: loss per
-domain, gap closed (mean over domains of (L_base - L)/(L_base - L_expert)) and paired standard errors on the same
-windows (each row against its anchor, and against the best reference merge).
+`score` evaluates every model in one process (no interpreter start per model) into RUN/scores/NAME.json; a score is
+reused while it is newer than the model's bmm_merge.json / model.safetensors and names the same directory. An
+`expert-<domain>` row is scored on its own domain only (all the gap needs). `report` writes decoder.json, decoder.md
+and decoder.png: loss per domain, gap closed (mean over domains of (L_base - L)/(L_base - L_expert)) and paired
+standard errors on the same windows (each row against its anchor, and against the best reference merge).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def _stamp(model: Path) -> float:
     return max((p.stat().st_mtime for p in cands if p.exists()), default=0.0)
 
 
+def _scored_model(f: Path) -> str | None:
+    try:
+        return read_json(f).get("model")
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_score(a) -> int:
     run, cache = Path(a.run), cache_dir(a.cache)
     domains = parse_domains(a.domains)
@@ -49,7 +56,7 @@ def cmd_score(a) -> int:
             raise BenchError(f"score: {spec!r} is not NAME=MODEL_DIR")
         model_dir = Path(path)
         f = run / "scores" / f"{name}.json"
-        if f.exists() and f.stat().st_mtime >= _stamp(model_dir):
+        if f.exists() and f.stat().st_mtime >= _stamp(model_dir) and _scored_model(f) == str(model_dir):
             _log(f"{name}: cached")
             continue
         if not model_dir.is_dir():

@@ -43,6 +43,26 @@ def evaluate(model_dir: Path, cache: Path, domains: list[str], split: str, limit
             "seconds": round(time.time() - t0, 2)}
 
 
+_INMEM: dict = {}
+
+
+def score_in_memory(model, tokenizer, trial) -> dict:
+    """``bmm search --minimize --eval-py bench/decoder_eval.py:score_in_memory``: the resident merged model scored
+    like ``--model`` would be, on the validation windows. Domains, windows and tokens from $DEC_EVAL_DOMAINS (default
+    all), $DEC_EVAL_LIMIT and $DEC_EVAL_TOKENS (defaults as the CLI's), $DEC_EVAL_SPLIT (default val)."""
+    domains = parse_domains(os.environ.get("DEC_EVAL_DOMAINS") or None)
+    split = os.environ.get("DEC_EVAL_SPLIT", "val")
+    limit = int(os.environ.get("DEC_EVAL_LIMIT", DEFAULT_LIMIT))
+    tokens = int(os.environ.get("DEC_EVAL_TOKENS", DEFAULT_TOKENS))
+    key = (tuple(domains), split, limit, tokens)
+    if key not in _INMEM:
+        cache = cache_dir(None)
+        _INMEM[key] = {d: load_windows(cache, d, split, limit)[:, :tokens] for d in domains}
+    model.eval()
+    out = {f"loss/{d}": float(window_losses(model, w).mean()) for d, w in _INMEM[key].items()}
+    return {"score": sum(out.values()) / len(out), **out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=os.environ.get("BMM_MODEL"), help="HF directory (default $BMM_MODEL)")

@@ -6,7 +6,8 @@
 
 MERGED_DIR is a Hugging Face directory (single or sharded safetensors). With no config.json in it, the base's
 config is used. Every task's head comes from <cache>/experts/<task>/head.safetensors; heads are never merged.
-The last stdout line is one JSON object: {"score": mean accuracy over tasks, "acc/<task>": ..., ...}.
+The last stdout line is one JSON object: {"score": mean accuracy over tasks, "acc/<task>": ..., "correct/<task>":
+"0110…" (one digit per row, for paired standard errors), ...}. In-memory search scorer: ``score_in_memory`` below.
 Progress goes to stderr. Token ids are cached per (task, split, limit) under <cache>/tokens as safetensors.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     DEFAULT_VAL_LIMIT, MAX_LEN, TASK_LABELS, BenchError, MiniBert, base_model_path, cache_dir, data_dir, embed,
-    head_accuracy, load_head, load_split, parse_tasks, read_json, set_threads, sha256_file,
+    load_head, load_split, parse_tasks, read_json, set_threads, sha256_file,
 )
 
 
@@ -87,22 +88,54 @@ def evaluate(model_dir: Path, cache: Path, tasks: list[str], split: str, limit: 
     t_load = time.time()
     model = load_merged(model_dir)
     t_model = time.time()
-    out: dict = {}
-    n = 0
-    for t in tasks:
-        seqs, labels = data[t]
-        emb = embed(model, seqs, batch_size)
-        w, b, _ = heads[t]
-        out[f"acc/{t}"] = round(head_accuracy(emb, labels, w, b), 4)
-        n += len(labels)
-        _log(f"{t}: acc {out[f'acc/{t}']:.4f} (n={len(labels)})")
+    result = score_forward(model, data, heads, batch_size)
     t_end = time.time()
-    result = {"score": round(sum(out[f"acc/{t}"] for t in tasks) / len(tasks), 5), **out,
-              "n_examples": n, "seconds": round(t_end - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
-              "examples_per_s": round(n / max(t_end - t_model, 1e-9), 1)}
+    result.update(seconds=round(t_end - t0, 2), cpu_seconds=round(time.process_time() - c0, 2),
+                  examples_per_s=round(result["n_examples"] / max(t_end - t_model, 1e-9), 1))
     _log(f"data+heads {t_load - t0:.1f} s, model load {t_model - t_load:.1f} s, "
          f"inference {t_end - t_model:.1f} s ({result['examples_per_s']} ex/s)")
     return result
+
+
+def score_forward(forward, data: dict, heads: dict, batch_size: int = 64) -> dict:
+    """{"score": mean accuracy over tasks, "acc/<task>", "correct/<task>": one '0'/'1' per row (for paired
+    standard errors between models on the same rows), "n_examples"} of an encoder forward and the tasks' heads."""
+    import torch
+
+    out: dict = {}
+    n = 0
+    for t, (seqs, labels) in data.items():
+        emb = embed(forward, seqs, batch_size)
+        w, b, _ = heads[t]
+        hit = ((emb @ w.T.float() + b.float()).argmax(-1) == torch.as_tensor(labels)).tolist()
+        out[f"acc/{t}"] = round(sum(hit) / len(hit), 4) if hit else float("nan")
+        out[f"correct/{t}"] = "".join("1" if h else "0" for h in hit)
+        n += len(labels)
+        _log(f"{t}: acc {out[f'acc/{t}']:.4f} (n={len(labels)})")
+    tasks = list(data)
+    return {"score": round(sum(out[f"acc/{t}"] for t in tasks) / len(tasks), 5), **out, "n_examples": n}
+
+
+_INMEM: dict = {}
+
+
+def score_in_memory(model, tokenizer, trial) -> dict:
+    """``bmm search --eval-py bench/eval_hook.py:score_in_memory``: the resident merged BertModel scored like
+    ``--model`` would be (same rows, same heads). Tasks, split and rows from $BMM_BENCH_TASKS (default all),
+    $BMM_BENCH_SPLIT (default val) and $BMM_BENCH_LIMIT (default the hook's); data is loaded once per process."""
+    from bench.common import hf_forward
+
+    tasks = parse_tasks(os.environ.get("BMM_BENCH_TASKS") or None)
+    split = os.environ.get("BMM_BENCH_SPLIT", "val")
+    limit = int(os.environ.get("BMM_BENCH_LIMIT", DEFAULT_VAL_LIMIT)) or None
+    key = (tuple(tasks), split, limit)
+    if key not in _INMEM:
+        cache = cache_dir(None)
+        _INMEM[key] = ({t: load_tokens(cache, t, split, limit) for t in tasks}, {t: load_head(cache, t) for t in tasks})
+    data, heads = _INMEM[key]
+    model.eval()
+    res = score_forward(hf_forward(model), data, heads)
+    return {k: v for k, v in res.items() if not k.startswith("correct/")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,40 @@ ROWS = [  # (name in scores/, label, kind)
     ("anchor-iso-cts", "ISO-CTS", "anchor"),
     ("anchor-wudi", "WUDI", "anchor"),
     ("anchor-regmean", "RegMean (data)", "anchor"),
-    ("bmm-free", "BMM data-free, defaults (anchor TSV)", "bmm"),
-    ("bmm-data", "BMM data-assisted, defaults", "bmm"),
-    ("bmm-hybrid", "BMM hybrid ε=0.5, defaults", "bmm"),
-    ("bmm-free-search", "BMM data-free + search", "bmm"),
-    ("bmm-data-search", "BMM data-assisted + search", "bmm"),
-    ("bmm-hybrid-search", "BMM hybrid + search", "bmm"),
 ]
+for _g, _gl in (("free", "data-free"), ("data", "data-assisted"), ("hybrid", "hybrid")):
+    for _a, _al in (("ta", "TA"), ("ties", "TIES"), ("tsv", "TSV")):
+        ROWS.append((f"bmm-{_g}-{_a}", f"BMM {_gl}, defaults (anchor {_al})", "bmm"))
+    ROWS.append((f"bmm-{_g}-tsv-const", f"BMM {_gl}, old constants λ=0.03 s=1.15 (TSV)", "bmm"))
+    ROWS.append((f"bmm-{_g}-tsv-search", f"BMM {_gl} + search (TSV)", "bmm"))
+REFERENCE_FOR_GAIN = ("average", "anchor-ta", "anchor-ties", "anchor-dare", "anchor-tsv", "anchor-iso-c",
+                      "anchor-iso-cts", "anchor-wudi", "anchor-regmean")
+
+
+def anchor_of(name: str) -> str | None:
+    """bmm-<gram>-<anchor>[-const|-search] -> anchor-<anchor>."""
+    if not name.startswith("bmm-"):
+        return None
+    rest = name.split("-", 2)[2] if name.count("-") >= 2 else ""
+    for suffix in ("-const", "-search"):
+        rest = rest.removesuffix(suffix)
+    return f"anchor-{rest}" if rest else None
+
+
+def paired_acc_se(s1: dict, s2: dict, tasks: list[str]) -> tuple[float, float] | None:
+    """(difference, SE) of the mean-over-tasks accuracy of two score files on the same rows; None without rows."""
+    diff, var = 0.0, 0.0
+    for t in tasks:
+        a, b = s1.get(f"correct/{t}"), s2.get(f"correct/{t}")
+        if not a or not b or len(a) != len(b) or len(a) < 2:
+            return None
+        d = [int(x) - int(y) for x, y in zip(a, b)]
+        n = len(d)
+        mu = sum(d) / n
+        diff += mu
+        var += sum((x - mu) ** 2 for x in d) / (n - 1) / n
+    k = len(tasks)
+    return diff / k, var ** 0.5 / k
 
 
 def _read(path: Path):
@@ -50,6 +77,7 @@ def main() -> None:
         expert[t] = s[f"acc/{t}"]
     rows = [{"name": "experts", "label": "experts, each on its own task (upper reference)", "kind": "reference",
              "acc": {t: expert[t] for t in tasks}, "mean": sum(expert.values()) / len(tasks), "normalized": 1.0}]
+    raw: dict = {}
     for name, label, kind in ROWS:
         s = _read(sd / f"{name}.json")
         if s is None:
@@ -60,15 +88,22 @@ def main() -> None:
         sec = sd / f"{name}.seconds"
         if sec.exists():
             row["seconds"] = int(sec.read_text().strip())
-        summ = _read(sd / f"{name.replace('bmm-', 'search-').replace('-search', '')}.summary.json") \
-            if name.endswith("-search") else None
+        summ = _read(sd / f"{name}.summary.json") if name.endswith("-search") else None
         if summ:
             row["search"] = {k: summ.get(k) for k in ("best_trial", "best_score", "first_score", "trials",
                                                        "trials_failed", "best_params", "mean_overhead_s")}
-            s2 = sd / f"{name.replace('bmm-', 'search-').replace('-search', '')}.seconds"
-            if s2.exists():
-                row["seconds"] = int(s2.read_text().strip())
+        raw[name] = s
         rows.append(row)
+    refs = [r for r in rows if r["name"] in REFERENCE_FOR_GAIN]
+    best_ref = max(refs, key=lambda r: r["mean"])["name"] if refs else None
+    for row in rows:
+        name = row["name"]
+        for key, other in (("vs_anchor", anchor_of(name)), ("vs_best_reference", best_ref),
+                           ("vs_default", name.rsplit("-", 1)[0] if name.endswith(("-search", "-const")) else None)):
+            if other and other != name and other in raw:
+                ds = paired_acc_se(raw[name], raw[other], tasks)
+                if ds:
+                    row[key] = {"row": other, "diff": round(ds[0], 4), "se": round(ds[1], 4)}
     stages = []  # bmm's own cost per step: wall seconds and peak RSS (GNU time), on this machine
     for sec in sorted(sd.glob("*.seconds")):
         name = sec.name[: -len(".seconds")]
@@ -76,16 +111,25 @@ def main() -> None:
         stages.append({"step": name, "seconds": int(sec.read_text().strip()),
                        "peak_rss_mb": round(int(rss.read_text().split()[-1]) / 1024) if rss.exists() else None})
     a.out.mkdir(parents=True, exist_ok=True)
-    meta = {"tasks": tasks, "config": a.config, "machine": f"{platform.machine()} {platform.system()}",
+    meta = {"tasks": tasks, "config": a.config, "best_reference": best_ref,
+            "machine": f"{platform.machine()} {platform.system()}",
             "date": time.strftime("%Y-%m-%d")}
     (a.out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows, "steps": stages}, indent=2) + "\n")
-    head = "| model | " + " | ".join(tasks) + " | mean acc | normalized |"
-    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    head = ("| model | " + " | ".join(tasks) + " | mean acc | normalized | vs anchor ± paired SE | "
+            f"vs {best_ref} ± paired SE |")
+    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+
+    def _vs(r: dict, key: str) -> str:
+        v = r.get(key)
+        return f"{v['diff']:+.3f} ± {v['se']:.3f}" if v else ""
+
     for r in rows:
         cells = " | ".join(f"{r['acc'][t]:.3f}" for t in tasks)
         bold = "**" if r["kind"] == "bmm" else ""
-        lines.append(f"| {bold}{r['label']}{bold} | {cells} | {bold}{r['mean']:.3f}{bold} | {r['normalized']:.3f} |")
-    md = "\n".join(lines) + "\n\n" + f"Config: {a.config}. Normalized = mean over tasks of merged / expert accuracy.\n"
+        lines.append(f"| {bold}{r['label']}{bold} | {cells} | {bold}{r['mean']:.3f}{bold} | {r['normalized']:.3f} | "
+                     f"{_vs(r, 'vs_anchor')} | {_vs(r, 'vs_best_reference')} |")
+    md = "\n".join(lines) + "\n\n" + (f"Config: {a.config}. Normalized = mean over tasks of merged / expert accuracy. "
+                                      "Paired SE: the same test rows scored by both models (tasks independent).\n")
     if stages:
         md += "\n| step | seconds | peak RSS (MB) |\n|---|---|---|\n" + "".join(
             f"| {st['step']} | {st['seconds']} | {st['peak_rss_mb'] if st['peak_rss_mb'] is not None else '–'} |\n"

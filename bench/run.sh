@@ -76,19 +76,30 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
   --materialize "$RUN/models/average" >&2
 score average "$RUN/models/average"
 
-log "bmm with the constant parameters of the committed table (λ = 0.03, s = 1.15; anchor tsv)"
+log "bmm defaults (λ per module by type-II maximum likelihood, s = 1) for anchors ta, ties, tsv"
+for g in free data; do
+  for a in ta ties tsv; do
+    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --out "$RUN/models/bmm-$g-$a" >&2
+    score "bmm-$g-$a" "$RUN/models/bmm-$g-$a"
+  done
+done
+timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid --out "$RUN/models/bmm-hybrid-tsv" >&2
+score bmm-hybrid-tsv "$RUN/models/bmm-hybrid-tsv"
+
+log "bmm with the old constant defaults (λ = 0.03, s = 1.15; anchor tsv)"
 for g in free data hybrid; do
-  timed "bmm-$g" bmm -q solve --work "$W" --anchor tsv --gram "$g" --lam 0.03 --scale 1.15 \
-    --out "$RUN/models/bmm-$g" >&2
-  score "bmm-$g" "$RUN/models/bmm-$g"
+  timed "bmm-$g-tsv-const" bmm -q solve --work "$W" --anchor tsv --gram "$g" --lam 0.03 --scale 1.15 \
+    --out "$RUN/models/bmm-$g-tsv-const" >&2
+  score "bmm-$g-tsv-const" "$RUN/models/bmm-$g-tsv-const"
 done
 
-log "bmm search ($TRIALS trials each, validation objective)"
-HOOK="python3 bench/eval_hook.py --model {model} --tasks $TASKS --split val --limit $VAL_LIMIT"
+log "bmm search ($TRIALS trials each, validation objective, in-memory scorer; first trial = the defaults)"
 for g in free data hybrid; do
-  timed "search-$g" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 --scale 1.0:1.3 \
-    --initial 8 --eval "$HOOK" --out "$RUN/models/bmm-$g-search" --json > "$RUN/scores/search-$g.summary.json"
-  score "bmm-$g-search" "$RUN/models/bmm-$g-search"
+  BMM_BENCH_TASKS="$TASKS" BMM_BENCH_SPLIT=val BMM_BENCH_LIMIT="$VAL_LIMIT" \
+    timed "bmm-$g-tsv-search" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
+    --initial 8 --eval-py bench/eval_hook.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search" --json \
+    > "$RUN/scores/bmm-$g-tsv-search.summary.json"
+  score "bmm-$g-tsv-search" "$RUN/models/bmm-$g-tsv-search"
 done
 
 log "report"

