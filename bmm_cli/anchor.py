@@ -23,7 +23,8 @@ from .device import resolve_device
 from .errors import InputError
 from .progress import info, track
 from .stage import Stage, load_manifest
-from .store import Checkpoint, ModelWriter, ShardReader, model_card, parse_size
+from .store import Checkpoint, ShardReader
+from .writer import ModelWriter, model_card, parse_size
 from .taskvec import Project, from_linear, load_project, to_linear
 
 OTHERS = "others"

@@ -41,7 +41,6 @@ TaskVectors = Union[Tensor, Sequence[Tensor]]
 __all__ = [
     "GramStats",
     "ModuleFactors",
-    "TrialSolver",
     "apply_factors",
     "data_stats",
     "eig_gram",

@@ -73,7 +73,7 @@ def parse_budget(value: int | str | None, option: str) -> int | None:
         if value < 0:
             raise InputError(f"{option} {value}: must be >= 0")
         return int(value)
-    from .store import parse_size
+    from .writer import parse_size
 
     text = str(value).strip()
     if text.rstrip("BKMGTIbkmgti ") in ("0", "0.0"):

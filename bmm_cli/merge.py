@@ -23,7 +23,8 @@ from .progress import info
 from .solve import GRAM_KINDS, resolve_params
 from .solve import solve as run_solve
 from .stage import work_lock
-from .store import Checkpoint, check_output_dir
+from .store import Checkpoint
+from .writer import check_output_dir
 from .taskvec import open_inputs
 from .taskvec import taskvec as run_taskvec
 

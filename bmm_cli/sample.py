@@ -54,7 +54,8 @@ from .errors import InputError
 from .hooks import render_command, run_hook
 from .progress import info, track
 from .solve import Params, Sources, solve, solve_params
-from .store import MARKER_NAME, Checkpoint, ModelWriter, check_not_input, model_card, parse_dtype, parse_size, read_header
+from .store import MARKER_NAME, Checkpoint, parse_dtype, read_header
+from .writer import ModelWriter, check_not_input, model_card, parse_size
 from .taskvec import from_linear, to_linear
 
 MANIFEST = "samples.json"

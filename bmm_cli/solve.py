@@ -36,7 +36,8 @@ from .device import parse_budget, resolve_device
 from .errors import InputError
 from .progress import track
 from .stage import Stage
-from .store import DTYPES, ModelWriter, model_card, parse_dtype, parse_size
+from .store import DTYPES, parse_dtype
+from .writer import ModelWriter, model_card, parse_size
 from .taskvec import Project, from_linear, load_project
 from .gram import GramStage
 

@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from bmm_cli import store
 from bmm_cli.errors import InputError, NumericError
-from bmm_cli.store import Checkpoint, ModelWriter, parse_size, plan_shards
+from bmm_cli.store import Checkpoint
+from bmm_cli.writer import ModelWriter, parse_size, plan_shards
 
 
 def test_open_single_and_sharded_agree(family):

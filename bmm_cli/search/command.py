@@ -86,7 +86,7 @@ class WorkerSpec:
 def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
     """The memory options, parsed and checked up front; only the given ones (a Merger without them still works)."""
     from bmm_cli.solve import Merger
-    from bmm_cli.store import parse_size
+    from bmm_cli.writer import parse_size
 
     kw: dict[str, Any] = {}
     for name, value in (("memory_budget", memory_budget), ("gpu_memory_budget", gpu_memory_budget)):
@@ -214,7 +214,7 @@ def search(
     (``ray://head:10001``, ``head:6379``): one actor per GPU of the cluster, or per ``parallel`` CPU slot.
     """
     from bmm_cli.solve import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE, Sources
-    from bmm_cli.store import check_not_input
+    from bmm_cli.writer import check_not_input
 
     # ---- preflight: every option, before any heavy work ---------------------------------------------------------
     space = SearchSpace(num_groups=blocks, scale_range=parse_range(scale, "scale"), lam_range=parse_range(lam, "lam"),

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from bmm_cli import atomic, store
+from bmm_cli import atomic, store, writer
 
 from ._util import assert_stage_equal, bmm_inproc, bmm_ok, model_bytes, tmp_files
 
@@ -31,7 +31,7 @@ def _enospc_at(monkeypatch, n):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(store, "save_file", flaky)
-    real_finish = store._ShardStream._finish  # model shards are streamed, not written by save_file
+    real_finish = writer._ShardStream._finish  # model shards are streamed, not written by save_file
 
     def flaky_finish(stream):
         calls["n"] += 1
@@ -40,7 +40,7 @@ def _enospc_at(monkeypatch, n):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stream.path))
         real_finish(stream)
 
-    monkeypatch.setattr(store._ShardStream, "_finish", flaky_finish)
+    monkeypatch.setattr(writer._ShardStream, "_finish", flaky_finish)
 
 
 def _loadable(d, ref_dir):
