@@ -80,7 +80,7 @@ def merge(
     data_grams = gram in ("data", "hybrid") or method.needs_data_grams
     if data_grams and not calib:
         raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
-    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram)
+    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram, warn=False)
     if eval_cmd is not None:
         from .search.command import check_merge_eval
 

@@ -137,7 +137,9 @@ def load_params(path: str | Path) -> Params:
 
 
 def resolve_params(params_file: str | Path | None, *, lam: float | None, scale: float | None, eps: float | None,
-                   blocks: int, gram: str) -> Params:
+                   blocks: int, gram: str, warn: bool = True) -> Params:
+    """The parameters named by ``--params`` or ``--lam/--scale/--epsilon`` (checked); ``warn=False`` for a preflight
+    check whose stage resolves them again (and warns then, once)."""
     if eps is not None and gram != "hybrid":
         raise InputError(f"--epsilon {eps:g} mixes the Gram kinds of --gram hybrid; with --gram {gram} it has no "
                          "effect: drop it or pass --gram hybrid")
@@ -159,7 +161,7 @@ def resolve_params(params_file: str | Path | None, *, lam: float | None, scale: 
     if gram == "hybrid" and p.eps is None:
         p.eps = DEFAULT_EPS
     if gram != "hybrid":
-        if p.eps is not None:
+        if p.eps is not None and warn:
             from .progress import info
 
             info(f"bmm: warning: {params_file}: eps = {p.eps:g} is ignored with --gram {gram} (it mixes the Gram "

@@ -107,3 +107,19 @@ def test_params_file_flat_or_a_search_best_json(family, tmp_path):
     assert a["params"] == b["params"] == params
     want = {k: v for k, v in _out_bytes(tmp_path / "a").items() if k not in ("bmm_merge.json", "README.md")}
     assert want == {k: v for k, v in _out_bytes(tmp_path / "b").items() if k not in ("bmm_merge.json", "README.md")}
+
+
+def test_params_eps_with_a_free_gram_is_warned_about_once(family, tmp_path, capsys):
+    """A params file carrying ε (a hybrid search's best.json) merged with --gram free: ε is ignored, and the user is
+    told so once, not once by the preflight and again by the solve stage."""
+    import json
+
+    base, experts = family("llama")
+    params = {"s_0": 1.0, "lam_0_attn_in": 0.05, "lam_0_attn_out": 0.2, "lam_0_mlp_in": 0.05, "lam_0_mlp_out": 0.3,
+              "eps": 0.3}
+    pf = tmp_path / "best.json"
+    pf.write_text(json.dumps(params))
+    merge(str(base), [str(e) for e in experts], tmp_path / "m", params_file=str(pf), work=tmp_path / "w",
+          device="cpu")
+    err = capsys.readouterr().err
+    assert err.count("is ignored with --gram free") == 1, err
