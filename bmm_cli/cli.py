@@ -322,8 +322,12 @@ def search(
     trials: int = typer.Option(100, "--trials", min=1, help="Total trials (a resumed search counts earlier ones)."),
     blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups, each with its own s and 4 λ's."),
     scale: str = typer.Option("0.7:1.3", "--scale", help="Range of s (uniform), LOW:HIGH or one number (below 1 shrinks the merged task vector: it helped on the decoder benchmark)."),
-    lam: str = typer.Option("1e-4:1", "--lam", help="Range of λ (log-uniform), LOW:HIGH or one number."),
+    lam: Optional[str] = typer.Option(None, "--lam", help="Range of λ (log-uniform), LOW:HIGH or one number "
+                                      "[default: 1e-4:1; with --relative-lam 0.1:10]."),
     epsilon: str = typer.Option("0:1", "--epsilon", help="Range of ε for --gram hybrid."),
+    relative_lam: bool = typer.Option(False, "--relative-lam", help="Search λ as a factor of the default's own "
+                                      "per-layer λ (evidence): the first trial is exactly the default merge and "
+                                      "every trial keeps its per-layer λ profile; best.json gets solve_params."),
     initial: int = typer.Option(10, "--initial", min=0, help="Random points before the GP takes over."),
     seed: int = typer.Option(0, "--seed", help="Optimizer seed."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per evaluation command before it is killed."),
@@ -359,8 +363,8 @@ def search(
     with work_lock(work, create=False):
         res = run(work, anchor.value, gram.value, eval_cmd, out=out, eval_py=eval_py, lm_eval=lm_eval,
                   lm_eval_limit=lm_eval_limit, lm_eval_include=lm_eval_include, trials=trials, blocks=blocks,
-                  scale=scale, lam=lam, epsilon=epsilon, initial=initial, seed=seed, timeout=timeout,
-                  parallel=parallel, gpus=_gpu_sets(gpus), minimize=minimize, trial_dir=trial_dir, device=device,
+                  scale=scale, lam=lam, epsilon=epsilon, relative_lam=relative_lam, initial=initial, seed=seed,
+                  timeout=timeout, parallel=parallel, gpus=_gpu_sets(gpus), minimize=minimize, trial_dir=trial_dir, device=device,
                   dtype=dtype, max_shard_size=max_shard_size, factor_dtype=factor_dtype, ray=ray,
                   memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, spill_dir=spill_dir,
                   force=force)

@@ -75,7 +75,9 @@ class Params:
 
     @classmethod
     def from_flat(cls, d: dict, *, source: str = "params") -> "Params":
-        if "params" in d and isinstance(d["params"], dict):  # search/best.json
+        if "solve_params" in d and isinstance(d["solve_params"], dict):  # best.json of a --relative-lam search
+            d = d["solve_params"]
+        elif "params" in d and isinstance(d["params"], dict):  # search/best.json
             d = d["params"]
         groups = sorted(int(k[2:]) for k in d if k.startswith("s_") and k[2:].isdigit())
         if not groups or groups != list(range(len(groups))):

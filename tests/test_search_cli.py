@@ -159,3 +159,56 @@ def test_first_trial_is_the_default_merge_evidence_lambda(family, tmp_path):
             want = math.exp(sum(math.log(per_layer.lams[i][g]) for i in layers) / len(layers))
             assert recs[0]["params"][f"lam_{b}_{g}"] == pytest.approx(want, rel=1e-9)
         assert recs[0]["params"][f"s_{b}"] == 1.0
+
+
+def _weights(d):
+    c = Checkpoint.open(d)
+    return {k: c.get(k) for k in c.keys()}
+
+
+def test_relative_lam_search_starts_at_the_default_merge_and_best_json_reproduces(family, tmp_path):
+    """--relative-lam: λ is searched as a factor of the default's per-layer (evidence) λ. Trial 0 (all factors 1,
+    s = 1) is exactly `bmm solve` without --lam/--params; every other trial keeps the per-layer λ profile (each
+    layer's λ = its evidence λ × its block-group's factor); best.json's solve_params give `bmm solve --params` the
+    kept model bit for bit."""
+    from conftest import ready_work
+
+    from bmm_cli.search import search
+    from bmm_cli.solve import Sources, evidence_params
+
+    work = ready_work(family, "llama", tmp_path / "w")
+    default = tmp_path / "default"
+    solve(work, "ta", "free", out=default, device="cpu")
+    # the hook prefers later trials, so the kept model is not trial 0 (whose weights are checked separately)
+    hook = f"{sys.executable} -c 'import sys; print(sys.argv[1])' {{trial}}"
+    res = search(work, "ta", "free", hook, out=tmp_path / "best", blocks=2, trials=3, initial=3, device="cpu",
+                 relative_lam=True)
+    assert res["trials_ok"] == 3 and res["best_trial"] == 2
+    lines = (work / "search-ta-free" / "trials.jsonl").read_text().splitlines()
+    recs = {r["trial"]: r for r in map(json.loads, lines)}
+    assert all(v == 1.0 for k, v in recs[0]["params"].items()), recs[0]["params"]
+    per_layer = evidence_params(Sources(work, "ta", "free"), scale=1.0, eps=None)
+    best = json.loads((work / "search-ta-free" / "best.json").read_text())
+    sp = best["solve_params"]
+    assert sp == res["best_solve_params"]
+    p = recs[2]["params"]
+    for layer, b in enumerate([0, 0, 1]):  # 3 layers, 2 block-groups (layer * 2 // 3)
+        assert sp[f"s_{layer}"] == p[f"s_{b}"]
+        for g in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            assert sp[f"lam_{layer}_{g}"] == pytest.approx(per_layer.lams[layer][g] * p[f"lam_{b}_{g}"], rel=1e-12)
+    again = tmp_path / "again"
+    solve(work, "ta", "free", out=again, params_file=work / "search-ta-free" / "best.json", device="cpu")
+    kept, want = _weights(tmp_path / "best"), _weights(again)
+    assert kept.keys() == want.keys() and all(torch.equal(kept[k], want[k]) for k in kept)
+    # trial 0 = the default merge: a one-trial search into another --out against `bmm solve` (same parameters;
+    # the search solves through its eigen-factor cache and `bmm solve` by Cholesky: equal to fp32 rounding)
+    res0 = search(work, "ta", "free", hook, out=tmp_path / "first", blocks=2, trials=1, device="cpu",
+                  relative_lam=True, force=True)
+    assert res0["best_trial"] == 0
+    assert json.loads((tmp_path / "first" / "bmm_merge.json").read_text())["params"] == \
+        json.loads((default / "bmm_merge.json").read_text())["params"]
+    first, dflt, base = _weights(tmp_path / "first"), _weights(default), _weights(family("llama")[0])
+    assert first.keys() == dflt.keys()
+    for k in first:
+        step = (dflt[k].double() - base[k].double()).abs().max()
+        assert (first[k].double() - dflt[k].double()).abs().max() <= 1e-4 * step + 1e-7, k

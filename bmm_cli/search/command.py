@@ -23,6 +23,8 @@ from .space import SearchSpace, parse_range
 from .trial import TrialWorker
 
 MEMORY_OPTIONS = ("memory_budget", "gpu_memory_budget", "spill_dir")
+ABSOLUTE_LAM_RANGE = "1e-4:1"  # --lam default: relative λ (units of tr(G)/d_in)
+RELATIVE_LAM_RANGE = "0.1:10"  # --lam default with --relative-lam: factors of the default's per-layer λ
 
 
 def state_dir_name(anchor: str, gram: str) -> str:
@@ -45,6 +47,7 @@ class WorkerSpec:
     lm_eval: dict | None = None
     timeout: float = 3600.0
     grace: float = 5.0
+    lam_base: list[dict[str, float]] | None = None  # --relative-lam: the default's λ per layer-group
 
     @property
     def in_memory(self) -> bool:
@@ -62,8 +65,7 @@ class WorkerSpec:
         space = self.make_space()
 
         def to_params(flat: dict) -> Params:
-            scales, lams, eps = space.unpack(flat)
-            return Params(scales, lams, eps)
+            return Params(*expand_params(space, flat, self.lam_base))
 
         def materialize(params: dict, model_dir: Path, env: dict) -> dict:
             return merger.write(to_params(params), model_dir, extra={"trial": int(env.get("BMM_TRIAL", -1))})
@@ -81,6 +83,26 @@ class WorkerSpec:
         except BaseException:
             merger.close()
             raise
+
+
+def expand_params(space: SearchSpace, flat: dict, lam_base: list[dict[str, float]] | None):
+    """``(scales, lams, eps)`` a solve uses for a point of the space. Absolute λ: one entry per block-group.
+    ``--relative-lam``: one entry per layer-group of ``lam_base`` (the default's per-layer λ), each λ = its base λ
+    times the factor of its block-group and module group, each s = its block-group's s."""
+    scales, lams, eps = space.unpack(flat)
+    if lam_base is None:
+        return scales, lams, eps
+    n, B = len(lam_base), space.num_groups
+    of = [min(B - 1, j * B // n) for j in range(n)]
+    return ([scales[of[j]] for j in range(n)],
+            [{g: float(v) * lams[of[j]].get(g, 1.0) for g, v in lam_base[j].items()} for j in range(n)], eps)
+
+
+def solve_params_of(space: SearchSpace, lam_base: list[dict[str, float]]):
+    """``flat search point -> bmm solve --params dict`` of a relative-λ search (best.json's ``solve_params``)."""
+    from bmm_cli.solve import Params
+
+    return lambda flat: Params(*expand_params(space, flat, lam_base)).flat()
 
 
 def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
@@ -153,10 +175,13 @@ def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: f
                 default_eps: float) -> dict[str, float]:
     """The first trial: bmm's default merge as far as the space can express it. Each ``lam_<b>_<group>`` is the
     geometric mean of the evidence λ (type-II maximum likelihood, :func:`bmm_cli.solve.evidence_params`, kept in the
-    work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults."""
+    work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults. In a relative-λ
+    space every factor is 1 (clipped to its range): exactly the default merge when 1 and s = 1 are in range."""
     from bmm_cli.solve import evidence_params
 
     point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
+    if space.lam_relative:  # factors of the default's own per-layer λ: 1 is the default merge itself
+        return space.default_point(default_scale=default_scale, default_lam=1.0, default_eps=default_eps)
     per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
     layers = per_layer.num_groups
     logs: dict[tuple[int, str], list[float]] = {}
@@ -188,8 +213,9 @@ def search(
     trials: int = 100,
     blocks: int = 3,
     scale: str = "0.7:1.3",
-    lam: str = "1e-4:1",
+    lam: str | None = None,
     epsilon: str = "0:1",
+    relative_lam: bool = False,
     initial: int = 10,
     seed: int = 0,
     timeout: float = 3600.0,
@@ -217,8 +243,11 @@ def search(
     from bmm_cli.writer import check_not_input
 
     # ---- preflight: every option, before any heavy work ---------------------------------------------------------
+    if lam is None:
+        lam = RELATIVE_LAM_RANGE if relative_lam else ABSOLUTE_LAM_RANGE
     space = SearchSpace(num_groups=blocks, scale_range=parse_range(scale, "scale"), lam_range=parse_range(lam, "lam"),
-                        eps_range=parse_range(epsilon, "epsilon") if gram == "hybrid" else None)
+                        eps_range=parse_range(epsilon, "epsilon") if gram == "hybrid" else None,
+                        lam_relative=bool(relative_lam))
     objective, scorer = _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include)
     if ray is not None:
         from .ray import check_ray
@@ -237,11 +266,17 @@ def search(
     if out is not None:
         check_not_input(Path(out), src.proj.inputs())
     first = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
+    lam_base = None
+    if space.lam_relative:
+        from bmm_cli.solve import evidence_params
+
+        base = evidence_params(src, scale=DEFAULT_SCALE, eps=DEFAULT_EPS if gram == "hybrid" else None)
+        lam_base = [dict(row) for row in base.lams]
     spec = WorkerSpec(work=str(Path(work).resolve()), anchor=anchor, gram=gram, merger_kwargs=merger_kwargs,
                       space={"num_groups": space.num_groups, "lam_groups": space.lam_groups,
                              "scale_range": space.scale_range, "lam_range": space.lam_range,
-                             "eps_range": space.eps_range},
-                      timeout=float(timeout), **scorer)
+                             "eps_range": space.eps_range, "lam_relative": space.lam_relative},
+                      timeout=float(timeout), lam_base=lam_base, **scorer)
     # ---- workers ---------------------------------------------------------------------------------------------
     if ray is not None:
         from .ray import RayRunner
@@ -256,7 +291,8 @@ def search(
                          state_name=state_dir_name(anchor, gram), initial=initial, seed=seed, timeout=timeout,
                          minimize=minimize, gpus=gpus, trial_dir=trial_dir, out=out, force=force, first_point=first,
                          fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
-                         hook=eval_cmd or None)
+                         hook=eval_cmd or None,
+                         solve_params=solve_params_of(space, lam_base) if lam_base is not None else None)
     finally:
         runner.close()
     best_json = Path(work) / state_dir_name(anchor, gram) / "best.json"
@@ -274,6 +310,7 @@ def search(
         "best_trial": res.best_trial,
         "best_score": res.best_score,
         "best_params": res.best_params,
+        **({"best_solve_params": solve_params_of(space, lam_base)(res.best_params)} if lam_base is not None else {}),
         "best_metrics": res.best_metrics,
         "first_score": first_rec.get("score") if first_rec else None,
         "model": str(res.model),

@@ -95,6 +95,7 @@ def run_search(
     stdout_limit: int = 1 << 20,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     state_name: str = "search",
+    solve_params: Callable[[dict], dict] | None = None,
 ) -> SearchResult:
     """Run (or resume) the BMM hyper-parameter search; return the best observed trial.
 
@@ -116,7 +117,9 @@ def run_search(
     best model is kept (None: it stays in its trial directory). ``fingerprint_extra``: whatever else makes scores
     comparable (anchor, Gram kind, inputs' fingerprints); it must match on resume. ``force``: archive an earlier
     search's state and start fresh. ``fail_fast``: stop when this many trials of this run failed and none ever
-    succeeded (0: never). ``optimizer_kwargs``: overrides for ``skopt.Optimizer``.
+    succeeded (0: never). ``optimizer_kwargs``: overrides for ``skopt.Optimizer``. ``solve_params``: the
+    ``bmm solve --params`` form of a trial's parameters, kept in best.json as ``solve_params`` (for spaces whose
+    coordinates are not λ itself, e.g. factors of a per-layer λ).
 
     Ctrl-C (and SIGTERM): running trials are stopped, the state written so far stays valid, the summary and plot
     are written, and KeyboardInterrupt is raised. A rerun resumes.
@@ -168,6 +171,7 @@ def run_search(
                   extra=_normalize(dict(fingerprint_extra or {})), objective=objective, first=first, first_x=first_x,
                   fail_fast=fail_fast, grace=grace, optimizer_kwargs=dict(optimizer_kwargs or {}),
                   options={"timeout": timeout, "parallel": runner.slots, "backend": runner.name})
+    drv.solve_params = solve_params
     sdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as locks:
         locks.enter_context(_flock(sdir / ".lock", f"work directory {workdir}"))
@@ -204,6 +208,7 @@ class _Driver:
         self.manifest_path = sdir / "search.json"
         self.records: list[dict] = []
         self.best: dict | None = None
+        self.solve_params: Callable[[dict], dict] | None = None
         self.run_id = ""
         self.changed: list[str] = []
         self.old_out: str | None = None
@@ -330,6 +335,7 @@ class _Driver:
             "trial": rec["trial"], "score": rec["score"], "params": rec["params"], "x": rec["x"],
             "metrics": rec.get("metrics", {}), "seconds": rec.get("seconds", {}), "model": str(self.dest(rec)),
             "minimize": self.minimize, "run_id": self.run_id, "time": _now(),
+            **({"solve_params": self.solve_params(rec["params"])} if self.solve_params else {}),
         })
 
     def better_of(self, recs: list[dict]) -> dict | None:

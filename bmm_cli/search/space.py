@@ -34,7 +34,8 @@ class SearchSpace:
     (log-uniform), plus ε (uniform) for the hybrid Gram.
 
     Parameter names: ``s_{b}``, ``lam_{b}_{g}`` (g in ``lam_groups``), ``eps``. A range with low == high is a
-    constant: it appears in the parameters but is not searched.
+    constant: it appears in the parameters but is not searched. With ``lam_relative`` each ``lam_{b}_{g}`` is a
+    factor applied to the default's per-layer λ (the evidence λ) of the layers in block-group b, not λ itself.
     """
 
     num_groups: int
@@ -42,6 +43,7 @@ class SearchSpace:
     scale_range: tuple[float, float] = (0.7, 1.3)
     lam_range: tuple[float, float] = (1e-4, 1.0)
     eps_range: tuple[float, float] | None = None
+    lam_relative: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1:
@@ -140,6 +142,7 @@ class SearchSpace:
             "lam_range": list(self.lam_range),
             "eps_range": None if self.eps_range is None else list(self.eps_range),
             "params": [list(s) for s in self.specs()],
+            **({"lam_relative": True} if self.lam_relative else {}),
         }
 
     def fingerprint(self) -> str:
