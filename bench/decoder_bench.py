@@ -150,6 +150,17 @@ def anchor_of(name: str) -> str | None:
     return None
 
 
+SUFFIXES = ("-search-rel", "-search", "-const")
+
+
+def default_of(name: str) -> str | None:
+    """bmm-<gram>-<anchor>-{const,search,search-rel} -> bmm-<gram>-<anchor> (the default merge it is compared to)."""
+    for suf in SUFFIXES:
+        if name.startswith("bmm-") and name.endswith(suf):
+            return name[: -len(suf)]
+    return None
+
+
 def _row_order(p: Path) -> tuple:
     n = p.stem
     head = ["base", "average", "anchor-ta", "anchor-ties", "anchor-tsv"]
@@ -170,6 +181,14 @@ def cmd_report(a) -> int:
             r["vs_anchor"] = {"anchor": anc, "diff": round(r["gap_closed"] - st["rows"][anc]["gap_closed"], 4),
                               "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], st["scored"]),
                                           4)}
+        summ = run / "scores" / f"{name}.summary"
+        if summ.exists():  # a search row: its validation record (bmm search --json)
+            sj = read_json(summ)
+            r["search"] = {k: sj.get(k) for k in ("trials", "best_trial", "first_score", "best_score", "best_params")}
+        dflt = default_of(name)
+        if dflt in rows:
+            r["vs_default"] = {"default": dflt, "diff": round(r["gap_closed"] - st["rows"][dflt]["gap_closed"], 4),
+                               "se": round(paired_gap_se(rows[name], rows[dflt], st["gaps"], st["scored"]), 4)}
         if best_ref and name != best_ref:
             r["vs_best_reference"] = {"reference": best_ref,
                                       "diff": round(r["gap_closed"] - st["rows"][best_ref]["gap_closed"], 4),
@@ -198,17 +217,18 @@ def cmd_report(a) -> int:
 def markdown(res: dict) -> str:
     ds = res["domains"]
     lines = ["| row | " + " | ".join(f"loss {d}" for d in ds) + " | gap closed | vs anchor (± paired SE) | "
-             f"vs {res['best_reference']} |", "|---|" + "---:|" * (len(ds) + 3)]
+             f"vs {res['best_reference']} | vs default |", "|---|" + "---:|" * (len(ds) + 4)]
     lines.append("| base − expert (own domain), ± paired SE | " + " | ".join(
-        f"{res['gap'].get(d, float('nan')):.3f} ± {res['gap_se'][d]:.3f}" for d in ds) + " | | | |")
+        f"{res['gap'].get(d, float('nan')):.3f} ± {res['gap_se'][d]:.3f}" for d in ds) + " | | | | |")
     lines.append("| expert (own domain) | " + " | ".join(f"{res['expert_own_loss'][d]:.4f}" for d in ds)
-                 + " | 1 | | |")
+                 + " | 1 | | | |")
+
+    def vs(v):
+        return f"{v['diff']:+.3f} ± {v['se']:.3f}" if v else ""
+
     for name, r in res["rows"].items():
-        va = r.get("vs_anchor")
-        vb = r.get("vs_best_reference")
         lines.append(f"| {name} | " + " | ".join(f"{r['loss'][d]:.4f}" for d in ds) + f" | {r['gap_closed']:.3f} | "
-                     + (f"{va['diff']:+.3f} ± {va['se']:.3f}" if va else "") + " | "
-                     + (f"{vb['diff']:+.3f} ± {vb['se']:.3f}" if vb else "") + " |")
+                     + " | ".join(vs(r.get(k)) for k in ("vs_anchor", "vs_best_reference", "vs_default")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,6 +103,19 @@ if [ "$ROWS" = all ]; then
       --json > "$RUN/scores/bmm-$g-tsv-search.summary"
     MODELS+=("bmm-$g-tsv-search=$RUN/models/bmm-$g-tsv-search")
   done
+  log "bmm search --relative-lam ($TRIALS trials: λ = the default's per-layer λ times a searched factor per group)"
+  R="$RUN/work-rel"; mkdir -p "$R"  # its own search state over the same stages (and caches)
+  for st in taskvec gram-free gram-data anchor-tsv factors-tsv-free factors-tsv-data evidence-tsv-free.json \
+      evidence-tsv-data.json; do
+    [ -e "$W/$st" ] && ln -sfn "$W/$st" "$R/$st"
+  done
+  for g in $SEARCH_GRAMS; do
+    DEC_EVAL_DOMAINS="$DOMAINS" DEC_EVAL_LIMIT="$TEST_LIMIT" DEC_EVAL_TOKENS="$TOKENS" \
+      timed "bmm-$g-tsv-search-rel" bmm -q search --work "$R" --anchor tsv --gram "$g" --trials "$TRIALS" \
+      --blocks 1 --initial 8 --relative-lam --minimize --eval-py bench/decoder_eval.py:score_in_memory \
+      --out "$RUN/models/bmm-$g-tsv-search-rel" --json > "$RUN/scores/bmm-$g-tsv-search-rel.summary"
+    MODELS+=("bmm-$g-tsv-search-rel=$RUN/models/bmm-$g-tsv-search-rel")
+  done
 fi
 
 log "score on test ($TEST_LIMIT windows x $TOKENS tokens per domain)"
