@@ -26,6 +26,7 @@ for _g, _gl in (("free", "data-free"), ("data", "data-assisted"), ("hybrid", "hy
         ROWS.append((f"bmm-{_g}-{_a}", f"BMM {_gl}, defaults (anchor {_al})", "bmm"))
     ROWS.append((f"bmm-{_g}-tsv-const", f"BMM {_gl}, old constants λ=0.03 s=1.15 (TSV)", "bmm"))
     ROWS.append((f"bmm-{_g}-tsv-search", f"BMM {_gl} + search (TSV)", "bmm"))
+    ROWS.append((f"bmm-{_g}-tsv-search-rel", f"BMM {_gl} + search, --relative-lam (TSV)", "bmm"))
 REFERENCE_FOR_GAIN = ("average", "anchor-ta", "anchor-ties", "anchor-dare", "anchor-tsv", "anchor-iso-c",
                       "anchor-iso-cts", "anchor-wudi", "anchor-regmean")
 
@@ -35,9 +36,16 @@ def anchor_of(name: str) -> str | None:
     if not name.startswith("bmm-"):
         return None
     rest = name.split("-", 2)[2] if name.count("-") >= 2 else ""
-    for suffix in ("-const", "-search"):
+    for suffix in ("-const", "-search-rel", "-search"):
         rest = rest.removesuffix(suffix)
     return f"anchor-{rest}" if rest else None
+
+
+def _default_of(name: str) -> str | None:
+    for suffix in ("-const", "-search-rel", "-search"):
+        if name.startswith("bmm-") and name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
 
 
 def paired_acc_se(s1: dict, s2: dict, tasks: list[str]) -> tuple[float, float] | None:
@@ -88,7 +96,7 @@ def main() -> None:
         sec = sd / f"{name}.seconds"
         if sec.exists():
             row["seconds"] = int(sec.read_text().strip())
-        summ = _read(sd / f"{name}.summary.json") if name.endswith("-search") else None
+        summ = _read(sd / f"{name}.summary.json") if "-search" in name else None
         if summ:
             row["search"] = {k: summ.get(k) for k in ("best_trial", "best_score", "first_score", "trials",
                                                        "trials_failed", "best_params", "mean_overhead_s")}
@@ -99,7 +107,7 @@ def main() -> None:
     for row in rows:
         name = row["name"]
         for key, other in (("vs_anchor", anchor_of(name)), ("vs_best_reference", best_ref),
-                           ("vs_default", name.rsplit("-", 1)[0] if name.endswith(("-search", "-const")) else None)):
+                           ("vs_default", _default_of(name))):
             if other and other != name and other in raw:
                 ds = paired_acc_se(raw[name], raw[other], tasks)
                 if ds:

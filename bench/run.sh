@@ -101,6 +101,16 @@ for g in free data hybrid; do
     > "$RUN/scores/bmm-$g-tsv-search.summary.json"
   score "bmm-$g-tsv-search" "$RUN/models/bmm-$g-tsv-search"
 done
+log "bmm search --relative-lam ($TRIALS trials each: λ = the default's per-layer λ times a searched factor per group)"
+R="$RUN/work-rel"; mkdir -p "$R"  # its own search state over the same stages
+for st in taskvec gram-free gram-data anchor-tsv; do ln -sfn "$W/$st" "$R/$st"; done
+for g in free data hybrid; do
+  BMM_BENCH_TASKS="$TASKS" BMM_BENCH_SPLIT=val BMM_BENCH_LIMIT="$VAL_LIMIT" \
+    timed "bmm-$g-tsv-search-rel" bmm -q search --work "$R" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
+    --initial 8 --relative-lam --eval-py bench/eval_hook.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search-rel" \
+    --json > "$RUN/scores/bmm-$g-tsv-search-rel.summary.json"
+  score "bmm-$g-tsv-search-rel" "$RUN/models/bmm-$g-tsv-search-rel"
+done
 
 log "report"
 python3 bench/report.py --run "$RUN" --tasks "$TASKS" --out "$RESULTS" \
