@@ -127,7 +127,7 @@ _bmm() {
                 --gpu-memory-budget) return;;
                 --spill-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--work -w --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --initial --seed --timeout --parallel --gpus --ray --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --memory-budget --gpu-memory-budget --spill-dir --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--work -w --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --out -o --anchor -a --gram --trials --blocks --scale --lam --epsilon --relative-lam --initial --seed --timeout --parallel --gpus --ray --minimize --trial-dir --device --dtype --max-shard-size --factor-dtype --memory-budget --gpu-memory-budget --spill-dir --force --json --help" -- "$cur") ); return;;
         sample)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
