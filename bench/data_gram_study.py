@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import cache_dir, hf_forward, load_head, parse_tasks, set_threads, write_json  # noqa: E402
 from bench.eval_hook import load_tokens, score_forward  # noqa: E402
+from bench.report import paired_acc_se as paired  # noqa: E402
 
 WEIGHTINGS = ("sum", "trace", "free")
 
@@ -112,18 +113,6 @@ def set_modules(model, base_sd: dict, U: dict[str, torch.Tensor]) -> None:
             if k not in sd or k not in base_sd:
                 raise SystemExit(f"module {key} is not in the model {sorted(sd)[:3]}…")
             sd[k].copy_((base_sd[k].double() + u).to(sd[k].dtype))
-
-
-def paired(a: dict, b: dict, tasks: list[str]) -> tuple[float, float]:
-    diff, var = 0.0, 0.0
-    for t in tasks:
-        x = [int(c) for c in a[f"correct/{t}"]]
-        y = [int(c) for c in b[f"correct/{t}"]]
-        d = [p - q for p, q in zip(x, y)]
-        mu = sum(d) / len(d)
-        diff += mu
-        var += sum((v - mu) ** 2 for v in d) / (len(d) - 1) / len(d)
-    return diff / len(tasks), math.sqrt(var) / len(tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
