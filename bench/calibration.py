@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--test-limit", type=int, default=400)
     ap.add_argument("--val-limit", type=int, default=150)
-    ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/sample"))
+    ap.add_argument("--scratch", type=Path, default=None,
+                    help="work dir and ensembles (default <cache>/calibration-<tasks hash>)")
     ap.add_argument("--cache", help="benchmark cache (default $BMM_BENCH_CACHE or ~/.cache/bmm-bench)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--threads", type=int, default=2)
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     set_threads(a.threads)
     tasks, cache = parse_tasks(a.tasks), cache_dir(a.cache)
+    if a.scratch is None:
+        import hashlib
+
+        a.scratch = cache / f"calibration-{hashlib.sha256(','.join(tasks).encode()).hexdigest()[:8]}"
     work, runs = a.scratch / "work", a.scratch / "runs"
     t_start = time.time()
     _log(f"work dir {work}")
