@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 export BMM_BENCH_CACHE="${BMM_BENCH_CACHE:-$HOME/.cache/bmm-bench}"
 TASKS="${BENCH_TASKS:-wn_noun,gcide_subject,kjv_division,fortune,code_lang}"
 TRIALS="${BENCH_TRIALS:-30}"          # search trials per BMM variant (scored on validation data)
+SEARCH="${BENCH_SEARCH:-free data hybrid}"  # the Gram kinds searched (anchor tsv), absolute and --relative-lam
 TEST_LIMIT="${BENCH_TEST_LIMIT:-400}" # test rows per task (the first rows of each sha1-sorted split)
 VAL_LIMIT="${BENCH_VAL_LIMIT:-150}"   # validation rows per task for the search objective
 STEPS="${BENCH_STEPS:-300}"           # fine-tuning steps per expert
@@ -94,7 +95,7 @@ for g in free data hybrid; do
 done
 
 log "bmm search ($TRIALS trials each, validation objective, in-memory scorer; first trial = the defaults)"
-for g in free data hybrid; do
+for g in $SEARCH; do
   BMM_BENCH_TASKS="$TASKS" BMM_BENCH_SPLIT=val BMM_BENCH_LIMIT="$VAL_LIMIT" \
     timed "bmm-$g-tsv-search" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
     --initial 8 --eval-py bench/eval_hook.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search" --json \
@@ -104,7 +105,7 @@ done
 log "bmm search --relative-lam ($TRIALS trials each: λ = the default's per-layer λ times a searched factor per group)"
 R="$RUN/work-rel"; mkdir -p "$R"  # its own search state over the same stages
 for st in taskvec gram-free gram-data anchor-tsv; do ln -sfn "$W/$st" "$R/$st"; done
-for g in free data hybrid; do
+for g in $SEARCH; do
   BMM_BENCH_TASKS="$TASKS" BMM_BENCH_SPLIT=val BMM_BENCH_LIMIT="$VAL_LIMIT" \
     timed "bmm-$g-tsv-search-rel" bmm -q search --work "$R" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
     --initial 8 --relative-lam --eval-py bench/eval_hook.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search-rel" \
