@@ -4,7 +4,7 @@
         RUN/models/anchor-tsv --variant sum=RUN/work:sum --variant trace=RUN/work:trace \\
         --variant sum512=RUN/work-calib512:sum --out bench/results/data_gram_study.json
 
-Each ``--variant NAME=WORK:WEIGHTING`` is a data-assisted merge rebuilt module by module in fp64 from a work dir's
+Each ``--variant NAME=WORK:WEIGHTING[:NSCALE]`` is a data-assisted merge rebuilt module by module in fp64 from a work dir's
 task vectors, TSV anchor and *per-task* data Grams ``G_t`` (so calibration size is a property of WORK):
 
 * ``sum``: what ``bmm gram --kind data`` does, ``G = Σ_t G_t``, ``B = Σ_t U_t G_t`` (paper Eq. 8);
@@ -12,7 +12,8 @@ task vectors, TSV anchor and *per-task* data Grams ``G_t`` (so calibration size 
   inputs are larger no longer dominates the regression);
 * ``free``: the data-free statistics (for reference: the same code path, ``G_t = U_tᵀU_t``).
 
-λ is bmm's default rule (type-II ML per module, geometric mean per layer and group, s = 1). The tensors bmm does not
+λ is bmm's default rule (type-II ML per module, geometric mean per layer and group, s = 1); NSCALE multiplies the
+evidence's number of observations N (the calibration tokens by default: correlated tokens carry fewer). The tensors bmm does not
 solve are taken from ``--model`` (a ``bmm solve`` output over the same anchor), so variants differ only in the
 solved modules. Scores: accuracy on validation and test rows with every task's own head, paired standard errors
 against the first variant and against ``--anchor-model`` (same rows).
@@ -57,7 +58,8 @@ def module_stats(taus: torch.Tensor, grams: torch.Tensor | None, weighting: str)
     return G / m, B / m, m, torch.stack(gl)
 
 
-def variant_modules(work: Path, anchor: str, weighting: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def variant_modules(work: Path, anchor: str, weighting: str, n_scale: float = 1.0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """{module key: merged U (fp64)} and {module key: evidence λ} of one variant."""
     from bmm_cli.anchor import AnchorStage
     from bmm_cli.closed_form import solve_direct
@@ -82,7 +84,7 @@ def variant_modules(work: Path, anchor: str, weighting: str) -> tuple[dict[str, 
             G, B, m, gl = module_stats(taus, tg(ref.key) if tg else None, weighting)
             u0 = a.get(ref.key).double()
             kind = "free" if weighting == "free" else "data"
-            n = default_num_obs(kind, T, taus.shape[1], tokens)
+            n = default_num_obs(kind, T, taus.shape[1], tokens) * n_scale
             S = residual_energy(taus, None if kind == "free" else gl, u0, m, key=ref.key)
             lams[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key))
             stats[ref.key] = (G, B, u0, blk, ref)
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, type=Path, help="a bmm solve output (others and layout)")
     ap.add_argument("--anchor-model", required=True, type=Path)
     ap.add_argument("--anchor", default="tsv")
-    ap.add_argument("--variant", action="append", required=True, help="NAME=WORK:WEIGHTING (sum, trace, free)")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="NAME=WORK:WEIGHTING[:NSCALE] (sum, trace, free; NSCALE multiplies the evidence's N)")
     ap.add_argument("--tasks")
     ap.add_argument("--val-limit", type=int, default=150)
     ap.add_argument("--test-limit", type=int, default=400)
@@ -137,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     variants = []
     for spec in a.variant:
         name, _, rest = spec.partition("=")
-        work, _, w = rest.rpartition(":")
-        if not name or w not in WEIGHTINGS or not Path(work).is_dir():
-            ap.error(f"--variant {spec!r}: expected NAME=WORK:WEIGHTING with WEIGHTING in {WEIGHTINGS}")
-        variants.append((name, Path(work), w))
+        parts = rest.split(":")
+        work, w = parts[0], parts[1] if len(parts) > 1 else ""
+        try:
+            ns = float(parts[2]) if len(parts) > 2 else 1.0
+        except ValueError:
+            ns = -1.0
+        if not name or w not in WEIGHTINGS or not Path(work).is_dir() or not ns > 0:
+            ap.error(f"--variant {spec!r}: expected NAME=WORK:WEIGHTING[:NSCALE] with WEIGHTING in {WEIGHTINGS}")
+        variants.append((name, Path(work), w, ns))
     data = {s: {t: load_tokens(cache, t, s, lim) for t in tasks} for s, lim in (("val", a.val_limit),
                                                                                ("test", a.test_limit))}
     heads = {t: load_head(cache, t) for t in tasks}
@@ -157,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ref = {s: score_forward(hf_forward(anchor_model), data[s], heads) for s in data}
     del anchor_model
     rows, first = {}, None
-    for name, work, w in variants:
+    for name, work, w, ns in variants:
         t0 = time.time()
-        U, lams = variant_modules(work, a.anchor, w)
+        U, lams = variant_modules(work, a.anchor, w, ns)
         set_modules(model, base_sd, U)
         res = {s: score_forward(hf_forward(model), data[s], heads) for s in data}
         vals = sorted(lams.values())
-        row = {"work": str(work), "weighting": w, "lam_median": vals[len(vals) // 2], "lam_min": vals[0],
+        row = {"work": str(work), "weighting": w, "n_scale": ns, "lam_median": vals[len(vals) // 2], "lam_min": vals[0],
                "lam_max": vals[-1], "seconds": round(time.time() - t0, 1)}
         for s in data:
             row[s] = {"acc": res[s]["score"], **{f"acc/{t}": res[s][f"acc/{t}"] for t in tasks}}

@@ -212,3 +212,17 @@ def test_relative_lam_search_starts_at_the_default_merge_and_best_json_reproduce
     for k in first:
         step = (dflt[k].double() - base[k].double()).abs().max()
         assert (first[k].double() - dflt[k].double()).abs().max() <= 1e-4 * step + 1e-7, k
+
+
+def test_params_at_bounds():
+    """The search says when its best trial sits on the edge of a range (the optimum may lie outside)."""
+    from bmm_cli.search.command import params_at_bounds
+    from bmm_cli.search.space import SearchSpace
+
+    space = SearchSpace(num_groups=1, scale_range=(0.7, 1.3), lam_range=(1e-4, 1.0))
+    inside = {"s_0": 1.0, "lam_0_attn_in": 0.01, "lam_0_attn_out": 0.3, "lam_0_mlp_in": 0.02, "lam_0_mlp_out": 0.1}
+    assert params_at_bounds(space, inside) == []
+    edge = {**inside, "s_0": 0.7, "lam_0_mlp_in": 1.0}
+    assert [x.split("=")[0] for x in params_at_bounds(space, edge)] == ["s_0", "lam_0_mlp_in"]
+    const = SearchSpace(num_groups=1, scale_range=(1.0, 1.0), lam_range=(1e-4, 1.0))
+    assert params_at_bounds(const, {**inside, "s_0": 1.0}) == []  # a constant is not searched

@@ -105,6 +105,26 @@ def solve_params_of(space: SearchSpace, lam_base: list[dict[str, float]]):
     return lambda flat: Params(*expand_params(space, flat, lam_base)).flat()
 
 
+def params_at_bounds(space: SearchSpace, params: dict) -> list[str]:
+    """The searched parameters of ``params`` that sit on (within 0.1 % of) the low or high end of their range."""
+    out = []
+    for name, lo, hi, prior in space.specs():
+        if lo >= hi or name not in params:
+            continue
+        v = float(params[name])
+        if prior == "log-uniform":
+            v, lo, hi = math.log(v), math.log(lo), math.log(hi)
+        tol = 1e-3 * (hi - lo)
+        if v <= lo + tol or v >= hi - tol:
+            out.append(f"{name}={float(params[name]):.4g} (range {space_bounds(space, name)})")
+    return out
+
+
+def space_bounds(space: SearchSpace, name: str) -> str:
+    lo, hi = next((lo, hi) for n, lo, hi, _ in space.specs() if n == name)
+    return f"{lo:g}:{hi:g}"
+
+
 def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
     """The memory options, parsed and checked up front; only the given ones (a Merger without them still works)."""
     from bmm_cli.solve import Merger
@@ -303,6 +323,10 @@ def search(
             + (f" (trial {last['trial']}: {last['reason']})" if last else "")
             + f"; no model was kept and no best.json written; records in {best_json.parent / 'trials.jsonl'}"
         )
+    at_bounds = params_at_bounds(space, res.best_params or {})
+    if at_bounds:
+        info("search: the best trial sits at the edge of its range for " + ", ".join(at_bounds)
+             + ": the optimum may lie outside; widen --scale/--lam/--epsilon and rerun with --force")
     first_rec = next((r for r in res.records if r.get("trial") == 0), None)
     overhead = [r["seconds"].get("solve", 0) + r["seconds"].get("write", 0) for r in res.records
                 if isinstance(r.get("seconds"), dict)]
@@ -318,6 +342,7 @@ def search(
         "trials_failed": res.n_failed,
         "trials": len(res.records),
         "mean_overhead_s": round(sum(overhead) / len(overhead), 4) if overhead else None,
+        "at_bounds": at_bounds,
         "best_json": str(best_json),
         "backend": runner.name,
         "in_memory": spec.in_memory,
