@@ -269,7 +269,7 @@ def merge(
     opt: List[str] = typer.Option([], "--opt", help="Anchor option KEY=VALUE (repeatable)."),
     anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Merged checkpoint for --anchor external."),
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE calibration texts (switches to data-assisted)."),
-    gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: data with --calib)."),
+    gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: hybrid ε=0.5 with --calib, free without)."),
     params: Optional[Path] = typer.Option(None, "--params", help="Params JSON, e.g. a search's best.json."),
     lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
     scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),

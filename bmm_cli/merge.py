@@ -74,7 +74,7 @@ def merge(
     check_output_options(dtype, max_shard_size)
     resolve_device(device)
     if gram is None:
-        gram = "data" if calib else "free"
+        gram = "hybrid" if calib else "free"  # with data: both Grams mixed (best or tied on both benchmarks)
     if gram not in GRAM_KINDS:
         raise InputError(f"--gram {gram!r}: choose free, data or hybrid")
     data_grams = gram in ("data", "hybrid") or method.needs_data_grams

@@ -65,7 +65,7 @@ complete -c bmm -n '__fish_seen_subcommand_from merge' -l anchor -s a -x -a 'pre
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l opt -x -d 'Anchor option KEY=VALUE (repeatable)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l anchor-model -r -F -d 'Merged checkpoint for --anchor external'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l calib -r -F -d 'EXPERT=FILE calibration texts (switches to data-assisted)'
-complete -c bmm -n '__fish_seen_subcommand_from merge' -l gram -x -a 'free data hybrid' -d 'free, data or hybrid (default - data with --calib)'
+complete -c bmm -n '__fish_seen_subcommand_from merge' -l gram -x -a 'free data hybrid' -d 'free, data or hybrid (default - hybrid ε=0.5 with --calib, free without)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l params -r -F -d 'Params JSON, e.g'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l lam -x -d 'One relative λ for every module (default - each modules own λ by type-II maximum likelihood, no validation data needed)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l scale -x -d 'One scale s for every module (default 1.0)'

@@ -20,7 +20,7 @@ def test_data_assisted_and_hybrid_merge(family, tmp_path):
     calib = write_calib_files(tmp_path, len(experts), 12)
     work = tmp_path / "w"
     res = merge(str(base), [str(e) for e in experts], tmp_path / "data", calib=calib, work=work, lam=0.2,
-                scale=1.0, anchor="ta", samples=8, max_len=32)
+                scale=1.0, anchor="ta", samples=8, max_len=32, gram="data")
     assert res["gram"] == "data"
     key = "encoder.layer.1.attention.output.dense.weight"
     b = Checkpoint.open(base).get(key).double()
@@ -123,3 +123,17 @@ def test_params_eps_with_a_free_gram_is_warned_about_once(family, tmp_path, caps
           device="cpu")
     err = capsys.readouterr().err
     assert err.count("is ignored with --gram free") == 1, err
+
+
+def test_calibration_texts_default_to_the_hybrid_gram(family, tmp_path):
+    """`bmm merge --calib ...` without --gram mixes the data and data-free Grams (ε = 0.5): on both benchmarks the
+    hybrid default was best or tied (data-assisted alone lost to its TSV anchor's data-free BMM on MiniLM)."""
+    import json
+
+    base, experts = family("llama")
+    calib = write_calib_files(tmp_path, len(experts), 6)
+    res = merge(str(base), [str(e) for e in experts], tmp_path / "m", calib=calib, work=tmp_path / "w",
+                lam=0.1, scale=1.0, samples=4, max_len=16, device="cpu")
+    assert res["gram"] == "hybrid" and res["params"]["eps"] == 0.5
+    rec = json.loads((tmp_path / "m" / "bmm_merge.json").read_text())
+    assert rec["gram"] == "hybrid" and rec["params"]["eps"] == 0.5
