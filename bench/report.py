@@ -108,7 +108,7 @@ def main() -> None:
         name = row["name"]
         for key, other in (("vs_anchor", anchor_of(name)), ("vs_best_reference", best_ref),
                            ("vs_default", _default_of(name))):
-            if other and other != name and other in raw:
+            if other and other != name and name in raw and other in raw:
                 ds = paired_acc_se(raw[name], raw[other], tasks)
                 if ds:
                     row[key] = {"row": other, "diff": round(ds[0], 4), "se": round(ds[1], 4)}
@@ -124,8 +124,8 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d")}
     (a.out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows, "steps": stages}, indent=2) + "\n")
     head = ("| model | " + " | ".join(tasks) + " | mean acc | normalized | vs anchor ± paired SE | "
-            f"vs {best_ref} ± paired SE |")
-    lines = [head, "|" + "---|" * (len(tasks) + 5)]
+            f"vs {best_ref} ± paired SE | vs default ± paired SE |")
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
 
     def _vs(r: dict, key: str) -> str:
         v = r.get(key)
@@ -135,7 +135,7 @@ def main() -> None:
         cells = " | ".join(f"{r['acc'][t]:.3f}" for t in tasks)
         bold = "**" if r["kind"] == "bmm" else ""
         lines.append(f"| {bold}{r['label']}{bold} | {cells} | {bold}{r['mean']:.3f}{bold} | {r['normalized']:.3f} | "
-                     f"{_vs(r, 'vs_anchor')} | {_vs(r, 'vs_best_reference')} |")
+                     f"{_vs(r, 'vs_anchor')} | {_vs(r, 'vs_best_reference')} | {_vs(r, 'vs_default')} |")
     md = "\n".join(lines) + "\n\n" + (f"Config: {a.config}. Normalized = mean over tasks of merged / expert accuracy. "
                                       "Paired SE: the same test rows scored by both models (tasks independent).\n")
     if stages:
