@@ -80,6 +80,7 @@ score average "$RUN/models/average"
 log "bmm defaults (λ per module by type-II maximum likelihood, s = 1) for anchors ta, ties, tsv"
 for g in free data; do
   for a in ta ties tsv; do
+    case " $ANCHORS " in *" $a "*) ;; *) continue ;; esac  # only anchors this run built
     timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --out "$RUN/models/bmm-$g-$a" >&2
     score "bmm-$g-$a" "$RUN/models/bmm-$g-$a"
   done
