@@ -43,7 +43,7 @@ score() {  # score NAME MODEL_DIR [TASKS]: test accuracy JSON into $RUN/scores/N
     python3 bench/eval_hook.py --model "$model" --tasks "$tasks" --split test --limit "$TEST_LIMIT" | tail -n 1 > "$f.tmp"
     mv "$f.tmp" "$f"
   fi
-  echo "$name $(cat "$f")" >&2
+  echo "$name $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["score"])' "$f")" >&2
 }
 timed() {  # timed NAME CMD...: wall seconds (and peak RSS in KB, with GNU time) of a step into $RUN/scores/NAME.*
   # Recorded once, by the run that did the work: a rerun finds the stage done and would time a no-op (delete

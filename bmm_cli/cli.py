@@ -287,6 +287,8 @@ def merge(
     eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Search s and λ with this evaluation command (as "
                                            "bmm search --eval) and write the best trial's model to --out."),
     trials: int = typer.Option(30, "--trials", min=1, help="Search trials with --eval."),
+    relative_lam: bool = typer.Option(False, "--relative-lam", help="With --eval: search λ as a factor of the "
+                                      "default's per-layer λ (as bmm search --relative-lam)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model;
@@ -298,7 +300,8 @@ def merge(
               others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
               scale=scale, epsilon=epsilon, blocks=blocks, work=work, samples=samples, max_len=max_len,
               device=device, dtype=dtype, max_shard_size=max_shard_size,
-              allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials)
+              allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials,
+              relative_lam=relative_lam)
     _emit(res, as_json, lambda r: r["model"])
 
 

@@ -60,6 +60,7 @@ def merge(
     force: bool = False,
     eval_cmd: str | None = None,
     trials: int = 30,
+    relative_lam: bool = False,
 ) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
@@ -81,6 +82,8 @@ def merge(
     if data_grams and not calib:
         raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
     params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram, warn=False)
+    if relative_lam and eval_cmd is None:
+        raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: drop it")
     if eval_cmd is not None:
         from .search.command import check_merge_eval
 
@@ -98,14 +101,15 @@ def merge(
                           anchor_model=anchor_model, others=others, calib=calib, params_file=params_file, lam=lam,
                           scale=scale, epsilon=epsilon, blocks=blocks, samples=samples, max_len=max_len,
                           batch_size=batch_size, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                          allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials)
+                          allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials,
+                          relative_lam=relative_lam)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
 
 def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_model, others, calib, params_file,
                 lam, scale, epsilon, blocks, samples, max_len, batch_size, device, dtype, max_shard_size,
-                allow_dtype_mismatch, force, eval_cmd=None, trials=30) -> dict:
+                allow_dtype_mismatch, force, eval_cmd=None, trials=30, relative_lam=False) -> dict:
     info(f"bmm: work directory {work}")
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
@@ -126,7 +130,7 @@ def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_m
         from .search import search as run_search
 
         res = run_search(work, method.name, gram, eval_cmd, out=out, trials=trials, blocks=blocks, device=device,
-                         dtype=dtype, max_shard_size=max_shard_size, force=force)
+                         dtype=dtype, max_shard_size=max_shard_size, force=force, relative_lam=relative_lam)
     res["work"] = str(work)
     res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
     return res

@@ -95,7 +95,7 @@ _bmm() {
                 --eval) return;;
                 --trials) return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --trials --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --trials --relative-lam --json --help" -- "$cur") ); return;;
         search)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

@@ -82,6 +82,7 @@ complete -c bmm -n '__fish_seen_subcommand_from merge' -l allow-dtype-mismatch -
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l force -d 'Redo stages whose inputs changed; replace a foreign --out'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l eval -x -d 'Search s and λ with this evaluation command (as bmm search --eval) and write the best trials model to --out'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l trials -x -d 'Search trials with --eval'
+complete -c bmm -n '__fish_seen_subcommand_from merge' -l relative-lam -d 'With --eval - search λ as a factor of the defaults per-layer λ (as bmm search --relative-lam)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l json -d 'Print a machine-readable JSON summary on stdout'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l work -s w -r -F -d 'Work directory holding the stages'
 complete -c bmm -n '__fish_seen_subcommand_from search' -l eval -x -d 'Evaluation command template; {model} {trial} {workdir} {evaldir} are substituted shell-quoted'

@@ -134,6 +134,15 @@ def test_merge_with_eval_runs_the_search(family, tmp_path):
     assert res["trials"] == 4 and res["model"] == str(out) and res["work"] == str(tmp_path / "merged.bmm-work")
     best = json.loads((tmp_path / "merged.bmm-work" / "search-ta-free" / "best.json").read_text())
     assert json.loads((out / "bmm_merge.json").read_text())["params"] == best["params"] == res["best_params"]
+    p = _bmm(*common, "--relative-lam")  # no search to shape: refused before anything is made
+    assert p.returncode == 2 and "--relative-lam" in p.stderr
+    p = _bmm(*common, "--eval", f"{sys.executable} {hook} {{model}}", "--trials", 2, "--relative-lam", "--force",
+             "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    best = json.loads((tmp_path / "merged.bmm-work" / "search-ta-free" / "best.json").read_text())
+    assert best["solve_params"] == res["best_solve_params"]
+    assert json.loads((out / "bmm_merge.json").read_text())["params"] == best["solve_params"]
 
 
 def test_first_trial_is_the_default_merge_evidence_lambda(family, tmp_path):
