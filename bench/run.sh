@@ -26,7 +26,8 @@ log() { echo "== $*" >&2; }
 t_start=$SECONDS
 
 log "data"
-python3 bench/tasks.py --tasks "$TASKS" >&2
+MANIFEST=(); [ "$RESULTS" = bench/results ] || MANIFEST=(--repo-manifest "$RESULTS/data-manifest.json")
+python3 bench/tasks.py --tasks "$TASKS" "${MANIFEST[@]}" >&2  # only the full run rewrites bench/data-manifest.json
 log "experts ($STEPS steps each, cached)"
 python3 bench/experts.py --tasks "$TASKS" --steps "$STEPS" --results "$RESULTS/experts.json" >&2
 
