@@ -6,9 +6,9 @@
 
 MERGED_DIR is a Hugging Face directory (single or sharded safetensors). With no config.json in it, the base's
 config is used. Every task's head comes from <cache>/experts/<task>/head.safetensors; heads are never merged.
-The last stdout line is one JSON object: {"score": mean accuracy over tasks, "acc/<task>": ..., "correct/<task>":
-"0110…" (one digit per row, for paired standard errors), ...}. In-memory search scorer: ``score_in_memory`` below.
-Progress goes to stderr. Token ids are cached per (task, split, limit) under <cache>/tokens as safetensors.
+The last stdout line is one JSON object: {"score": mean accuracy over tasks, "acc/<task>": ..., ...}; with --per-row
+also "correct/<task>": "0110…" (one digit per row, for paired standard errors). In-memory search scorer:
+``score_in_memory`` below. Progress goes to stderr. Token ids are cached per (task, split, limit) under <cache>/tokens as safetensors.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", help="cache dir (default $BMM_BENCH_CACHE or ~/.cache/bmm-bench)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-row", action="store_true", help="also print correct/<task>: one 0/1 digit per row (for "
+                    "paired standard errors between models)")
     a = ap.parse_args(argv)
     if not a.model:
         ap.error("--model is required (or set BMM_MODEL)")
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not a.per_row:
+        res = {k: v for k, v in res.items() if not k.startswith("correct/")}
     print(json.dumps(res), flush=True)
     return 0
 

@@ -41,7 +41,8 @@ done
 score() {  # score NAME MODEL_DIR [TASKS]: test accuracy JSON into $RUN/scores/NAME.json (cached per model)
   local name=$1 model=$2 tasks=${3:-$TASKS} f="$RUN/scores/$1.json"
   if [ ! -s "$f" ] || [ "$model/bmm_merge.json" -nt "$f" ]; then
-    python3 bench/eval_hook.py --model "$model" --tasks "$tasks" --split test --limit "$TEST_LIMIT" | tail -n 1 > "$f.tmp"
+    python3 bench/eval_hook.py --model "$model" --tasks "$tasks" --split test --limit "$TEST_LIMIT" --per-row \
+      | tail -n 1 > "$f.tmp"
     mv "$f.tmp" "$f"
   fi
   echo "$name $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["score"])' "$f")" >&2
