@@ -64,6 +64,24 @@ def cache_dir(arg: str | os.PathLike | None = None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
+ROW_SUFFIXES = ("-search-rel", "-search", "-const")  # bmm-<gram>-<anchor><suffix>: rows compared to the default
+
+
+def default_of(name: str) -> str | None:
+    """bmm-<gram>-<anchor>-{const,search,search-rel} -> bmm-<gram>-<anchor> (the default merge it is compared to)."""
+    for suffix in ROW_SUFFIXES:
+        if name.startswith("bmm-") and name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def anchor_of(name: str) -> str | None:
+    """bmm-<gram>-<anchor>[suffix] -> anchor-<anchor>, the anchor row a BMM row is compared to."""
+    if not name.startswith("bmm-") or name.count("-") < 2:
+        return None
+    return f"anchor-{(default_of(name) or name).split('-', 2)[2]}"
+
+
 def data_dir(cache: Path) -> Path:
     return cache / "data"
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
+from bench.common import BenchError, anchor_of, default_of, read_json, set_threads, write_json  # noqa: E402
 from bench.decoder_common import (  # noqa: E402
     cache_dir, load_lm, load_windows, paired_se, parse_domains, window_losses,
 )
@@ -141,24 +141,6 @@ def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str]) -> float:
         mu = sum(diff) / n
         var += sum((x - mu) ** 2 for x in diff) / (n - 1) / n
     return math.sqrt(var) / len(domains)
-
-
-def anchor_of(name: str) -> str | None:
-    if name.startswith("bmm-"):
-        parts = name.split("-")
-        return f"anchor-{parts[2]}" if len(parts) > 2 else None
-    return None
-
-
-SUFFIXES = ("-search-rel", "-search", "-const")
-
-
-def default_of(name: str) -> str | None:
-    """bmm-<gram>-<anchor>-{const,search,search-rel} -> bmm-<gram>-<anchor> (the default merge it is compared to)."""
-    for suf in SUFFIXES:
-        if name.startswith("bmm-") and name.endswith(suf):
-            return name[: -len(suf)]
-    return None
 
 
 def _row_order(p: Path) -> tuple:

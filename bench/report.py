@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import anchor_of, default_of  # noqa: E402
 
 ROWS = [  # (name in scores/, label, kind)
     ("base", "base (pretrained encoder + each task's head)", "reference"),
@@ -29,23 +33,6 @@ for _g, _gl in (("free", "data-free"), ("data", "data-assisted"), ("hybrid", "hy
     ROWS.append((f"bmm-{_g}-tsv-search-rel", f"BMM {_gl} + search, --relative-lam (TSV)", "bmm"))
 REFERENCE_FOR_GAIN = ("average", "anchor-ta", "anchor-ties", "anchor-dare", "anchor-tsv", "anchor-iso-c",
                       "anchor-iso-cts", "anchor-wudi", "anchor-regmean")
-
-
-def anchor_of(name: str) -> str | None:
-    """bmm-<gram>-<anchor>[-const|-search] -> anchor-<anchor>."""
-    if not name.startswith("bmm-"):
-        return None
-    rest = name.split("-", 2)[2] if name.count("-") >= 2 else ""
-    for suffix in ("-const", "-search-rel", "-search"):
-        rest = rest.removesuffix(suffix)
-    return f"anchor-{rest}" if rest else None
-
-
-def _default_of(name: str) -> str | None:
-    for suffix in ("-const", "-search-rel", "-search"):
-        if name.startswith("bmm-") and name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 def paired_acc_se(s1: dict, s2: dict, tasks: list[str]) -> tuple[float, float] | None:
@@ -107,7 +94,7 @@ def main() -> None:
     for row in rows:
         name = row["name"]
         for key, other in (("vs_anchor", anchor_of(name)), ("vs_best_reference", best_ref),
-                           ("vs_default", _default_of(name))):
+                           ("vs_default", default_of(name))):
             if other and other != name and name in raw and other in raw:
                 ds = paired_acc_se(raw[name], raw[other], tasks)
                 if ds:

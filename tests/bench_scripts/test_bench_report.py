@@ -1,11 +1,12 @@
-"""The benchmarks' row naming and paired standard errors (MiniLM report and decoder report), on hand-made cases."""
+"""The benchmarks' row naming (shared by the MiniLM and decoder reports) and paired standard errors, on hand-made
+cases."""
 
 import math
 
 import pytest
 
-from bench.decoder_bench import anchor_of as dec_anchor_of, default_of as dec_default_of
-from bench.report import _default_of, anchor_of, paired_acc_se
+from bench.common import anchor_of, default_of
+from bench.report import paired_acc_se
 
 
 @pytest.mark.parametrize("name,anchor,default", [
@@ -16,9 +17,7 @@ from bench.report import _default_of, anchor_of, paired_acc_se
     ("anchor-ties", None, None),
 ])
 def test_row_names(name, anchor, default):
-    assert anchor_of(name) == anchor and _default_of(name) == default
-    assert dec_default_of(name) == default
-    assert dec_anchor_of(name) == anchor
+    assert anchor_of(name) == anchor and default_of(name) == default
 
 
 def test_paired_acc_se_by_hand():
