@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,8 @@ def variant_modules(work: Path, anchor: str, weighting: str, n_scale: float = 1.
     """{module key: merged U (fp64)} and {module key: evidence λ} of one variant."""
     from bmm_cli.anchor import AnchorStage
     from bmm_cli.closed_form import solve_direct
-    from bmm_cli.evidence import default_num_obs, evidence_lam, fill_degenerate, residual_energy, spectrum
+    from bmm_cli.evidence import (default_num_obs, evidence_lam, fill_degenerate, params_per_layer,
+                                  residual_energy, spectrum)
     from bmm_cli.gram import GramStage, task_gram_reader
     from bmm_cli.taskvec import load_project
 
@@ -89,14 +89,11 @@ def variant_modules(work: Path, anchor: str, weighting: str, n_scale: float = 1.
             lams[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key))
             stats[ref.key] = (G, B, u0, blk, ref)
     lams = fill_degenerate(lams)
-    # bmm's default: one λ per (layer, group), the geometric mean of its modules' λ
-    groups: dict[tuple[int, str], list[str]] = {}
-    for key, (_, _, _, blk, ref) in stats.items():
-        groups.setdefault((blk.layer, ref.group), []).append(key)
-    lam_used = {}
-    for keys in groups.values():
-        g = math.exp(sum(math.log(lams[k]) for k in keys) / len(keys))
-        lam_used.update({k: g for k in keys})
+    # bmm's default: one λ per (layer, group), the geometric mean of its modules' λ (evidence.params_per_layer)
+    per_layer = params_per_layer(work, lams, 1.0)
+    layers = max(proj.plan.stack_layers.values())
+    lam_used = {k: per_layer[f"lam_{proj.plan.block_group(blk, layers)}_{ref.group}"]
+                for k, (_, _, _, blk, ref) in stats.items()}
     U = {k: solve_direct(G, B, u0, lam_used[k], dtype=torch.float64) for k, (G, B, u0, _, _) in stats.items()}
     return U, lam_used
 
