@@ -112,17 +112,11 @@ def params_at_bounds(space: SearchSpace, params: dict) -> list[str]:
         if lo >= hi or name not in params:
             continue
         v = float(params[name])
-        if prior == "log-uniform":
-            v, lo, hi = math.log(v), math.log(lo), math.log(hi)
-        tol = 1e-3 * (hi - lo)
-        if v <= lo + tol or v >= hi - tol:
-            out.append(f"{name}={float(params[name]):.4g} (range {space_bounds(space, name)})")
+        f = math.log if prior == "log-uniform" else float
+        tol = 1e-3 * (f(hi) - f(lo))
+        if f(v) <= f(lo) + tol or f(v) >= f(hi) - tol:
+            out.append(f"{name}={v:.4g} (range {lo:g}:{hi:g})")
     return out
-
-
-def space_bounds(space: SearchSpace, name: str) -> str:
-    lo, hi = next((lo, hi) for n, lo, hi, _ in space.specs() if n == name)
-    return f"{lo:g}:{hi:g}"
 
 
 def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
@@ -199,9 +193,9 @@ def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: f
     space every factor is 1 (clipped to its range): exactly the default merge when 1 and s = 1 are in range."""
     from bmm_cli.solve import evidence_params
 
-    point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
     if space.lam_relative:  # factors of the default's own per-layer λ: 1 is the default merge itself
         return space.default_point(default_scale=default_scale, default_lam=1.0, default_eps=default_eps)
+    point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
     per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
     layers = per_layer.num_groups
     logs: dict[tuple[int, str], list[float]] = {}
@@ -292,6 +286,7 @@ def search(
 
         base = evidence_params(src, scale=DEFAULT_SCALE, eps=DEFAULT_EPS if gram == "hybrid" else None)
         lam_base = [dict(row) for row in base.lams]
+    to_solve = solve_params_of(space, lam_base) if lam_base is not None else None
     spec = WorkerSpec(work=str(Path(work).resolve()), anchor=anchor, gram=gram, merger_kwargs=merger_kwargs,
                       space={"num_groups": space.num_groups, "lam_groups": space.lam_groups,
                              "scale_range": space.scale_range, "lam_range": space.lam_range,
@@ -312,7 +307,7 @@ def search(
                          minimize=minimize, gpus=gpus, trial_dir=trial_dir, out=out, force=force, first_point=first,
                          fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
                          hook=eval_cmd or None,
-                         solve_params=solve_params_of(space, lam_base) if lam_base is not None else None)
+                         solve_params=to_solve)
     finally:
         runner.close()
     best_json = Path(work) / state_dir_name(anchor, gram) / "best.json"
@@ -334,7 +329,7 @@ def search(
         "best_trial": res.best_trial,
         "best_score": res.best_score,
         "best_params": res.best_params,
-        **({"best_solve_params": solve_params_of(space, lam_base)(res.best_params)} if lam_base is not None else {}),
+        **({"best_solve_params": to_solve(res.best_params)} if to_solve is not None else {}),
         "best_metrics": res.best_metrics,
         "first_score": first_rec.get("score") if first_rec else None,
         "model": str(res.model),
