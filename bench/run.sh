@@ -22,7 +22,7 @@ RESULTS="${BENCH_RESULTS:-bench/results}"
 RUN="${BENCH_RUN:-$BMM_BENCH_CACHE/run}"  # models, work dir and raw scores (BENCH_RUN: a separate run dir over the same data/experts)
 W="$RUN/work"
 mkdir -p "$RUN/scores" "$RESULTS"
-log() { echo "== $*" >&2; }
+source bench/lib.sh  # log, timed
 t_start=$SECONDS
 
 log "data"
@@ -46,15 +46,6 @@ score() {  # score NAME MODEL_DIR [TASKS]: test accuracy JSON into $RUN/scores/N
     mv "$f.tmp" "$f"
   fi
   echo "$name $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["score"])' "$f")" >&2
-}
-timed() {  # timed NAME CMD...: wall seconds (and peak RSS in KB, with GNU time) of a step into $RUN/scores/NAME.*
-  # Recorded once, by the run that did the work: a rerun finds the stage done and would time a no-op (delete
-  # $RUN/scores/*.seconds to measure again).
-  local name=$1; shift; local t0=$SECONDS f="$RUN/scores/$name"
-  if [ -s "$f.seconds" ]; then "$@"; return; fi
-  if [ -x /usr/bin/time ]; then /usr/bin/time -f "%M" -o "$f.maxrss_kb.tmp" "$@"; else "$@"; fi
-  [ -f "$f.maxrss_kb.tmp" ] && mv "$f.maxrss_kb.tmp" "$f.maxrss_kb"
-  echo $((SECONDS - t0)) > "$f.seconds"
 }
 
 log "base and experts on test"

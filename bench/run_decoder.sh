@@ -27,16 +27,8 @@ RESULTS="${DEC_RESULTS:-bench/results}"
 RUN="${BENCH_RUN:-$C/run}"           # models, work dir and raw scores
 W="$RUN/work"
 mkdir -p "$RUN/scores" "$RUN/models" "$RESULTS"
-log() { echo "== $*" >&2; }
+source bench/lib.sh  # log, timed
 t_start=$SECONDS
-
-timed() {  # timed NAME CMD...: wall seconds and peak RSS (GNU time) of a step into $RUN/scores/NAME.*
-  local name=$1; shift; local t0=$SECONDS f="$RUN/scores/$name"
-  if [ -s "$f.seconds" ]; then "$@"; return; fi
-  if [ -x /usr/bin/time ]; then /usr/bin/time -f "%M" -o "$f.maxrss_kb.tmp" "$@"; else "$@"; fi
-  [ -f "$f.maxrss_kb.tmp" ] && mv "$f.maxrss_kb.tmp" "$f.maxrss_kb"
-  echo $((SECONDS - t0)) > "$f.seconds"
-}
 
 log "base, data and experts ($STEPS steps each, cached)"
 timed experts python3 bench/decoder_experts.py --domains "$DOMAINS" --steps "$STEPS" --val-limit 0 \
