@@ -7,7 +7,13 @@ import torch
 
 from bmm_cli.errors import InputError, NumericError
 from bmm_cli.evidence import (
-    evidence_lam, fill_degenerate, log_evidence, log_evidence_dense, residual_energy, spectrum, spectrum_from_factors,
+    evidence_lam,
+    fill_degenerate,
+    log_evidence,
+    log_evidence_dense,
+    residual_energy,
+    spectrum,
+    spectrum_from_factors,
 )
 
 
