@@ -16,14 +16,15 @@ from typing import Sequence
 import torch
 
 from . import atomic
-from .closed_form import hybrid_stats
+from .closed_form import data_stats, free_stats, hybrid_stats
 from .errors import InputError
 from .evidence import LAM_RANGE, default_num_obs, evidence_lam, fill_degenerate, residual_energy, spectrum_from_factors
 from .params import Params, geometric_means, resolve_params
 from .progress import info, track
 from .workdir import GRAM_STATS, AnchorStage, Sources, evidence_file, load_project, task_gram_reader
 
-EVIDENCE_RULE = "type-II maximum likelihood per module, geometric mean per (layer, group); s = --scale or 1"
+EVIDENCE_RULE = ("type-II maximum likelihood per module on fp64 statistics, geometric mean per (layer, group); "
+                 "s = --scale or 1")
 
 
 def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | None = None,
@@ -31,8 +32,10 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
     """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid);
     given a list of anchors, ``{anchor: {key: λ_ev}}`` from one eigh per module (the basis does not depend on U0).
 
-    Needs the task vectors (for Ŝ), the anchor and the Gram stages; the data kind also reads the per-task Grams
-    and the calibration token counts the Gram stage recorded. ``n_obs_scale`` multiplies N (for studies of how
+    Needs the task vectors, the anchor and the Gram stages; the data kind also reads the per-task Grams and the
+    calibration token counts the Gram stage recorded. Ĝ, B̂ and Ŝ are computed here in fp64 from the task vectors
+    (and per-task Grams): the stage's fp32 copies carry rounding noise in Ĝ's null space that the evidence would
+    fit as signal in rank-deficient modules (``T·d_out < d_in``). ``n_obs_scale`` multiplies N (for studies of how
     much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
     anchors = [anchor] if isinstance(anchor, str) else list(anchor)
     src = Sources(work, anchors[0], gram)
@@ -51,20 +54,19 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
     out: dict[str, dict[str, float]] = {a: {} for a in anchors}
     for blk in track(proj.plan.blocks, "evidence λ (one fp64 eigh per module)"):
         ablk = [st.block(blk) for st in stages]
-        g = {k: src.grams[k].block(blk) for k in kinds}
         reader = proj.reader(blk)
         tg = task_grams(blk) if task_grams is not None else None
         for ref in blk.modules:
             taus = proj.taus(blk, ref, reader).to(torch.float64)
-            stats = {k: g[k](ref.key) for k in kinds}
-            grams_k = {k: (tg(ref.key) if k == "data" else None) for k in kinds}
+            grams_k = {k: (tg(ref.key).to(torch.float64) if k == "data" else None) for k in kinds}
+            stats = {k: (free_stats(taus, key=ref.key) if k == "free" else data_stats(taus, grams_k[k], key=ref.key))
+                     for k in kinds}
             n_k = {k: default_num_obs(k, T, taus.shape[1], tokens) * n_obs_scale for k in kinds}
             if len(kinds) == 1:
-                G, B = stats[gram].G_hat.double(), stats[gram].B_hat.double()
+                G, B = stats[gram].G_hat, stats[gram].B_hat
                 w = {gram: 1.0}
             else:
-                mix = hybrid_stats(stats["free"].to(dtype=torch.float64), stats["data"].to(dtype=torch.float64),
-                                   eps, key=ref.key)
+                mix = hybrid_stats(stats["free"], stats["data"], eps, key=ref.key)
                 G, B = mix.G_hat, mix.B_hat
                 w = {"free": 1.0 - eps, "data": eps}
             lam, Q = torch.linalg.eigh(0.5 * (G + G.T))

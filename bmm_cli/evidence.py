@@ -39,6 +39,9 @@ Tensor = torch.Tensor
 
 LAM_RANGE = (1e-6, 1e2)  # relative λ searched by evidence_lam (log grid, then a golden-section refinement)
 GRID_POINTS = 97
+# Below this relative λ the solve is dominated by the rounding of the stored fp32 statistics (about 1e-7·λ_max in
+# Ĝ's null space, amplified by 1/λ): an evidence maximum there is not identifiable (see fill_degenerate).
+LAM_FLOOR = 1e-5
 _R_FLOOR = 1e-12  # R(λ) is floored at this fraction of S (R(0) = 0 only when one W fits every task exactly)
 
 
@@ -59,8 +62,14 @@ def _f64(t: Tensor | None) -> Tensor | None:
 
 def spectrum_from_factors(lam: Tensor, BQ: Tensor, U0Q: Tensor | None, S_hat: float, n_obs: float, *,
                           key: str = "<module>") -> Spectrum:
-    """From the search cache of one module: eigenvalues Λ of Ĝ, ``B̂Q``, ``U0Q`` (None = zero anchor)."""
+    """From the search cache of one module: eigenvalues Λ of Ĝ, ``B̂Q``, ``U0Q`` (None = zero anchor).
+
+    The numerical rank is decided here, in fp64: eigenvalues below ``d·eps64·λ_max`` are rounding and count as 0
+    (a rank-deficient Ĝ, ``T·d_out < d_in``, must not lend the evidence fake small eigenvalues)."""
     lam64 = _f64(lam).clamp_min(0.0)
+    if lam64.numel():
+        tol = lam64.numel() * torch.finfo(torch.float64).eps * float(lam64.max())
+        lam64 = torch.where(lam64 > tol, lam64, torch.zeros_like(lam64))
     Z = _f64(BQ)
     if U0Q is not None:
         Z = Z - _f64(U0Q) * lam64  # (B̂ - U0Ĝ)Q = B̂Q - U0Q·diag(Λ)
@@ -169,14 +178,15 @@ def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, be
 
 
 def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM_RANGE) -> dict[str, float]:
-    """Modules whose evidence peaks at the lower end of the range get the median λ of the others.
+    """Modules whose evidence peaks at the lower end of the range, or below :data:`LAM_FLOOR`, get the median λ of
+    the others.
 
     Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
     ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
     identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum).
     With no identifiable module at all, the
     default λ (bmm_cli/defaults.py) is used."""
-    lo = lam_range[0]
-    ok = sorted(v for v in lams.values() if v > lo * 1.01)
+    low = max(lam_range[0] * 1.01, LAM_FLOOR)
+    ok = sorted(v for v in lams.values() if v > low)
     fill = ok[len(ok) // 2] if ok else DEFAULT_LAM
-    return {k: (v if v > lo * 1.01 else fill) for k, v in lams.items()}
+    return {k: (v if v > low else fill) for k, v in lams.items()}

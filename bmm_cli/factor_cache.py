@@ -65,10 +65,10 @@ def prepare_trials(src: Sources, *, device: torch.device, factor_dtype: torch.dt
     todo = [b for b in src.proj.plan.blocks if not stage.done(b.shard)]
     for blk in track(todo, "factorize Ĝ (once per search)", total=len(todo)):
         a = src.anchor.block(blk)
-        g = src.grams[src.gram].block(blk)
+        stats = src.stats64(blk, device=device)  # fp64 Ĝ, B̂: the stage's fp32 copies are noisy in Ĝ's null space
         out = {}
         for ref in blk.modules:
-            st = g(ref.key).to(device)
+            st = stats(ref)
             u0 = None if src.anchor.zero else a.get(ref.key).to(device)  # zero: no U0Q
             f = factorize(st.G_hat, st.B_hat, u0, key=ref.key, dtype=torch.float64, factor_dtype=factor_dtype)
             out.update({k: v.cpu() for k, v in f.tensors(ref.key).items()})

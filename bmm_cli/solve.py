@@ -85,9 +85,10 @@ def _solve_block(src: Sources, params: Params, blk: Block, dev: torch.device, fa
 
     With the search's factor cache (``factors``), through the same :class:`TrialSolver` code as a search trial,
     so ``bmm solve --params best.json`` writes the searched model bit for bit (same device). Without it, one
-    Cholesky per module in fp64: at the small end of the λ range (λ ~ 1e-4, low-rank task vectors) an fp32
-    Cholesky is off by ~1 % (κ(Ĝ+λI) ~ λ_max/λ times fp32 rounding), the fp64 one is exact for the stored
-    statistics, as accurate as the cached path.
+    Cholesky per module in fp64 on statistics recomputed in fp64 (:meth:`Sources.stats64`): at the small end of
+    the λ range (λ ~ 1e-4, low-rank task vectors) an fp32 Cholesky is off by ~1 % (κ(Ĝ+λI) ~ λ_max/λ times fp32
+    rounding), and the stage's fp32 Ĝ carries rounding noise in its null space that a rank-deficient module
+    (T·d_out < d_in) turns into errors of noise/λ.
     """
     proj = src.proj
     if factors is not None or src.gram == "hybrid":
@@ -102,10 +103,10 @@ def _solve_block(src: Sources, params: Params, blk: Block, dev: torch.device, fa
             solver.close()
         return
     a = src.anchor.block(blk)
-    g = src.grams[src.gram].block(blk)
+    stats = src.stats64(blk, device=dev)
     for ref in blk.modules:
         lam_v, s = params.lam_scale(proj, blk, ref.group)
         u0 = a.get(ref.key).to(dev)
-        st = g(ref.key).to(dev)
+        st = stats(ref)
         U = solve_direct(st.G_hat, st.B_hat, u0, lam_v, key=ref.key, dtype=torch.float64)
         yield ref, (proj.base_linear(ref).to(dev, torch.float64) + s * U).float().cpu()

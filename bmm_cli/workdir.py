@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .anchors import AnchorMethod, get_method
 from .arch import Block, ModuleRef, Plan, build_plan
-from .closed_form import GramStats
+from .closed_form import GramStats, data_stats, free_stats
 from .errors import InputError
 from .params import Params
 from .stage import load_manifest
@@ -229,6 +229,23 @@ class Sources:
     def fingerprint(self) -> dict:
         return {"taskvec": self.proj.fingerprint, "anchor": self.anchor.id,
                 **{f"gram-{k}": g.id for k, g in self.grams.items()}}
+
+    def stats64(self, blk: Block, *, device: torch.device | None = None) -> Callable[[ModuleRef], GramStats]:
+        """Per module of ``blk``, the statistics of ``--gram free`` or ``data`` recomputed in fp64 from the task
+        vectors (and the per-task Grams): the stage keeps fp32 copies, whose rounding noise (~1e-7·λ_max) in Ĝ's
+        null space a rank-deficient module (``T·d_out < d_in``) would turn into errors of noise/λ."""
+        if self.gram not in GRAM_STATS:
+            raise InputError(f"--gram {self.gram}: fp64 statistics are made per kind (free or data)")
+        reader = self.proj.reader(blk)
+        grams = task_gram_reader(self.work)(blk) if self.gram == "data" else None
+
+        def stats(ref: ModuleRef) -> GramStats:
+            taus = self.proj.taus(blk, ref, reader).to(torch.float64)
+            if grams is None:
+                return free_stats(taus, key=ref.key, device=device)
+            return data_stats(taus, grams(ref.key).to(torch.float64), key=ref.key, device=device)
+
+        return stats
 
     def out_entries(self, dtype: torch.dtype | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The output tensors in the order the solve produces them (the anchor's others, then block by block), so
