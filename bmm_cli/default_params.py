@@ -18,19 +18,29 @@ import torch
 from . import atomic
 from .closed_form import data_stats, free_stats, hybrid_stats
 from .errors import InputError
-from .evidence import LAM_RANGE, default_num_obs, evidence_lam, fill_degenerate, residual_energy, spectrum_from_factors
+from .evidence import (
+    LAM_RANGE,
+    default_num_obs,
+    evidence_lam,
+    fill_degenerate,
+    has_evidence,
+    residual_energy,
+    spectrum_from_factors,
+)
 from .params import Params, geometric_means, resolve_params
 from .progress import info, track
 from .workdir import GRAM_STATS, AnchorStage, Sources, evidence_file, load_project, task_gram_reader
 
-EVIDENCE_RULE = ("type-II maximum likelihood per module on fp64 statistics, geometric mean per (layer, group); "
-                 "s = --scale or 1")
+EVIDENCE_RULE = ("type-II maximum likelihood per module on fp64 statistics, geometric mean per (layer, group) "
+                 "over the modules with evidence; s = --scale or 1")
 
 
 def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | None = None,
                 lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0):
     """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid);
     given a list of anchors, ``{anchor: {key: λ_ev}}`` from one eigh per module (the basis does not depend on U0).
+    Modules without evidence (:func:`~bmm_cli.evidence.has_evidence`: Ĝ = 0, or task vectors equal to the anchor)
+    are left out: any λ fits them, and their solve gives the anchor.
 
     Needs the task vectors, the anchor and the Gram stages; the data kind also reads the per-task Grams and the
     calibration token counts the Gram stage recorded. Ĝ, B̂ and Ŝ are computed here in fp64 from the task vectors
@@ -76,18 +86,20 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
                 u0 = None if st.zero else a.get(ref.key).to(torch.float64)
                 S = sum(w[k] * residual_energy(taus, grams_k[k], u0, stats[k].m, key=ref.key) for k in kinds)
                 sp = spectrum_from_factors(lam, BQ, None if u0 is None else u0 @ Q, S, n, key=ref.key)
-                out[name][ref.key] = evidence_lam(sp, lam_range)
+                if has_evidence(sp):  # a module without evidence (no expert changed it) has no λ of its own
+                    out[name][ref.key] = evidence_lam(sp, lam_range)
     res = {a: fill_degenerate(v, lam_range) for a, v in out.items()}
     return res[anchors[0]] if isinstance(anchor, str) else res
 
 
 def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | None = None) -> dict[str, float]:
     """A ``bmm solve --params`` file (flat dict) with one block-group per layer and, per (layer, group), the
-    geometric mean of its modules' λ (q/k/v share attn_in, gate/up share mlp_in)."""
+    geometric mean of the λ of its modules in ``lams`` (q/k/v share attn_in, gate/up share mlp_in); a (layer,
+    group) without any gets λ = 1."""
     plan = load_project(work).plan
     layers = max(plan.stack_layers.values())
     means = geometric_means(((plan.block_group(blk, layers), ref.group), lams[ref.key])
-                            for blk in plan.blocks for ref in blk.modules)
+                            for blk in plan.blocks for ref in blk.modules if ref.key in lams)
     return Params.from_means(means, layers, scale, eps).flat()
 
 

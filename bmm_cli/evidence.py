@@ -131,12 +131,18 @@ def log_evidence(lam: float | Tensor, sp: Spectrum) -> Tensor:
     return out if torch.is_tensor(lam) and torch.as_tensor(lam).dim() > 0 else out.reshape(())
 
 
+def has_evidence(sp: Spectrum) -> bool:
+    """Whether the module's data say anything about λ: Ĝ ≠ 0 and the task vectors differ from the anchor. Without
+    evidence (e.g. a module no expert changed) every λ explains the data equally well."""
+    return bool(sp.lam.numel()) and float(sp.lam.max()) > 0 and sp.S > 0
+
+
 def evidence_lam(sp: Spectrum, lam_range: tuple[float, float] = LAM_RANGE, points: int = GRID_POINTS) -> float:
     """``argmax_λ f(λ)`` over a log grid on ``lam_range``, refined by golden-section search in log λ."""
     lo, hi = lam_range
     if not (0 < lo < hi and math.isfinite(hi)):
         raise InputError(f"{sp.key}: λ range {lam_range} must satisfy 0 < lo < hi")
-    if float(sp.lam.max()) <= 0 or sp.S <= 0:
+    if not has_evidence(sp):
         return hi  # no evidence: the anchor, i.e. the largest λ
     grid = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64)
     vals = log_evidence(grid, sp)

@@ -97,3 +97,34 @@ def test_default_merge_equals_the_fp64_formula_on_rank_deficient_modules(rank_de
     assert lams.keys() == ref_lams.keys()
     for key, v in lams.items():
         assert math.isclose(v, ref_lams[key], rel_tol=1e-3), (key, v, ref_lams[key])
+
+
+def test_modules_no_expert_changed_stay_out_of_the_group_mean(tmp_path):
+    """LoRA-like experts that change q, v, up and down only: k, o and gate have Ĝ = 0 and no evidence, so they
+    neither get a λ of their own nor pull their group's mean towards the top of the λ range."""
+    base = _llama(intermediate=48)
+    base_dir = save(base, tmp_path / "base")
+    tiny_tokenizer().save_pretrained(str(base_dir))
+    experts = []
+    for t in range(3):
+        m = _llama(intermediate=48)
+        m.load_state_dict(base.state_dict())
+        perturb(m, 300 + t)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if not any(s in name for s in ("q_proj", "v_proj", "up_proj", "down_proj")):
+                    p.copy_(base.get_parameter(name))
+        experts.append(save(m, tmp_path / f"expert{t}"))
+    work = tmp_path / "work"
+    taskvec(str(base_dir), [str(e) for e in experts], work)
+    anchor(work, "ta")
+    gram(work, "free")
+    lams = module_lams(work, "ta", "free")
+    key = "model.layers.{}.{}.weight".format
+    assert not any(key(i, m) in lams for i in (0, 1) for m in ("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj"))
+    flat = params_per_layer(work, lams, 1.0)
+    for i in (0, 1):
+        q, v = lams[key(i, "self_attn.q_proj")], lams[key(i, "self_attn.v_proj")]
+        assert flat[f"lam_{i}_attn_in"] == pytest.approx(math.sqrt(q * v), rel=1e-12)
+        assert flat[f"lam_{i}_mlp_in"] == pytest.approx(lams[key(i, "mlp.up_proj")], rel=1e-12)
+        assert flat[f"lam_{i}_mlp_out"] == pytest.approx(lams[key(i, "mlp.down_proj")], rel=1e-12)
