@@ -12,7 +12,7 @@ last block's mlp_out), default λ and s:
   shape (the posterior puts it where the task vectors carry no evidence).
 
 Every ensemble (and the MAP model) is scored on the validation rows and the test rows (mean of softmax, ECE with
-20 bins, NLL; bmm_cli.calibration). Per family the noise level with the lowest validation NLL is picked and the
+20 bins, NLL; bmm_cli.ensemble_metrics). Per family the noise level with the lowest validation NLL is picked and the
 picks are compared on test with paired standard errors across test rows (ECE: paired bootstrap). Writes
 bench/results/calibration.json and calibration.png (accuracy vs ECE on test: the Pareto picture of Fig. 4).
 """
@@ -30,7 +30,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS_DIR, TASKS, base_model_path, cache_dir, expert_dir, parse_tasks, set_threads, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    TASKS,
+    base_model_path,
+    cache_dir,
+    expert_dir,
+    parse_tasks,
+    set_threads,
+    write_json,
+)
 from bench.ensemble_hook import EnsembleEval, pooled  # noqa: E402
 
 SIGMAS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -68,7 +77,7 @@ def draw(work: Path, out: Path, samples: int, noise: list[str]) -> dict:
 
 def score(evals: dict, members: list[Path], tasks: list[str]) -> tuple[dict, dict]:
     """Metrics per split and the pooled test predictions."""
-    from bmm_cli.calibration import metrics
+    from bmm_cli.ensemble_metrics import metrics
 
     out, test = {}, None
     for split, ev in evals.items():
@@ -82,7 +91,7 @@ def score(evals: dict, members: list[Path], tasks: list[str]) -> tuple[dict, dic
 
 def compare(a, b, labels) -> dict:
     """a − b on the test rows: accuracy and NLL with paired SEs over rows, ECE with a paired bootstrap SE."""
-    from bmm_cli.calibration import ece, paired_bootstrap_ece, paired_se, row_correct, row_nll
+    from bmm_cli.ensemble_metrics import ece, paired_bootstrap_ece, paired_se, row_correct, row_nll
 
     ca, cb, na, nb = row_correct(a, labels), row_correct(b, labels), row_nll(a, labels), row_nll(b, labels)
     return {"d_acc": float((ca - cb).mean()), "se_acc": paired_se(ca, cb),

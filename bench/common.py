@@ -333,7 +333,6 @@ class MiniBert:
         return cls(tensors, read_json(cfg_path))
 
     def __call__(self, ids, mask):
-        import torch
         import torch.nn.functional as F
 
         w, h, eps = self.w, self.h, self.eps

@@ -60,12 +60,10 @@ def module_stats(taus: torch.Tensor, grams: torch.Tensor | None, weighting: str)
 def variant_modules(work: Path, anchor: str, weighting: str, n_scale: float = 1.0
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """{module key: merged U (fp64)} and {module key: evidence λ} of one variant."""
-    from bmm_cli.anchor import AnchorStage
     from bmm_cli.closed_form import solve_direct
-    from bmm_cli.evidence import (default_num_obs, evidence_lam, fill_degenerate, params_per_layer,
-                                  residual_energy, spectrum)
-    from bmm_cli.gram import GramStage, task_gram_reader
-    from bmm_cli.taskvec import load_project
+    from bmm_cli.default_params import params_per_layer
+    from bmm_cli.evidence import default_num_obs, evidence_lam, fill_degenerate, residual_energy, spectrum
+    from bmm_cli.workdir import AnchorStage, GramStage, load_project, task_gram_reader
 
     proj = load_project(work)
     T = proj.num_tasks
@@ -89,7 +87,7 @@ def variant_modules(work: Path, anchor: str, weighting: str, n_scale: float = 1.
             lams[ref.key] = evidence_lam(spectrum(G, B, u0, S, n, key=ref.key))
             stats[ref.key] = (G, B, u0, blk, ref)
     lams = fill_degenerate(lams)
-    # bmm's default: one λ per (layer, group), the geometric mean of its modules' λ (evidence.params_per_layer)
+    # bmm's default: one λ per (layer, group), the geometric mean of its modules' λ (default_params.params_per_layer)
     per_layer = params_per_layer(work, lams, 1.0)
     layers = max(proj.plan.stack_layers.values())
     lam_used = {k: per_layer[f"lam_{proj.plan.block_group(blk, layers)}_{ref.group}"]
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                ("test", a.test_limit))}
     heads = {t: load_head(cache, t) for t in tasks}
     model = load_model(a.model)
-    from bmm_cli.taskvec import load_project
+    from bmm_cli.workdir import load_project
 
     base = Checkpoint.open(load_project(variants[0][1]).base.root)
     base_sd = {}

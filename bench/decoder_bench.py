@@ -78,7 +78,7 @@ def cmd_score(a) -> int:
 
 def cmd_lam(a) -> int:
     """One params file per anchor (``--out`` holds ``{anchor}``), from one eigh per module for all anchors."""
-    from bmm_cli.evidence import module_lams, params_per_layer
+    from bmm_cli.default_params import module_lams, params_per_layer
 
     anchors = a.anchor.split(",")
     if len(anchors) > 1 and "{anchor}" not in a.out:

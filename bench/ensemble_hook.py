@@ -7,7 +7,7 @@
 DIR is a `bmm sample` output (its samples.json lists the members) or one model directory (an ensemble of one,
 e.g. the MAP model). The last stdout line is one JSON object: {"score": the --objective (nll: lower is better,
 so pass --minimize to bmm; acc: higher), "acc", "ece", "nll", per task "acc/<task>" ...}; metrics pool the rows of
-every task. Predictions use bmm_cli.calibration (mean of softmax over the members).
+every task. Predictions use bmm_cli.ensemble_metrics (mean of softmax over the members).
 
 Only the tensors that differ between members are evaluated per member: the encoder runs once (first member) up to
 the first transformer layer holding a differing tensor, and per member only the layers from there on (for the
@@ -27,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_VAL_LIMIT, BenchError, MiniBert, embed, load_encoder, load_head, parse_tasks, set_threads, cache_dir,
+    DEFAULT_VAL_LIMIT,
+    BenchError,
+    MiniBert,
+    cache_dir,
+    embed,
+    load_encoder,
+    load_head,
+    parse_tasks,
+    set_threads,
 )
 from bench.eval_hook import load_tokens  # noqa: E402
 
@@ -188,7 +196,7 @@ class EnsembleEval:
         """``{task: (probs [N, K] fp64 mean of softmax over members, labels [N])}``."""
         import torch
 
-        from bmm_cli.calibration import ensemble_probs
+        from bmm_cli.ensemble_metrics import ensemble_probs
 
         embs = [self.member(m) for m in members]
         out = {}
@@ -210,7 +218,7 @@ def pooled(pred: dict, tasks: list[str]):
 
 def summarize(pred: dict, tasks: list[str]) -> dict:
     """Metrics pooled over every task's rows, plus accuracy per task."""
-    from bmm_cli.calibration import metrics
+    from bmm_cli.ensemble_metrics import metrics
 
     res = metrics(*pooled(pred, tasks))
     for t in tasks:

@@ -22,8 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_VAL_LIMIT, MAX_LEN, TASK_LABELS, BenchError, MiniBert, base_model_path, cache_dir, data_dir, embed,
-    load_head, load_split, parse_tasks, read_json, set_threads, sha256_file,
+    DEFAULT_VAL_LIMIT,
+    MAX_LEN,
+    TASK_LABELS,
+    BenchError,
+    MiniBert,
+    base_model_path,
+    cache_dir,
+    data_dir,
+    embed,
+    load_head,
+    load_split,
+    parse_tasks,
+    read_json,
+    set_threads,
+    sha256_file,
 )
 
 

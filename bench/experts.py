@@ -25,15 +25,36 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (  # noqa: E402
-    BASE_AUX_FILES, BASE_SHA256, DEFAULT_VAL_LIMIT, MAX_LEN, RESULTS_DIR, TASK_LABELS, BenchError, cache_dir,
-    check_base_hash, data_dir, embed, expert_dir, head_accuracy, hf_forward, load_encoder, load_head, load_split,
-    load_tokenizer, mean_pool, pad_batch,
-    parse_tasks, read_json, set_threads, tokenize, write_json,
-)
-
-from bmm_cli.progress import progress, progress_shown  # noqa: E402
 from rich.progress import TextColumn  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    BASE_AUX_FILES,
+    BASE_SHA256,
+    DEFAULT_VAL_LIMIT,
+    MAX_LEN,
+    RESULTS_DIR,
+    TASK_LABELS,
+    BenchError,
+    cache_dir,
+    check_base_hash,
+    data_dir,
+    embed,
+    expert_dir,
+    head_accuracy,
+    hf_forward,
+    load_encoder,
+    load_head,
+    load_split,
+    load_tokenizer,
+    mean_pool,
+    pad_batch,
+    parse_tasks,
+    read_json,
+    set_threads,
+    tokenize,
+    write_json,
+)
+from bmm_cli.progress import progress, progress_shown  # noqa: E402
 
 EXPERT_VERSION = 1  # bump when the training recipe changes
 

@@ -7,7 +7,7 @@ process also reports its own kernel peak (VmHWM) at exit. Rows:
 
 * ``taskvec``, ``anchor`` (TA), ``gram`` (data-free), ``solve``: ``bmm <stage>`` one after the other on one
   work dir; ``merge``: ``bmm merge`` from scratch (all stages in one process, a fresh work dir).
-* ``search``: a :class:`bmm_cli.solve.Merger` (what ``bmm search`` builds) writing ``--trials`` trial models,
+* ``search``: a :class:`bmm_cli.factor_cache.Merger` (what ``bmm search`` builds) writing ``--trials`` trial models,
   with the default memory budget (what is free: the cache is held in RAM) and with ``memory_budget`` = 1.5 cache
   blocks (one block held, the rest spilled to the work dir). ``search-cli``: the same through ``bmm search --memory-budget`` when
   the installed bmm has that option (``--eval 'echo 0.5'``).
@@ -148,7 +148,7 @@ def worker_cli(a: dict) -> None:
 def _merger(a: dict, **budget):
     import inspect
 
-    from bmm_cli.solve import Merger
+    from bmm_cli.factor_cache import Merger
 
     if budget and "memory_budget" not in inspect.signature(Merger).parameters:
         _finish({"unsupported": "this bmm's Merger has no memory_budget"})
@@ -157,7 +157,7 @@ def _merger(a: dict, **budget):
 
 
 def _params(i: int):
-    from bmm_cli.solve import Params
+    from bmm_cli.params import Params
 
     p = Params.uniform(1, lam=10 ** (-3 + (i * 0.618) % 1 * 3), scale=1.0 + 0.05 * (i % 4))
     return p

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -52,7 +51,7 @@ from bmm_cli.closed_form import (  # noqa: E402
     solve_direct,
 )
 from bmm_cli.device import resolve_device  # noqa: E402
-from bmm_cli.trials import TrialSolver  # noqa: E402
+from bmm_cli.trial_solver import TrialSolver  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 FULL = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}

@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.limit = a.limit or (150 if a.bench == "minilm" else 12)
     set_threads(1 if a.bench == "decoder" else 2)
-    from bmm_cli.evidence import module_lams, params_per_layer
-    from bmm_cli.solve import Merger, Params
+    from bmm_cli.default_params import module_lams, params_per_layer
+    from bmm_cli.factor_cache import Merger
+    from bmm_cli.params import Params
 
     score, higher = _scorer(a)
     scales = [float(x) for x in a.scales.split(",")]

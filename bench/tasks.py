@@ -25,8 +25,17 @@ from urllib.parse import unquote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    REPO_ROOT, SPLITS, TASK_LABELS, BenchError, cache_dir, data_dir, parse_tasks, read_json,
-    sha256_file, split_path, write_json,
+    REPO_ROOT,
+    SPLITS,
+    TASK_LABELS,
+    BenchError,
+    cache_dir,
+    data_dir,
+    parse_tasks,
+    read_json,
+    sha256_file,
+    split_path,
+    write_json,
 )
 
 BUILD_VERSION = 2  # bump when the parsing changes; invalidates the manifest

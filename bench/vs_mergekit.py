@@ -123,7 +123,6 @@ class RunFailed(Exception):
 
 
 def _compare(a: Path, b: Path) -> dict:
-    import torch
     from safetensors import safe_open
 
     def tensors(d: Path):

@@ -23,21 +23,17 @@ from .device import resolve_device
 from .errors import InputError
 from .progress import info, track
 from .stage import Stage, load_manifest
-from .store import Checkpoint, ShardReader
+from .store import DTYPES, Checkpoint, ShardReader, parse_dtype
+from .taskvec import open_inputs
+from .workdir import ANCHOR_OTHERS as OTHERS
+from .workdir import Project, from_linear, load_project, task_gram_reader, to_linear
+from .workdir import anchor_stage as stage_name
 from .writer import ModelWriter, model_card, parse_size
-from .taskvec import Project, from_linear, load_project, to_linear
 
-OTHERS = "others"
 OTHER_RULES = ("anchor", "base", "mean")
 
 
-def stage_name(method: str) -> str:
-    return f"anchor-{method}"
-
-
 def _data_gram_reader(work: Path):
-    from .gram import task_gram_reader
-
     return task_gram_reader(work)
 
 
@@ -197,8 +193,6 @@ def _method_options(method: str, opts: list[str] | None, others: str, external: 
 
 def check_output_options(dtype: str | None, max_shard_size: str | int) -> None:
     """--dtype and --max-shard-size of a model to write, checked before any stage runs (merge, anchor --materialize)."""
-    from .store import parse_dtype
-
     if dtype is not None:
         try:
             parse_dtype(dtype)
@@ -211,8 +205,6 @@ def _model_writer(base: Checkpoint, out: Path, dtype: str | None, max_shard_size
                   inputs: dict[str, Path], order: list[str] | None = None) -> ModelWriter:
     """A writer whose entries are listed in ``order`` (the order the caller produces them; any key it leaves out
     follows in the base's order), so the streaming writer appends each tensor as it comes instead of holding it."""
-    from .store import parse_dtype
-
     out_dt = parse_dtype(dtype) if dtype else None
     keys = list(dict.fromkeys([k for k in (order or []) if k in base.meta] + list(base.meta)))
     entries = [(k, base.meta[k].shape, _out_dtype(base, k, out_dt)) for k in keys]
@@ -227,8 +219,6 @@ def _close_model(writer: ModelWriter, base: Checkpoint, experts: list[Checkpoint
 
 
 def _out_dtype(base: Checkpoint, key: str, override: torch.dtype | None) -> torch.dtype:
-    from .store import DTYPES
-
     dt = DTYPES[base.meta[key].dtype]
     return override if (override is not None and dt.is_floating_point) else dt
 
@@ -253,8 +243,6 @@ def anchor_direct(
     mergekit does, so no fp32 task-vector stage and no anchor stage go to disk. TIES / DARE-TIES stream their exact
     global threshold with extra read passes over the checkpoints. The output is byte-identical to
     ``bmm taskvec`` + ``bmm anchor --materialize`` (same tensors, same arithmetic, same order of reductions)."""
-    from .taskvec import open_inputs
-
     t0 = time.perf_counter()
     m, o = _method_options(method, opts, others, external)
     if m.needs_data_grams:
@@ -307,23 +295,3 @@ def anchor_direct(
     out = _close_model(writer, b, es, recipe)
     return {"model": str(out), "method": m.name, "options": options_dict(o), "blocks": len(plan.blocks),
             "streamed": True, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-class AnchorStage:
-    """Read access to a finished anchor stage (for solve and search)."""
-
-    def __init__(self, work: Path, method: str):
-        self.method = get_method(method)
-        self.name = stage_name(self.method.name)
-        self.manifest = load_manifest(work, self.name, need=f"bmm anchor --work DIR --method {self.method.name}")
-        self.dir = Path(work) / self.name
-
-    @property
-    def id(self) -> str:
-        return self.manifest["id"]
-
-    def block(self, blk: Block) -> ShardReader:
-        return ShardReader(self.dir / f"{blk.shard}.safetensors")
-
-    def others(self) -> ShardReader:
-        return ShardReader(self.dir / f"{OTHERS}.safetensors")

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import InputError
-
-GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+from .params import GROUPS, block_group
 
 
 @dataclass(frozen=True)
@@ -125,8 +124,7 @@ class Plan:
 
     def block_group(self, block: Block, num_groups: int) -> int:
         """Depth-relative block-group index of a block (0..num_groups-1)."""
-        n = self.stack_layers[block.stack]
-        return min(num_groups - 1, block.layer * num_groups // max(n, 1))
+        return block_group(block.layer, self.stack_layers[block.stack], num_groups)
 
     def check_block_groups(self, num_groups: int, what: str) -> None:
         """Refuse more block-groups than layers: a group would get no layer (``what`` names the option or file)."""

@@ -1,4 +1,4 @@
-"""The per-module closed forms of Bayesian Model Merging (design.md section 3) and the cached-eigenbasis trial math.
+"""The per-module closed forms of Bayesian Model Merging (docs/math.md) and the cached-eigenbasis trial math.
 
 Pure tensor math: no files, no CLI. Orientation is ``nn.Linear``'s: a weight is ``[d_out, d_in]``; the T task
 vectors of one module are ``U_t = W_t - W_pre``, stacked ``[T, d_out, d_in]`` or given as a sequence of 2-D tensors.
@@ -11,7 +11,7 @@ Where λ enters the math (one search finds it): ``U = (B̂ + λ·U0)(Ĝ + λ·I)
 * hybrid (App. F): ``Ĝ = ε Ĝ_data + (1-ε) Ĝ_free``, ``B̂`` likewise                -> :func:`hybrid_stats`
 * one solve: Cholesky of the symmetrised ``Ĝ + λI``                               -> :func:`solve_direct`
 * many λ: ``Ĝ = QΛQᵀ`` once, then ``U = ((B̂Q + λ·U0Q)·diag(1/(Λ+λ)))Qᵀ``, one GEMM -> :func:`factorize`,
-  :func:`apply_factors`, and :class:`~bmm_cli.trials.TrialSolver` (in ``trials.py``) for a whole model.
+  :func:`apply_factors`, and :class:`~bmm_cli.trial_solver.TrialSolver` for a whole model.
 
 Conventions:
 
@@ -465,11 +465,3 @@ def apply_factors(f: ModuleFactors, lam: float, *, key: str = "<module>", comput
         raise NumericError(f"{key}: cached solve gave NaN/Inf at λ={lam:g}")
     return U
 
-
-def __getattr__(name: str):
-    """``closed_form.TrialSolver`` still works: the solver for a whole model lives in :mod:`bmm_cli.trials`."""
-    if name == "TrialSolver":
-        from .trials import TrialSolver
-
-        return TrialSolver
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

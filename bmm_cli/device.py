@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import InputError
+from .writer import parse_size
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -73,8 +74,6 @@ def parse_budget(value: int | str | None, option: str) -> int | None:
         if value < 0:
             raise InputError(f"{option} {value}: must be >= 0")
         return int(value)
-    from .writer import parse_size
-
     text = str(value).strip()
     if text.rstrip("BKMGTIbkmgti ") in ("0", "0.0"):
         return 0

@@ -32,13 +32,16 @@ from typing import Sequence
 
 import torch
 
+from .defaults import DEFAULT_LAM
 from .errors import InputError, NumericError
-from .progress import track
 
 Tensor = torch.Tensor
 
 LAM_RANGE = (1e-6, 1e2)  # relative λ searched by evidence_lam (log grid, then a golden-section refinement)
 GRID_POINTS = 97
+# Below this relative λ the solve is dominated by the rounding of the stored fp32 statistics (about 1e-7·λ_max in
+# Ĝ's null space, amplified by 1/λ): an evidence maximum there is not identifiable (see fill_degenerate).
+LAM_FLOOR = 1e-5
 _R_FLOOR = 1e-12  # R(λ) is floored at this fraction of S (R(0) = 0 only when one W fits every task exactly)
 
 
@@ -59,8 +62,14 @@ def _f64(t: Tensor | None) -> Tensor | None:
 
 def spectrum_from_factors(lam: Tensor, BQ: Tensor, U0Q: Tensor | None, S_hat: float, n_obs: float, *,
                           key: str = "<module>") -> Spectrum:
-    """From the search cache of one module: eigenvalues Λ of Ĝ, ``B̂Q``, ``U0Q`` (None = zero anchor)."""
+    """From the search cache of one module: eigenvalues Λ of Ĝ, ``B̂Q``, ``U0Q`` (None = zero anchor).
+
+    The numerical rank is decided here, in fp64: eigenvalues below ``d·eps64·λ_max`` are rounding and count as 0
+    (a rank-deficient Ĝ, ``T·d_out < d_in``, must not lend the evidence fake small eigenvalues)."""
     lam64 = _f64(lam).clamp_min(0.0)
+    if lam64.numel():
+        tol = lam64.numel() * torch.finfo(torch.float64).eps * float(lam64.max())
+        lam64 = torch.where(lam64 > tol, lam64, torch.zeros_like(lam64))
     Z = _f64(BQ)
     if U0Q is not None:
         Z = Z - _f64(U0Q) * lam64  # (B̂ - U0Ĝ)Q = B̂Q - U0Q·diag(Λ)
@@ -122,12 +131,18 @@ def log_evidence(lam: float | Tensor, sp: Spectrum) -> Tensor:
     return out if torch.is_tensor(lam) and torch.as_tensor(lam).dim() > 0 else out.reshape(())
 
 
+def has_evidence(sp: Spectrum) -> bool:
+    """Whether the module's data say anything about λ: Ĝ ≠ 0 and the task vectors differ from the anchor. Without
+    evidence (e.g. a module no expert changed) every λ explains the data equally well."""
+    return bool(sp.lam.numel()) and float(sp.lam.max()) > 0 and sp.S > 0
+
+
 def evidence_lam(sp: Spectrum, lam_range: tuple[float, float] = LAM_RANGE, points: int = GRID_POINTS) -> float:
     """``argmax_λ f(λ)`` over a log grid on ``lam_range``, refined by golden-section search in log λ."""
     lo, hi = lam_range
     if not (0 < lo < hi and math.isfinite(hi)):
         raise InputError(f"{sp.key}: λ range {lam_range} must satisfy 0 < lo < hi")
-    if float(sp.lam.max()) <= 0 or sp.S <= 0:
+    if not has_evidence(sp):
         return hi  # no evidence: the anchor, i.e. the largest λ
     grid = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64)
     vals = log_evidence(grid, sp)
@@ -168,103 +183,16 @@ def log_evidence_dense(X: Tensor, Y: Tensor, U0: Tensor | None, alpha: float, be
     return float(dist.log_prob((Y - mean).T).sum())
 
 
-# ---------------------------------------------------------------------------------------------------------
-# A whole model: λ_ev of every module from a finished work dir (taskvec, gram-<kind>, anchor-<method>)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | None = None,
-                lam_range: tuple[float, float] = LAM_RANGE, n_obs_scale: float = 1.0):
-    """``{module key: λ_ev}`` (relative units) for ``bmm solve``'s statistics of ``gram`` (free, data, hybrid);
-    given a list of anchors, ``{anchor: {key: λ_ev}}`` from one eigh per module (the basis does not depend on U0).
-
-    Needs the task vectors (for Ŝ), the anchor and the Gram stages; the data kind also reads the per-task Grams
-    and the calibration token counts the Gram stage recorded. ``n_obs_scale`` multiplies N (for studies of how
-    much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
-    from .anchor import AnchorStage
-    from .gram import task_gram_reader
-    from .solve import Sources
-
-    anchors = [anchor] if isinstance(anchor, str) else list(anchor)
-    src = Sources(work, anchors[0], gram)
-    stages = [src.anchor] + [AnchorStage(work, a) for a in anchors[1:]]
-    proj = src.proj
-    T = proj.num_tasks
-    kinds = ("free", "data") if gram == "hybrid" else (gram,)
-    if gram == "hybrid" and eps is None:
-        raise InputError("hybrid evidence λ needs ε")
-    tokens = None
-    task_grams = None
-    if "data" in kinds:
-        tok = src.grams["data"].manifest.get("tokens") or {}
-        tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
-        task_grams = task_gram_reader(work)
-    out: dict[str, dict[str, float]] = {a: {} for a in anchors}
-    for blk in track(proj.plan.blocks, "evidence λ (one fp64 eigh per module)"):
-        ablk = [st.block(blk) for st in stages]
-        g = {k: src.grams[k].block(blk) for k in kinds}
-        reader = proj.reader(blk)
-        tg = task_grams(blk) if task_grams is not None else None
-        for ref in blk.modules:
-            taus = proj.taus(blk, ref, reader).to(torch.float64)
-            stats = {k: g[k](ref.key) for k in kinds}
-            grams_k = {k: (tg(ref.key) if k == "data" else None) for k in kinds}
-            n_k = {k: default_num_obs(k, T, taus.shape[1], tokens) * n_obs_scale for k in kinds}
-            if len(kinds) == 1:
-                G, B = stats[gram].G_hat.double(), stats[gram].B_hat.double()
-                w = {gram: 1.0}
-            else:
-                G = torch.lerp(stats["free"].G_hat.double(), stats["data"].G_hat.double(), eps)
-                B = torch.lerp(stats["free"].B_hat.double(), stats["data"].B_hat.double(), eps)
-                w = {"free": 1.0 - eps, "data": eps}
-            lam, Q = torch.linalg.eigh(0.5 * (G + G.T))
-            BQ = B @ Q
-            n = sum(w[k] * n_k[k] for k in kinds)
-            for name, st, a in zip(anchors, stages, ablk):
-                u0 = None if st.method.name == "pretrained" else a.get(ref.key).to(torch.float64)
-                S = sum(w[k] * residual_energy(taus, grams_k[k], u0, stats[k].m, key=ref.key) for k in kinds)
-                sp = spectrum_from_factors(lam, BQ, None if u0 is None else u0 @ Q, S, n, key=ref.key)
-                out[name][ref.key] = evidence_lam(sp, lam_range)
-    res = {a: fill_degenerate(v, lam_range) for a, v in out.items()}
-    return res[anchors[0]] if isinstance(anchor, str) else res
-
-
 def fill_degenerate(lams: dict[str, float], lam_range: tuple[float, float] = LAM_RANGE) -> dict[str, float]:
-    """Modules whose evidence peaks at the lower end of the range get the median λ of the others.
+    """Modules whose evidence peaks at the lower end of the range, or below :data:`LAM_FLOOR`, get the median λ of
+    the others.
 
     Seen on SmolLM2's data-free k/v projections (``T·d_out < d_in``: one W can fit every task exactly, so
     ``R(λ) → 0`` as ``λ → 0``): the noise estimate collapses and the evidence has no interior maximum, λ is not
     identifiable from that module alone (not every interpolating module collapses: it depends on its spectrum).
     With no identifiable module at all, the
     default λ (bmm_cli/defaults.py) is used."""
-    from .defaults import DEFAULT_LAM
-
-    lo = lam_range[0]
-    ok = sorted(v for v in lams.values() if v > lo * 1.01)
+    low = max(lam_range[0] * 1.01, LAM_FLOOR)
+    ok = sorted(v for v in lams.values() if v > low)
     fill = ok[len(ok) // 2] if ok else DEFAULT_LAM
-    return {k: (v if v > lo * 1.01 else fill) for k, v in lams.items()}
-
-
-def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | None = None) -> dict[str, float]:
-    """A ``bmm solve --params`` file (flat dict) with one block-group per layer and, per (layer, group), the
-    geometric mean of its modules' λ (q/k/v share attn_in, gate/up share mlp_in)."""
-    from .taskvec import load_project
-
-    proj = load_project(work)
-    layers = max(proj.plan.stack_layers.values())
-    acc: dict[tuple[int, str], list[float]] = {}
-    for blk in proj.plan.blocks:
-        b = proj.plan.block_group(blk, layers)
-        for ref in blk.modules:
-            acc.setdefault((b, ref.group), []).append(math.log(lams[ref.key]))
-    out: dict[str, float] = {}
-    from .arch import GROUPS
-
-    for b in range(layers):
-        out[f"s_{b}"] = scale
-        for grp in GROUPS:
-            v = acc.get((b, grp))
-            out[f"lam_{b}_{grp}"] = math.exp(sum(v) / len(v)) if v else 1.0
-    if eps is not None:
-        out["eps"] = eps
-    return out
+    return {k: (v if v > low else fill) for k, v in lams.items()}

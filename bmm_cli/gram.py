@@ -8,30 +8,20 @@ for RegMean. Both are normalised by ``m = tr(G)/d_in`` (relative λ). Layout: ``
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .arch import Block
-from .closed_form import GramStats, data_stats, free_stats
+from .activations import capture_grams, read_calibration
+from .closed_form import data_stats, free_stats
 from .device import resolve_device
 from .errors import InputError
 from .progress import info, track
-from .stage import Stage, load_manifest
-from .store import ShardReader
-from .taskvec import Project, load_project
-
-KINDS = ("free", "data")
-
-
-def stage_name(kind: str) -> str:
-    return f"gram-{kind}"
-
-
-def task_shard(t: int, blk: Block) -> str:
-    return f"t{t}-{blk.shard}"
+from .stage import Stage
+from .store import DTYPES, ShardReader, parse_dtype
+from .workdir import GRAM_STATS, Project, gram_stage, load_project, task_shard
 
 
 def parse_calib(specs: list[str], experts: list[str]) -> dict[int, str]:
@@ -81,12 +71,12 @@ def gram(
 ) -> dict:
     """Compute the Gram stage of ``kind`` (resumable per block, and per expert for ``data``)."""
     t0 = time.perf_counter()
-    if kind not in KINDS:
+    if kind not in GRAM_STATS:
         raise InputError(f"--kind {kind!r}: choose free or data (hybrid mixes both at solve time)")
     dev = resolve_device(device)
     proj = load_project(work)
     if kind == "free":
-        stage = Stage(work, stage_name(kind), inputs={"taskvec": proj.fingerprint}, options={}, force=force)
+        stage = Stage(work, gram_stage(kind), inputs={"taskvec": proj.fingerprint}, options={}, force=force)
         todo = [b for b in proj.plan.blocks if not stage.done(b.shard)]
         for blk in track(todo, "gram free", total=len(todo)):
             reader = proj.reader(blk)
@@ -104,17 +94,13 @@ def gram(
 
 def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len, batch_size, seed, dev, model_dtype,
                force, t0) -> dict:
-    from .calib import capture_grams, read_calibration
-
     expert_paths = [str(e.root) for e in proj.experts]
     files = parse_calib(calib, proj.manifest["paths"]["experts"])
     texts = {t: read_calibration(p, samples, seed) for t, p in files.items()}
-    import hashlib
-
     inputs = {"taskvec": proj.fingerprint,
               "calib": {str(t): hashlib.sha256("\n".join(texts[t]).encode()).hexdigest()[:16] for t in texts}}
     options = {"samples": samples, "max_len": max_len, "seed": seed, "model_dtype": model_dtype}
-    stage = Stage(work, stage_name("data"), inputs=inputs, options=options, force=force)
+    stage = Stage(work, gram_stage("data"), inputs=inputs, options=options, force=force)
     mods = [m for m in proj.plan.modules]
     if any(m.family == "open_clip" for m in mods):
         raise InputError("data-assisted Grams need a transformers model; open_clip checkpoints support --kind free")
@@ -156,42 +142,8 @@ def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len,
 
 
 def _model_dtype(proj: Project, name: str) -> torch.dtype:
-    from .store import DTYPES, parse_dtype
-
     if name != "auto":
         return parse_dtype(name)
     first = proj.base.meta[proj.plan.modules[0].key].dtype
     dt = DTYPES.get(first, torch.float32)
     return torch.float32 if dt == torch.float32 or dt == torch.float64 else dt
-
-
-class GramStage:
-    """Read access to a finished Gram stage."""
-
-    def __init__(self, work: Path, kind: str):
-        self.kind = kind
-        self.name = stage_name(kind)
-        need = "bmm gram --kind free" if kind == "free" else "bmm gram --kind data --calib ..."
-        self.manifest = load_manifest(work, self.name, need=need)
-        self.dir = Path(work) / self.name
-
-    @property
-    def id(self) -> str:
-        return self.manifest["id"]
-
-    def block(self, blk: Block) -> Callable[[str], GramStats]:
-        r = ShardReader(self.dir / f"{blk.shard}.safetensors")
-        return lambda key: GramStats.from_tensors(
-            key, {f"{key}.{n}": r.get(f"{key}.{n}") for n in ("G_hat", "B_hat", "m")})
-
-
-def task_gram_reader(work: Path) -> Callable[[Block], Callable[[str], torch.Tensor]]:
-    """For RegMean: block -> (key -> [T, d_in, d_in] per-task Grams)."""
-    gs = GramStage(work, "data")
-    num_tasks = len(gs.manifest["inputs"]["calib"])
-
-    def for_block(blk: Block):
-        readers = [ShardReader(gs.dir / f"{task_shard(t, blk)}.safetensors") for t in range(num_tasks)]
-        return lambda key: torch.stack([r.get(key) for r in readers])
-
-    return for_block

@@ -1,6 +1,6 @@
 """Running the user's evaluation command (the "hook") for one search trial, safely.
 
-Contract (design.md section 4):
+Contract:
 
 - The hook is a command *template*. ``{model}``, ``{trial}``, ``{workdir}`` (and any other field the caller
   gives) are substituted by :func:`render_command` so that each value reaches the hook as one literal word,
@@ -218,9 +218,11 @@ def render_command(template: str, fields: Mapping[str, object]) -> str:
             continue
         if name == "" or name not in values:
             shown = "{" + (name or "") + "}"
-            raise InputError(f"hook command: unknown placeholder {shown}; valid fields are {valid} (write {{{{ for a literal brace)")
+            raise InputError(f"hook command: unknown placeholder {shown}; valid fields are {valid} "
+                             "(write {{ for a literal brace)")
         if spec or conv:
-            raise InputError(f"hook command: placeholder {{{name}}} takes no format spec or conversion; write it as {{{name}}}")
+            raise InputError(f"hook command: placeholder {{{name}}} takes no format spec or conversion; "
+                             f"write it as {{{name}}}")
         value = values[name]
         if scanner.prev == "$" and not scanner.escape and scanner.frame not in ("sq", "ansi") and not scanner.comment:
             raise InputError(
@@ -232,7 +234,8 @@ def render_command(template: str, fields: Mapping[str, object]) -> str:
             ctx = scanner.context()
             if ctx == "unsafe":
                 raise InputError(
-                    f"hook command: cannot place {{{name}}} safely where it stands (inside backticks, $'...', ${{...}}, "
+                    f"hook command: cannot place {{{name}}} safely where it stands (inside backticks, $'...', "
+                    "${...}, "
                     f"a comment, a here-document, or right after '\\' or '$'); write it as a bare word, "
                     f"or use the environment variable (e.g. \"$BMM_MODEL\") instead"
                 )

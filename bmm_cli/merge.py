@@ -11,22 +11,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .activations import check_calibration
 from .anchor import OTHER_RULES, check_output_options
 from .anchor import anchor as run_anchor
 from .anchors import get_method, parse_options
-from .calib import check_calibration
 from .device import resolve_device
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
+from .params import resolve_params
 from .progress import info
-from .solve import GRAM_KINDS, resolve_params
+from .search import search as run_search
+from .search.command import check_merge_eval
 from .solve import solve as run_solve
 from .stage import work_lock
 from .store import Checkpoint
-from .writer import check_output_dir
 from .taskvec import open_inputs
 from .taskvec import taskvec as run_taskvec
+from .workdir import GRAM_KINDS
+from .writer import check_output_dir
 
 
 def default_work(out: Path) -> Path:
@@ -85,8 +88,6 @@ def merge(
     if relative_lam and eval_cmd is None:
         raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: drop it")
     if eval_cmd is not None:
-        from .search.command import check_merge_eval
-
         check_merge_eval(eval_cmd, trials, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon)
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
     plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
@@ -127,8 +128,6 @@ def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_m
                         epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
                         force=force)
     else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
-        from .search import search as run_search
-
         res = run_search(work, method.name, gram, eval_cmd, out=out, trials=trials, blocks=blocks, device=device,
                          dtype=dtype, max_shard_size=max_shard_size, force=force, relative_lam=relative_lam)
     res["work"] = str(work)

@@ -51,7 +51,8 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
             if em.shape != bm.shape:
                 # a vocabulary resize changes the rows of the embeddings / lm_head only (columns: the width)
                 rows_only = len(em.shape) == len(bm.shape) == 2 and em.shape[1] == bm.shape[1]
-                if rows_only and (any(h in k for h in _EMBED_HINTS) or (base_vocab and e_vocab and base_vocab != e_vocab)):
+                vocab_differs = bool(base_vocab and e_vocab and base_vocab != e_vocab)
+                if rows_only and (any(h in k for h in _EMBED_HINTS) or vocab_differs):
                     raise InputError(
                         f"{em.file}: tensor {k!r} has shape {list(em.shape)} but the base has {list(bm.shape)}: the "
                         f"vocabulary was resized (vocab_size {e_vocab} vs {base_vocab}); merge only checkpoints with "

@@ -33,7 +33,6 @@ Output shards that hold no sampled module are hard links to ``map/``'s (same byt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,16 +46,19 @@ import torch
 
 from . import __version__, atomic
 from .arch import Block, ModuleRef, Plan
-from .calibration import log_grid, pick_best
 from .closed_form import eig_gram, hybrid_stats
+from .default_params import solve_params
 from .device import resolve_device
+from .ensemble_metrics import log_grid, pick_best
 from .errors import InputError
 from .hooks import render_command, run_hook
+from .params import Params
+from .posterior import posterior_noise, standard_normal
 from .progress import info, track
-from .solve import Params, Sources, solve, solve_params
+from .solve import solve
 from .store import MARKER_NAME, Checkpoint, parse_dtype, read_header
+from .workdir import Sources, from_linear, to_linear
 from .writer import ModelWriter, check_not_input, model_card, parse_size
-from .taskvec import from_linear, to_linear
 
 MANIFEST = "samples.json"
 MAP_DIR = "map"
@@ -109,25 +111,6 @@ def select_modules(plan: Plan, pattern: str | None) -> list[ModuleRef]:
         examples = ", ".join(m.key for m in plan.modules[-3:])
         raise InputError(f"--modules {pattern!r} matches no solvable module (keys look like {examples})")
     return mods
-
-
-def noise_seed(seed: int, sample: int, key: str) -> int:
-    """A 63-bit generator seed for one (run seed, sample index, module key): independent draws per module."""
-    h = hashlib.sha256(f"bmm-sample/{seed}/{sample}/{key}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def standard_normal(shape: tuple[int, int], seed: int, sample: int, key: str) -> torch.Tensor:
-    """E ~ N(0, 1) of ``shape`` in fp32, drawn on the CPU (the same numbers on every device)."""
-    g = torch.Generator(device="cpu").manual_seed(noise_seed(seed, sample, key))
-    return torch.randn(shape, generator=g, dtype=torch.float32)
-
-
-def posterior_noise(E: torch.Tensor, Q: torch.Tensor, evals: torch.Tensor, lam: float, beta: float,
-                    r: float) -> torch.Tensor:
-    """``(r/√β) · E · diag((Λ+λ)^{-1/2}) · Qᵀ``: rows with covariance ``r²β⁻¹ Q diag(1/(Λ+λ)) Qᵀ``."""
-    col = (r / math.sqrt(beta)) * (evals.to(Q.dtype) + lam).rsqrt()
-    return (E.to(Q.dtype) * col) @ Q.mT
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,5 +413,4 @@ def _remove_stale(out: Path, samples: int) -> list[str]:
     return gone
 
 
-__all__ = ["sample", "list_samples", "select_modules", "default_modules", "noise_seed", "standard_normal",
-           "posterior_noise", "sample_dir", "MANIFEST", "MAP_DIR"]
+__all__ = ["sample", "list_samples", "select_modules", "default_modules", "sample_dir", "MANIFEST", "MAP_DIR"]

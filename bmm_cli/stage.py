@@ -24,6 +24,7 @@ import torch
 
 from . import atomic, faults
 from .errors import InputError, StateError
+from .progress import info
 from .store import ShardReader, read_header, save_tensors
 
 MANIFEST = "stage.json"
@@ -110,7 +111,8 @@ class Stage:
 
     def read(self, shard: str) -> ShardReader:
         if not self.done(shard):
-            raise StateError(f"{self.dir}: shard {shard} is missing or incomplete; rerun `bmm {self.name.split('-')[0]}`")
+            raise StateError(f"{self.dir}: shard {shard} is missing or incomplete; "
+                             f"rerun `bmm {self.name.split('-')[0]}`")
         return ShardReader(self.shard_path(shard))
 
     def finish(self, **summary: Any) -> None:
@@ -206,8 +208,6 @@ def _locked(work: Path, *, drop_unused: bool) -> Iterator[None]:
             ) from None
         previous = _read_holder(fd)
         if previous != "unknown holder":
-            from .progress import info
-
             info(f"bmm: took over a stale lock on {work} ({previous}, no longer running)")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

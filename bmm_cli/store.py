@@ -318,8 +318,8 @@ class Checkpoint:
         if weight_map is not None:
             missing = [k for k in weight_map if k not in meta]
             if missing:
-                raise InputError(f"{root / weight_map[missing[0]]}: tensor {missing[0]!r} listed in the index is not in "
-                                 "that file; the shard is stale or corrupt")
+                raise InputError(f"{root / weight_map[missing[0]]}: tensor {missing[0]!r} listed in the index is not "
+                                 "in that file; the shard is stale or corrupt")
         return cls(root, files, meta, str(spec))
 
     # -- metadata ------------------------------------------------------------------------------------------------
@@ -446,7 +446,8 @@ class ShardReader:
         try:
             return residency.track(self._h.get_tensor(key))
         except Exception:
-            raise InputError(f"{self.path}: missing tensor {key!r}; rerun the stage that writes it with --force") from None
+            raise InputError(f"{self.path}: missing tensor {key!r}; "
+                             "rerun the stage that writes it with --force") from None
 
     def metadata(self) -> dict[str, str]:
         return self._h.metadata() or {}

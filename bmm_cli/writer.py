@@ -20,6 +20,7 @@ import torch
 
 from . import atomic, faults
 from .errors import InputError, NumericError
+from .progress import info
 from .store import COPY_PATTERNS, DTYPE_NAMES, INDEX_NAME, MARKER_NAME, SINGLE_NAME, all_finite, read_header
 
 
@@ -89,7 +90,8 @@ def check_output_dir(out: Path, *, force: bool, inputs: dict[str, Path] | None =
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is a file; choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).exists() and not force:
-        raise InputError(f"--out {out} exists and is not a bmm output; choose another path or pass --force to replace it")
+        raise InputError(f"--out {out} exists and is not a bmm output; "
+                         "choose another path or pass --force to replace it")
 
 
 class _ShardStream:
@@ -116,7 +118,8 @@ class _ShardStream:
         for i in order:
             key, shape, dt = layout[i]
             n = _numel(shape) * _itemsize(dt)
-            head[key] = {"dtype": DTYPE_NAMES[dt], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+            head[key] = {"dtype": DTYPE_NAMES[dt], "shape": [int(d) for d in shape],
+                         "data_offsets": [offset, offset + n]}
             self.nbytes[key] = n
             offset += n
         raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -321,8 +324,6 @@ class ModelWriter:
 
     def close(self, *, recipe: dict, card: str) -> Path:
         if self.current:
-            from .progress import info
-
             info(f"bmm: {self.out} is up to date (same inputs, parameters and layout); nothing rewritten")
             return self.out
         missing = [sh.name for sh in self.shards if sh.name not in self.done]
@@ -351,7 +352,8 @@ class ModelWriter:
         return self.out
 
 
-_CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 reads ``dtype`` (5.x prefers it), older ``torch_dtype``
+# transformers >= 4.56 reads ``dtype`` (5.x prefers it), older versions ``torch_dtype``
+_CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 def config_with_dtype(raw: bytes, dtype: torch.dtype | None, *, source: Path) -> bytes:
@@ -401,8 +403,6 @@ def recover_output(final: Path) -> None:
     if not final.exists() and old.is_dir():
         os.replace(old, final)
         atomic.fsync_dir(final.parent)
-        from .progress import info
-
         info(f"bmm: restored the previous {final} from {old.name} (an earlier run was killed while swapping it)")
 
 

@@ -125,7 +125,7 @@ def test_changed_options_are_refused(prepared):
 
 @pytest.mark.parametrize("opts", [{"dtype": "int8"}, {"max_shard_size": "lots"}])
 def test_materialize_output_options_are_checked_before_the_stage(family, tmp_path, opts):
-    """`bmm anchor --materialize OUT --dtype int8`: refused before the anchor stage is computed (issue 12 item 6)."""
+    """`bmm anchor --materialize OUT --dtype int8`: refused before the anchor stage is computed."""
     base, experts = family("gpt2")
     work = tmp_path / "w"
     taskvec(str(base), [str(e) for e in experts], work)

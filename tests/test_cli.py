@@ -85,7 +85,7 @@ def test_bash_completion_script_parses():
 
 
 def test_global_flags_are_accepted_after_the_subcommand(family, tmp_path):
-    """`bmm merge ... --quiet` (issue 12 item 11): the root's --quiet/-q/--debug work before or after the subcommand."""
+    """`bmm merge ... --quiet`: the root's --quiet/-q/--debug work before or after the subcommand."""
     base, experts = family("bert")
     p = bmm("merge", "--base", base, "--experts", *experts, "--out", tmp_path / "o", "--quiet")
     assert p.stdout.strip() == str(tmp_path / "o") and p.stderr == ""

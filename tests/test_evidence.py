@@ -7,7 +7,13 @@ import torch
 
 from bmm_cli.errors import InputError, NumericError
 from bmm_cli.evidence import (
-    evidence_lam, fill_degenerate, log_evidence, log_evidence_dense, residual_energy, spectrum, spectrum_from_factors,
+    evidence_lam,
+    fill_degenerate,
+    log_evidence,
+    log_evidence_dense,
+    residual_energy,
+    spectrum,
+    spectrum_from_factors,
 )
 
 
@@ -136,3 +142,19 @@ def test_modules_at_the_lower_bound_get_the_median_of_the_others():
     filled = fill_degenerate({"a": 1e-6, "b": 0.1, "c": 0.3, "d": 0.02}, (1e-6, 1e2))
     assert filled == {"a": 0.1, "b": 0.1, "c": 0.3, "d": 0.02}
     assert fill_degenerate({"a": 1e-6}, (1e-6, 1e2)) == {"a": 0.03}
+
+
+def test_lambda_below_the_noise_floor_counts_as_degenerate():
+    """An evidence maximum below LAM_FLOOR (where the fp32 statistics' rounding dominates the solve) is filled like
+    one at the lower end of the range."""
+    from bmm_cli.evidence import LAM_FLOOR
+
+    filled = fill_degenerate({"a": 0.3 * LAM_FLOOR, "b": 0.1, "c": 0.3, "d": 2 * LAM_FLOOR}, (1e-6, 1e2))
+    assert filled == {"a": 0.1, "b": 0.1, "c": 0.3, "d": 2 * LAM_FLOOR}
+
+
+def test_the_numerical_rank_is_decided_in_fp64():
+    """Eigenvalues below d·eps64·λ_max are rounding: they count as 0, so they lend the evidence no fake directions."""
+    lam = torch.tensor([1e-17, 1e-9, 2.0], dtype=torch.float64)
+    sp = spectrum_from_factors(lam, torch.ones(2, 3, dtype=torch.float64), None, 1.0, 4.0)
+    assert sp.lam.tolist() == [0.0, 1e-9, 2.0]

@@ -104,7 +104,8 @@ def test_render_refuses_nul():
 
 def test_parse_score_number_and_json():
     assert parse_score("loading...\n0.75\n\n") == (0.75, {})
-    score, metrics = parse_score('log\n{"score": 0.5, "acc": 0.5, "n": 10, "ok": true, "name": "x", "sub": {"f1": 0.25}}\n')
+    score, metrics = parse_score('log\n{"score": 0.5, "acc": 0.5, "n": 10, "ok": true, "name": "x", '
+                                 '"sub": {"f1": 0.25}}\n')
     assert score == 0.5 and metrics == {"acc": 0.5, "n": 10.0, "sub/f1": 0.25}
 
 
@@ -151,7 +152,8 @@ def test_run_hook_nonzero_exit(tmp_path):
 
 @pytest.mark.parametrize(
     "command, reason",
-    [("echo all good", "not a number"), ("echo nan", "NaN"), ("true", "no output"), ("echo '{\"acc\": 1}'", 'no "score"')],
+    [("echo all good", "not a number"), ("echo nan", "NaN"), ("true", "no output"),
+     ("echo '{\"acc\": 1}'", 'no "score"')],
 )
 def test_run_hook_no_valid_score(command, reason):
     r = run_hook(command, timeout=10)
@@ -240,7 +242,8 @@ def test_run_hook_path_with_spaces_and_injection_end_to_end(tmp_path):
     model.mkdir()
     (model / "score.txt").write_text("0.375\n")
     script = tmp_path / "hook.py"
-    script.write_text("import sys, pathlib\nassert len(sys.argv) == 2, sys.argv\nprint(pathlib.Path(sys.argv[1], 'score.txt').read_text())\n")
+    script.write_text("import sys, pathlib\nassert len(sys.argv) == 2, sys.argv\n"
+                      "print(pathlib.Path(sys.argv[1], 'score.txt').read_text())\n")
     for tmpl in ("{py} {script} {model}", '{py} "{script}" "{model}"'):
         cmd = render_command(tmpl, {"py": sys.executable, "script": str(script), "model": str(model)})
         r = run_hook(cmd, timeout=30, cwd=tmp_path)

@@ -12,12 +12,13 @@ import torch
 from bmm_cli.anchor import anchor
 from bmm_cli.errors import InputError
 from bmm_cli.gram import gram
-from bmm_cli.sample import (
-    list_samples, noise_seed, posterior_noise, prepare_modules, sample, select_modules, standard_normal,
-)
-from bmm_cli.solve import Params, Sources, solve
+from bmm_cli.params import Params
+from bmm_cli.posterior import noise_seed, posterior_noise, standard_normal
+from bmm_cli.sample import list_samples, prepare_modules, sample, select_modules
+from bmm_cli.solve import solve
 from bmm_cli.store import Checkpoint
 from bmm_cli.taskvec import taskvec
+from bmm_cli.workdir import Sources
 
 LAST = "encoder.layer.2.output.dense.weight"  # tiny BERT: 3 layers, the last block's mlp_out [32, 48]
 
@@ -97,7 +98,7 @@ def test_same_seed_same_bytes_and_draws_independent_of_count_and_selection(work,
     a = sample(work, "tsv", out=tmp_path / "a", beta=100.0, samples=2, seed=7)
     b = sample(work, "tsv", out=tmp_path / "b", beta=100.0, samples=3, seed=7,
                modules=r"layer\.(1|2)\.output\.dense")  # more samples, one more module
-    c = sample(work, "tsv", out=tmp_path / "c", beta=100.0, samples=1, seed=8)
+    sample(work, "tsv", out=tmp_path / "c", beta=100.0, samples=1, seed=8)
     assert len(b["modules"]) == 2 and a["modules"][0]["key"] == LAST
     fa = (tmp_path / "a" / "sample-001" / "model.safetensors").read_bytes()
     fa2 = sample(work, "tsv", out=tmp_path / "a2", beta=100.0, samples=2, seed=7)

@@ -23,9 +23,9 @@ import pytest
 from conftest import alive
 
 from bmm_cli.atomic import read_jsonl
-from bmm_cli.errors import InputError, StateError
 from bmm_cli.atomic import recover_dir_swap as _recover_dir_swap
 from bmm_cli.atomic import replace_dir as _replace_dir
+from bmm_cli.errors import InputError, StateError
 from bmm_cli.search import MARKER, SearchSpace, run_search
 
 ZSTAR = {"s": 0.7, "lam": 0.35}
@@ -81,7 +81,8 @@ space = SearchSpace(**cfg["space"])
 kw = {}
 if cfg.get("fast"):
     from skopt.utils import cook_estimator
-    kw = {"base_estimator": cook_estimator("GP", space=space.dimensions(), random_state=cfg["seed"], n_restarts_optimizer=0),
+    gp = cook_estimator("GP", space=space.dimensions(), random_state=cfg["seed"], n_restarts_optimizer=0)
+    kw = {"base_estimator": gp,
           "acq_optimizer_kwargs": {"n_points": 2000, "n_restarts_optimizer": 2}}
 try:
     r = run_search(space=space, workdir=cfg["workdir"], materialize=materialize, hook=cfg["hook"], trials=cfg["trials"],
@@ -115,7 +116,8 @@ def fast_optimizer(space: SearchSpace, seed: int) -> dict:
 
 def write_params(params, model_dir, env):
     assert model_dir.is_dir() and not any(model_dir.iterdir())
-    assert env["BMM_MODEL"] == str(model_dir) and env["BMM_TRIAL"] == str(int(re.search(r"trial-(\d{4})", model_dir.name)[1]))
+    trial = int(re.search(r"trial-(\d{4})", model_dir.name)[1])
+    assert env["BMM_MODEL"] == str(model_dir) and env["BMM_TRIAL"] == str(trial)
     (model_dir / "params.json").write_text(json.dumps(params))
     return {"solve_s": 0.001, "write_s": 0.002}
 
@@ -180,7 +182,8 @@ def test_space_constants_and_validation():
     sp = SearchSpace(1, scale_range=(1.0, 1.0))
     assert sp.dim_names == ["lam_0_attn_in", "lam_0_attn_out", "lam_0_mlp_in", "lam_0_mlp_out"]
     assert sp.to_params([0.1, 0.2, 0.3, 0.4])["s_0"] == 1.0
-    for bad in (dict(num_groups=0), dict(num_groups=1, lam_range=(0.0, 1.0)), dict(num_groups=1, scale_range=(1.3, 1.0)),
+    for bad in (dict(num_groups=0), dict(num_groups=1, lam_range=(0.0, 1.0)),
+                dict(num_groups=1, scale_range=(1.3, 1.0)),
                 dict(num_groups=1, eps_range=(0.0, 2.0)), dict(num_groups=1, lam_groups=("a", "a"))):
         with pytest.raises(InputError):
             SearchSpace(**bad)
@@ -253,7 +256,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, hook_setup)
     assert recs[2]["status"] == "failed" and recs[2]["reason"] == "score is NaN"
     assert recs[3]["status"] == "timeout" and recs[3]["reason"].startswith("timed out after 2 s")
     assert recs[4]["status"] == "failed" and "not a number" in recs[4]["reason"]
-    assert recs[5]["status"] == "failed" and recs[5]["reason"].startswith("materialize failed: RuntimeError: CUDA out of memory")
+    assert recs[5]["status"] == "failed"
+    assert recs[5]["reason"].startswith("materialize failed: RuntimeError: CUDA out of memory")
     for n in (1, 2, 3, 4, 5):
         assert recs[n]["score"] is None
         # told the worst score seen so far (only trial 0 succeeded before trial 5)
@@ -318,7 +322,8 @@ def test_changed_space_or_anchor_is_refused_unless_force(tmp_path, hook_setup):
     with pytest.raises(StateError, match="anchor"):
         run_search(space=sp, hook=hook_setup(sp), fingerprint_extra={"anchor": "ties", "gram": "free"}, **kw)
     with pytest.raises(StateError, match="direction"):
-        run_search(space=sp, hook=hook_setup(sp), fingerprint_extra={"anchor": "tsv", "gram": "free"}, minimize=True, **kw)
+        run_search(space=sp, hook=hook_setup(sp), fingerprint_extra={"anchor": "tsv", "gram": "free"}, minimize=True,
+                   **kw)
     res = run_search(space=sp2, hook=hook_setup(sp2, "cfg2"), fingerprint_extra={"anchor": "ties"}, force=True, **kw)
     sdir = tmp_path / "wd" / "search"
     archived = list(sdir.glob("trials.*.jsonl"))

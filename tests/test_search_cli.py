@@ -75,7 +75,7 @@ def _bmm(*args, env=None):
 
 
 def test_no_successful_trial_exits_nonzero_with_nothing_on_stdout(setup, tmp_path):
-    """Issue 12 item 2: even with fewer trials than the fail-fast count, a search without a successful trial
+    """Even with fewer trials than the fail-fast count, a search without a successful trial
     fails: no "None" on stdout, no pointer to a best.json that does not exist."""
     work, _, _, _ = setup
     w = tmp_path / "w"
@@ -92,7 +92,7 @@ def test_no_successful_trial_exits_nonzero_with_nothing_on_stdout(setup, tmp_pat
 
 
 def test_rerun_notes_say_what_changed(setup, tmp_path):
-    """Issue 12 item 3: --initial and --out changes are named as such (no "interrupted", no "diverged"), a changed
+    """--initial and --out changes are named as such (no "interrupted", no "diverged"), a changed
     --eval is refused in one line."""
     work, target, hook, root = setup
     import shutil
@@ -116,7 +116,7 @@ def test_rerun_notes_say_what_changed(setup, tmp_path):
 
 
 def test_merge_with_eval_runs_the_search(family, tmp_path):
-    """Issue 13 item 4: `bmm merge --eval CMD --trials K` merges and searches in one command; --out holds the best
+    """`bmm merge --eval CMD --trials K` merges and searches in one command; --out holds the best
     trial's model; conflicting options are refused before any stage runs."""
     base, experts = family("bert")
     hook = tmp_path / "score.py"
@@ -146,15 +146,16 @@ def test_merge_with_eval_runs_the_search(family, tmp_path):
 
 
 def test_first_trial_is_the_default_merge_evidence_lambda(family, tmp_path):
-    """The search starts from bmm's default merge (issue 13): its first trial's λ per (block-group, group) is the
+    """The search starts from bmm's default merge: its first trial's λ per (block-group, group) is the
     geometric mean of the evidence λ of the layers in that group (clipped to the range), s = 1, so a search never
     keeps a model worse on its objective than `bmm merge` without a search."""
     import math
 
     from conftest import ready_work
 
+    from bmm_cli.default_params import evidence_params
     from bmm_cli.search import search
-    from bmm_cli.solve import Sources, evidence_params
+    from bmm_cli.workdir import Sources
 
     work = ready_work(family, "llama", tmp_path / "w")
     res = search(work, "ta", "free", "echo 1", out=tmp_path / "best", blocks=2, trials=1, device="cpu",
@@ -182,8 +183,9 @@ def test_relative_lam_search_starts_at_the_default_merge_and_best_json_reproduce
     kept model bit for bit."""
     from conftest import ready_work
 
+    from bmm_cli.default_params import evidence_params
     from bmm_cli.search import search
-    from bmm_cli.solve import Sources, evidence_params
+    from bmm_cli.workdir import Sources
 
     work = ready_work(family, "llama", tmp_path / "w")
     default = tmp_path / "default"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ready_work
 
 from bmm_cli.atomic import read_jsonl
 from bmm_cli.errors import InputError
+from bmm_cli.factor_cache import Merger
+from bmm_cli.params import Params
 from bmm_cli.search.inmemory import ResidentModel, load_scorer
-from bmm_cli.solve import Merger, Params, solve
+from bmm_cli.solve import solve
 from bmm_cli.store import Checkpoint
 
 ENV = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "BMM_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
@@ -117,7 +118,7 @@ def test_search_eval_py_in_memory_end_to_end(family, tmp_path):
     best, chk = Checkpoint.open(out), Checkpoint.open(tmp_path / "check")
     assert sorted(best.keys()) == sorted(chk.keys())
     for k in chk.keys():
-        # (the direct solve and the cached trial solver agree to ~1e-6 here: issue 12 item 8 is about the gap)
+        # (the direct solve and the cached trial solver agree to ~1e-6 here; the gap shows at small λ)
         torch.testing.assert_close(best.get(k), chk.get(k), rtol=0, atol=1e-5, msg=k)
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     # a changed objective is another search: one line, exit 3, nothing rerun
@@ -155,7 +156,7 @@ def test_in_memory_refuses_local_parallel_and_two_scorers(family, tmp_path):
 
 
 def test_memory_budget_reaches_the_solver_only_when_given(family, tmp_path, capfd):
-    """The budget options go to solve.Merger only when given (a Merger without them still runs every search), and
+    """The budget options go to factor_cache.Merger only when given (a Merger without them still runs every search), and
     a Merger that has them gets the parsed byte counts and reports where it put the cache."""
     import inspect
 

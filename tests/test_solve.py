@@ -7,8 +7,10 @@ import torch
 
 from bmm_cli.anchor import anchor
 from bmm_cli.errors import InputError
+from bmm_cli.factor_cache import Merger
 from bmm_cli.gram import gram
-from bmm_cli.solve import Merger, Params, load_params, solve
+from bmm_cli.params import Params, load_params
+from bmm_cli.solve import solve
 from bmm_cli.store import Checkpoint
 from bmm_cli.taskvec import taskvec
 
@@ -169,7 +171,7 @@ def test_rerun_with_the_same_plan_keeps_the_output(family, tmp_path, capsys):
 
 
 def _lora_family(root):
-    """A tiny Llama base and 3 LoRA-like experts: every block weight moved by a pure rank-2 update (issue 12 #8)."""
+    """A tiny Llama base and 3 LoRA-like experts: every block weight moved by a pure rank-2 update."""
     from conftest import save, tiny_model, tiny_tokenizer
 
     base = tiny_model("llama", 0)
@@ -189,7 +191,7 @@ def _lora_family(root):
 
 
 def _small_lambda_params():
-    """The searched best of issue 12 #8: λ_attn_out = 1.3e-4 at the bottom of the range, the rest moderate."""
+    """A searched best with λ_attn_out = 1.3e-4 at the bottom of the range, the rest moderate."""
     p = Params.uniform(1, lam=0.02, scale=1.0)
     p.lams[0]["attn_out"] = 1.3e-4
     p.lams[0]["mlp_out"] = 3e-3
@@ -224,7 +226,7 @@ def _rel_max_gap(a_dir, b_dir, base):
 def test_solve_reproduces_the_searched_model_at_small_lambda(tmp_path):
     """`bmm solve --params best.json` writes the model the search scored: with the search's factor cache in the
     work dir bit for bit, and without it the direct solve is as accurate as the cached one against fp64
-    (issue 12 #8: the fp32 Cholesky was off by 1.2 % at λ_attn_out = 1.3e-4, the cached trial by 0.09 %)."""
+    (an fp32 Cholesky is off by 1.2 % at λ_attn_out = 1.3e-4, the cached trial by 0.09 %)."""
     base, experts = _lora_family(tmp_path)
     work = _stages(base, experts, tmp_path / "w")
     params = _small_lambda_params()
@@ -293,7 +295,7 @@ def test_merger_memory_budget_places_the_cache_and_gives_the_same_model(family, 
 @pytest.mark.parametrize("command", ["solve", "search"])
 def test_more_block_groups_than_layers_is_refused_before_any_work(command, family, tmp_path):
     """`bmm solve --blocks N` / `bmm search --blocks N` with N above the number of layers: one line naming the
-    option, before a model or a search state is written (issue 12 item 6)."""
+    option, before a model or a search state is written."""
     from conftest import ready_work
 
     from bmm_cli.search import search
@@ -310,20 +312,21 @@ def test_more_block_groups_than_layers_is_refused_before_any_work(command, famil
 
 
 def test_default_lambda_is_the_evidence_per_module_and_kept_in_the_work_dir(family, tmp_path, monkeypatch):
-    """Without --lam/--params the solve takes each (layer, group)'s type-II maximum-likelihood λ (issue 13): the
+    """Without --lam/--params the solve takes each (layer, group)'s type-II maximum-likelihood λ: the
     model equals an explicit params file of those λ with s = 1; the λ are computed once and kept in the work dir
     (a rerun neither recomputes them nor rewrites the model); changed inputs recompute them."""
     from conftest import ready_work
 
-    from bmm_cli import evidence
-    from bmm_cli.solve import Sources, evidence_params
+    from bmm_cli import default_params
+    from bmm_cli.default_params import evidence_params
+    from bmm_cli.workdir import Sources
 
     work = ready_work(family, "llama", tmp_path / "w")
     res = solve(work, "ta", "free", out=tmp_path / "auto", device="cpu")
     kept = json.loads((work / "evidence-ta-free.json").read_text())
-    lams = evidence.module_lams(work, "ta", "free")
+    lams = default_params.module_lams(work, "ta", "free")
     assert kept["modules"] == pytest.approx(lams, rel=1e-12) and len(set(round(v, 9) for v in lams.values())) > 1
-    flat = evidence.params_per_layer(work, lams, 1.0)
+    flat = default_params.params_per_layer(work, lams, 1.0)
     (tmp_path / "p.json").write_text(json.dumps(flat))
     solve(work, "ta", "free", out=tmp_path / "explicit", params_file=tmp_path / "p.json", device="cpu")
     a, b = Checkpoint.open(tmp_path / "auto"), Checkpoint.open(tmp_path / "explicit")
@@ -334,7 +337,7 @@ def test_default_lambda_is_the_evidence_per_module_and_kept_in_the_work_dir(fami
     def boom(*a, **k):
         raise AssertionError("evidence λ recomputed")
 
-    monkeypatch.setattr(evidence, "module_lams", boom)
+    monkeypatch.setattr(default_params, "module_lams", boom)
     before = (tmp_path / "auto" / "model.safetensors").stat().st_mtime_ns
     solve(work, "ta", "free", out=tmp_path / "auto", device="cpu")
     assert (tmp_path / "auto" / "model.safetensors").stat().st_mtime_ns == before

@@ -185,8 +185,8 @@ def umask():
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_outputs_honour_the_umask(family, tmp_path, umask, mask):
     """Every file bmm writes (model shards, index, config, tokenizer, card, marker, work shards, manifests, search
-    records) is created 0666 & ~umask and every directory 0777 & ~umask, like a plain open()/mkdir (issue 12 item 4:
-    0600 files cannot be read by a serving container running as another uid)."""
+    records) is created 0666 & ~umask and every directory 0777 & ~umask, like a plain open()/mkdir
+    (0600 files cannot be read by a serving container running as another uid)."""
     import os
     import stat
 
@@ -208,7 +208,7 @@ def test_outputs_honour_the_umask(family, tmp_path, umask, mask):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_output_config_names_the_written_dtype(family, tmp_path, dtype):
     """--dtype bfloat16: config.json says so (both ``dtype``, read by transformers 5, and ``torch_dtype``, read by
-    older versions), so from_pretrained(dtype="auto") loads the model in the dtype of its tensors (issue 12 item 5)."""
+    older versions), so from_pretrained(dtype="auto") loads the model in the dtype of its tensors."""
     from transformers import AutoModelForCausalLM
 
     from bmm_cli.merge import merge

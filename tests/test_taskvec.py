@@ -9,7 +9,8 @@ import torch
 from bmm_cli import store
 from bmm_cli.errors import InputError, StateError
 from bmm_cli.store import Checkpoint, ShardReader
-from bmm_cli.taskvec import load_project, taskvec, tv_key
+from bmm_cli.taskvec import taskvec
+from bmm_cli.workdir import load_project, tv_key
 
 
 def _shard_bytes(work):
@@ -108,6 +109,7 @@ def test_preflight_mismatch_names_file_and_tensor(family, tmp_path):
     sd = load_file(str(bad / "model.safetensors"))
     sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"][:-1]
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(InputError, match=r"bad/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape"):
+    want = r"bad/model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' has shape"
+    with pytest.raises(InputError, match=want):
         taskvec(str(base), [str(experts[1]), str(bad)], tmp_path / "w")
     assert not (tmp_path / "w" / "taskvec").exists()  # refused before any work

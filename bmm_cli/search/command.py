@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bmm_cli.default_params import evidence_params
+from bmm_cli.defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
 from bmm_cli.errors import InputError
+from bmm_cli.factor_cache import Merger
+from bmm_cli.hooks import render_command
+from bmm_cli.params import Params, block_group, geometric_means
 from bmm_cli.progress import info
+from bmm_cli.workdir import Sources
+from bmm_cli.writer import check_not_input, parse_size
 
 from .driver import run_search
+from .inmemory import ResidentModel, load_scorer, normalize_scorer_spec
+from .lmeval import LmEvalScorer, check, parse_tasks
+from .local import LocalRunner
+from .ray import RayRunner, check_ray
 from .space import SearchSpace, parse_range
 from .trial import TrialWorker
 
@@ -57,8 +68,6 @@ class WorkerSpec:
         return SearchSpace(**self.space)
 
     def build(self, *, announce: bool = True) -> TrialWorker:
-        from bmm_cli.solve import Merger, Params
-
         merger = Merger(Path(self.work), self.anchor, self.gram, **self.merger_kwargs)
         if announce and callable(getattr(merger, "placement", None)):
             info(f"search: trial cache: {merger.placement()}")
@@ -72,9 +81,6 @@ class WorkerSpec:
 
         try:
             if self.in_memory:
-                from .inmemory import ResidentModel, load_scorer
-                from .lmeval import LmEvalScorer
-
                 scorer = load_scorer(self.eval_py) if self.eval_py else LmEvalScorer(**self.lm_eval)
                 resident = ResidentModel(merger, to_params, device=merger.dev, dtype=merger.out_dt)
                 return TrialWorker(materialize=materialize, resident=resident, scorer=scorer, on_close=merger.close)
@@ -93,15 +99,13 @@ def expand_params(space: SearchSpace, flat: dict, lam_base: list[dict[str, float
     if lam_base is None:
         return scales, lams, eps
     n, B = len(lam_base), space.num_groups
-    of = [min(B - 1, j * B // n) for j in range(n)]
+    of = [block_group(j, n, B) for j in range(n)]
     return ([scales[of[j]] for j in range(n)],
             [{g: float(v) * lams[of[j]].get(g, 1.0) for g, v in lam_base[j].items()} for j in range(n)], eps)
 
 
 def solve_params_of(space: SearchSpace, lam_base: list[dict[str, float]]):
     """``flat search point -> bmm solve --params dict`` of a relative-λ search (best.json's ``solve_params``)."""
-    from bmm_cli.solve import Params
-
     return lambda flat: Params(*expand_params(space, flat, lam_base)).flat()
 
 
@@ -121,9 +125,6 @@ def params_at_bounds(space: SearchSpace, params: dict) -> list[str]:
 
 def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
     """The memory options, parsed and checked up front; only the given ones (a Merger without them still works)."""
-    from bmm_cli.solve import Merger
-    from bmm_cli.writer import parse_size
-
     kw: dict[str, Any] = {}
     for name, value in (("memory_budget", memory_budget), ("gpu_memory_budget", gpu_memory_budget)):
         if value is not None:
@@ -157,13 +158,9 @@ def _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include) -> tu
     if eval_cmd:
         return {"eval": eval_cmd}, {"hook": eval_cmd}
     if eval_py:
-        from .inmemory import load_scorer, normalize_scorer_spec
-
         spec = normalize_scorer_spec(eval_py)
         load_scorer(spec)  # importable, and a function: checked before heavy work
         return {"eval-py": spec}, {"eval_py": spec}
-    from .lmeval import check, parse_tasks
-
     tasks = parse_tasks(lm_eval)
     include = None if lm_eval_include is None else str(Path(lm_eval_include).resolve())
     check(tasks, lm_eval_limit, include)
@@ -173,8 +170,6 @@ def _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include) -> tu
 
 def check_merge_eval(eval_cmd: str, trials: int, *, params_file=None, lam=None, scale=None, epsilon=None) -> None:
     """``bmm merge --eval``'s options, checked in merge's preflight (before any stage runs)."""
-    from bmm_cli.hooks import render_command
-
     if params_file is not None or lam is not None or scale is not None or epsilon is not None:
         raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
                          "(or drop --eval to merge with them)")
@@ -188,28 +183,24 @@ def check_merge_eval(eval_cmd: str, trials: int, *, params_file=None, lam=None, 
 def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: float,
                 default_eps: float) -> dict[str, float]:
     """The first trial: bmm's default merge as far as the space can express it. Each ``lam_<b>_<group>`` is the
-    geometric mean of the evidence λ (type-II maximum likelihood, :func:`bmm_cli.solve.evidence_params`, kept in the
-    work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults. In a relative-λ
-    space every factor is 1 (clipped to its range): exactly the default merge when 1 and s = 1 are in range."""
-    from bmm_cli.solve import evidence_params
-
+    geometric mean of the evidence λ (type-II maximum likelihood, :func:`bmm_cli.default_params.evidence_params`,
+    kept in the work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults. In a
+    relative-λ space every factor is 1 (clipped to its range): exactly the default merge when 1 and s = 1 are in
+    range."""
     if space.lam_relative:  # factors of the default's own per-layer λ: 1 is the default merge itself
         return space.default_point(default_scale=default_scale, default_lam=1.0, default_eps=default_eps)
     point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
     per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
     layers = per_layer.num_groups
-    logs: dict[tuple[int, str], list[float]] = {}
-    for layer, row in enumerate(per_layer.lams):
-        b = min(space.num_groups - 1, layer * space.num_groups // layers)
-        for group, v in row.items():
-            logs.setdefault((b, group), []).append(math.log(v))
+    means = geometric_means(((block_group(layer, layers, space.num_groups), group), v)
+                            for layer, row in enumerate(per_layer.lams) for group, v in row.items())
     lo, hi = space.lam_range
     for name in point:
         if name.startswith("lam_"):
             _, b, group = name.split("_", 2)
-            v = logs.get((int(b), group))
-            if v:
-                point[name] = float(min(max(math.exp(sum(v) / len(v)), lo), hi))
+            v = means.get((int(b), group))
+            if v is not None:
+                point[name] = float(min(max(v, lo), hi))
     return point
 
 
@@ -253,9 +244,6 @@ def search(
     ``ray``: None (local threads), ``"local"`` (start a Ray instance here), ``"auto"`` or an address
     (``ray://head:10001``, ``head:6379``): one actor per GPU of the cluster, or per ``parallel`` CPU slot.
     """
-    from bmm_cli.solve import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE, Sources
-    from bmm_cli.writer import check_not_input
-
     # ---- preflight: every option, before any heavy work ---------------------------------------------------------
     if lam is None:
         lam = RELATIVE_LAM_RANGE if relative_lam else ABSOLUTE_LAM_RANGE
@@ -264,8 +252,6 @@ def search(
                         lam_relative=bool(relative_lam))
     objective, scorer = _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include)
     if ray is not None:
-        from .ray import check_ray
-
         if gpus:
             raise InputError("--gpus sets CUDA_VISIBLE_DEVICES of local workers; with --ray, Ray gives each actor "
                              "its GPU: drop --gpus")
@@ -282,8 +268,6 @@ def search(
     first = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
     lam_base = None
     if space.lam_relative:
-        from bmm_cli.solve import evidence_params
-
         base = evidence_params(src, scale=DEFAULT_SCALE, eps=DEFAULT_EPS if gram == "hybrid" else None)
         lam_base = [dict(row) for row in base.lams]
     to_solve = solve_params_of(space, lam_base) if lam_base is not None else None
@@ -294,12 +278,8 @@ def search(
                       timeout=float(timeout), lam_base=lam_base, **scorer)
     # ---- workers ---------------------------------------------------------------------------------------------
     if ray is not None:
-        from .ray import RayRunner
-
         runner = RayRunner(spec, address=ray, parallel=parallel, trial_dir=trial_dir)
     else:
-        from .local import LocalRunner
-
         runner = LocalRunner(spec.build(), slots=parallel)
     try:
         res = run_search(space=space, workdir=work, runner=runner, objective=objective, trials=trials,

@@ -44,8 +44,17 @@ from .local import LocalRunner, Runner
 from .plot import plot_convergence
 from .propose import _propose, _replay
 from .space import SearchSpace
-from .state import (_archive, _describe_objective, _fields, _flock, _is_better, _load_records, _normalize, _now,
-                    kill_leftover_hooks)
+from .state import (
+    _archive,
+    _describe_objective,
+    _fields,
+    _flock,
+    _is_better,
+    _load_records,
+    _normalize,
+    _now,
+    kill_leftover_hooks,
+)
 from .trial import MARKER, Outcome, TrialWorker
 from .view import _View
 
@@ -491,7 +500,8 @@ class _Driver:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.opt.tell(rec["x"], y)
-        if self.fail_fast and self.session_failed >= self.fail_fast and not any(r["status"] == "ok" for r in self.records):
+        if (self.fail_fast and self.session_failed >= self.fail_fast
+                and not any(r["status"] == "ok" for r in self.records)):
             raise InputError(
                 f"{self.session_failed} trials failed and none has succeeded (trial {o.trial}: {o.reason}); "
                 f"check the evaluation by running it by hand on a model, then rerun (it resumes)"

@@ -22,6 +22,7 @@ import torch
 
 from bmm_cli.errors import InputError
 from bmm_cli.progress import info
+from bmm_cli.store import DTYPES
 
 
 def load_scorer(spec: str) -> Callable:
@@ -75,14 +76,12 @@ def _model_class(config):
 class ResidentModel:
     """The base as a transformers model on ``device``, with the anchor's other tensors set, updated per trial.
 
-    ``merger``: a :class:`bmm_cli.solve.Merger` (its ``iter_weights`` yields every solved module's merged weight in
-    the checkpoint's orientation). ``to_params``: the search's flat parameters -> ``solve.Params``.
+    ``merger``: a :class:`bmm_cli.factor_cache.Merger` (its ``iter_weights`` yields every solved module's merged
+    weight in the checkpoint's orientation). ``to_params``: the search's flat parameters -> ``params.Params``.
     """
 
     def __init__(self, merger, to_params: Callable[[dict], Any], *, device: torch.device, dtype: torch.dtype | None):
         import transformers
-
-        from bmm_cli.store import DTYPES
 
         self.merger, self.to_params, self.device = merger, to_params, torch.device(device)
         base = merger.src.proj.base

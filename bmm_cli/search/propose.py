@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bmm_cli.progress import info
 
 from .state import _same_x
@@ -47,8 +49,6 @@ def _propose(opt, k: int, pending: list[list[float]]) -> tuple[list[list[float]]
         return [opt.ask()], "ask"
     if not pending:
         return [list(x) for x in opt.ask(n_points=k, strategy="cl_min")], "ask-cl"
-    import numpy as np
-
     tmp = opt.copy(random_state=opt.rng.randint(0, np.iinfo(np.int32).max))
     lie = float(np.min(opt.yi)) if opt.yi else 0.0
     tmp.tell([list(p) for p in pending], [lie] * len(pending))

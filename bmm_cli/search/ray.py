@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ from pathlib import Path
 from bmm_cli.errors import InputError, StateError
 from bmm_cli.progress import info
 
-from .state import kill_leftover_hooks
 from .local import Runner
+from .state import kill_leftover_hooks
 from .trial import Outcome
 
 EXTRA = "pip install 'bmm-cli[ray]'"
@@ -46,8 +47,6 @@ class _TrialActor:
         self.cancel_event = threading.Event()
 
     def ready(self) -> dict:
-        import socket
-
         return {"pid": os.getpid(), "host": socket.gethostname()}
 
     def run(self, o: Outcome, env: dict, fields: dict) -> Outcome:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from bmm_cli.errors import InputError
-
-LAM_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+from bmm_cli.params import GROUPS as LAM_GROUPS
+from bmm_cli.params import lam_key, scale_key
 
 
 def _range(name: str, r: Sequence[float], *, positive: bool = False, unit: bool = False) -> tuple[float, float]:
@@ -63,9 +63,9 @@ class SearchSpace:
         """Every parameter as ``(name, low, high, prior)``, in the fixed order x uses."""
         out: list[tuple[str, float, float, str]] = []
         for b in range(self.num_groups):
-            out.append((f"s_{b}", *self.scale_range, "uniform"))
+            out.append((scale_key(b), *self.scale_range, "uniform"))
             for g in self.lam_groups:
-                out.append((f"lam_{b}_{g}", *self.lam_range, "log-uniform"))
+                out.append((lam_key(b, g), *self.lam_range, "log-uniform"))
         if self.eps_range is not None:
             out.append(("eps", *self.eps_range, "uniform"))
         return out
@@ -114,7 +114,8 @@ class SearchSpace:
             raise InputError(f"unknown parameter(s) {', '.join(unknown)} (this space has: {', '.join(self.names)})")
         return out
 
-    def default_point(self, default_scale: float = 1.0, default_lam: float = 1.0, default_eps: float = 0.5) -> dict[str, float]:
+    def default_point(self, default_scale: float = 1.0, default_lam: float = 1.0,
+                      default_eps: float = 0.5) -> dict[str, float]:
         """A first trial inside the space: every s_b = ``default_scale``, every λ = ``default_lam``, ε =
         ``default_eps``, each clipped to its range.
 
@@ -129,8 +130,8 @@ class SearchSpace:
 
     def unpack(self, params: Mapping[str, float]) -> tuple[list[float], list[dict[str, float]], float | None]:
         """``(scales[b], lams[b][group], eps or None)`` from named parameters."""
-        scales = [float(params[f"s_{b}"]) for b in range(self.num_groups)]
-        lams = [{g: float(params[f"lam_{b}_{g}"]) for g in self.lam_groups} for b in range(self.num_groups)]
+        scales = [float(params[scale_key(b)]) for b in range(self.num_groups)]
+        lams = [{g: float(params[lam_key(b, g)]) for g in self.lam_groups} for b in range(self.num_groups)]
         eps = float(params["eps"]) if self.eps_range is not None else None
         return scales, lams, eps
 

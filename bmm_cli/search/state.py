@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -15,15 +16,8 @@ from bmm_cli.errors import StateError
 from bmm_cli.hooks import kill_process_group
 
 
-
-
 @contextlib.contextmanager
 def _flock(path: Path, what: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -8,6 +8,11 @@ import threading
 import time
 from typing import Mapping
 
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
 from bmm_cli.progress import _enabled as _progress_enabled
 from bmm_cli.progress import info, stderr
 
@@ -54,8 +59,6 @@ class _View:
             self.done = list(history[-10:])
             self.best = best
         if self.live_mode:
-            from rich.live import Live
-
             self.live = Live(self, console=stderr, refresh_per_second=2, transient=False)
             self.live.start()
 
@@ -92,10 +95,6 @@ class _View:
             self.live = None
 
     def __rich__(self):
-        from rich.console import Group
-        from rich.table import Table
-        from rich.text import Text
-
         with self.lock:
             done, running, best = list(self.done), dict(self.running), self.best
         table = Table(title=f"bmm search ({'min' if self.minimize else 'max'}imize)", expand=False)
@@ -103,18 +102,22 @@ class _View:
             table.add_column(col, justify="right" if col not in ("status", "params") else "left")
         for r in done:
             sec = r.get("seconds", {})
-            style = "bold green" if best is not None and r["trial"] == best["trial"] else ("red" if r["status"] != "ok" else "")
+            is_best = best is not None and r["trial"] == best["trial"]
+            style = "bold green" if is_best else ("red" if r["status"] != "ok" else "")
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason'][:40]}"
             table.add_row(
                 str(r["trial"]), status, _fmt_score(r["score"]), _param_summary(r["params"], self.space),
-                *(f"{sec[k]:.1f}" if isinstance(sec.get(k), (int, float)) else "-" for k in ("solve", "write", "eval", "total")),
+                *(f"{sec[k]:.1f}" if isinstance(sec.get(k), (int, float)) else "-"
+                  for k in ("solve", "write", "eval", "total")),
                 style=style,
             )
         now = time.monotonic()
         for n, (t0, params, worker) in sorted(running.items()):
-            table.add_row(str(n), f"running (w{worker})", "", _param_summary(params, self.space), "", "", "", f"{now - t0:.0f}", style="cyan")
+            table.add_row(str(n), f"running (w{worker})", "", _param_summary(params, self.space), "", "", "",
+                          f"{now - t0:.0f}", style="cyan")
         line = Text("best: none yet") if best is None else Text(
-            f"best: trial {best['trial']} score {_fmt_score(best['score'])}  {_param_summary(best['params'], self.space)}", style="bold"
+            f"best: trial {best['trial']} score {_fmt_score(best['score'])}  "
+            f"{_param_summary(best['params'], self.space)}", style="bold"
         )
         return Group(table, line)
 

@@ -11,10 +11,12 @@ from bench.common import BenchError
 from bench.decoder_bench import gap_stats, paired_gap_se
 from bench.decoder_common import file_windows, parse_domains, window_losses
 from bmm_cli.anchor import anchor
-from bmm_cli.evidence import module_lams, params_per_layer, residual_energy, spectrum, evidence_lam
+from bmm_cli.default_params import module_lams, params_per_layer
+from bmm_cli.evidence import evidence_lam, residual_energy, spectrum
 from bmm_cli.gram import gram
-from bmm_cli.solve import Sources, solve
-from bmm_cli.taskvec import load_project, taskvec
+from bmm_cli.solve import solve
+from bmm_cli.taskvec import taskvec
+from bmm_cli.workdir import Sources, load_project
 
 
 def test_file_windows_drop_the_tail():
@@ -97,7 +99,7 @@ def test_evidence_params_drive_a_solve(family, tmp_path, kind):
         grams = [u.T @ u for u in taus]
         n = len(experts) * taus.shape[1]
     else:
-        from bmm_cli.gram import task_gram_reader
+        from bmm_cli.workdir import task_gram_reader
 
         grams = [g.double() for g in task_gram_reader(work)(blk)(ref.key)]
         n = sum(src.grams["data"].manifest["tokens"].values())

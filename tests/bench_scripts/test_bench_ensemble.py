@@ -22,7 +22,8 @@ def _cache(tmp_path):
     path = cache / "data" / f"{TASK}.test.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    (cache / "data" / "manifest.json").write_text(json.dumps({"tasks": {TASK: {"files": {path.name: {"sha256": sha}}}}}))
+    manifest = {"tasks": {TASK: {"files": {path.name: {"sha256": sha}}}}}
+    (cache / "data" / "manifest.json").write_text(json.dumps(manifest))
     from safetensors.torch import save_file
 
     d = cache / "experts" / TASK

@@ -8,7 +8,6 @@ import pytest
 from bench import tasks as T
 from bench.common import BenchError
 
-
 # ----------------------------------------------------------------------------- wn_noun
 
 DATA_NOUN = (

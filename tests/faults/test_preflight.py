@@ -107,8 +107,9 @@ def single_file_and_index(family, tmp_path):
 def key_set_mismatch(family, tmp_path):
     base, ex = family("llama")
     e = _copy(ex[1], tmp_path / "e")
-    _edit(e / "model.safetensors", lambda sd: {k: v for k, v in sd.items() if k != "model.layers.2.input_layernorm.weight"})
-    return base, [ex[0], e], [str(e), "'model.layers.2.input_layernorm.weight'", "missing", "fine-tune of the same base"]
+    norm = "model.layers.2.input_layernorm.weight"
+    _edit(e / "model.safetensors", lambda sd: {k: v for k, v in sd.items() if k != norm})
+    return base, [ex[0], e], [str(e), f"'{norm}'", "missing", "fine-tune of the same base"]
 
 
 def shape_mismatch(family, tmp_path):
@@ -321,7 +322,7 @@ OPTION_CASES = {
 
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
 def test_bad_option_refused_before_any_stage(case, family, tmp_path, capsys):
-    """Every option is checked before taskvec runs (issue 12 item 6), and a refused run creates nothing: no work
+    """Every option is checked before taskvec runs, and a refused run creates nothing: no work
     directory, no lock file, no output (item 9)."""
     base, ex = family("llama")
     (tmp_path / "inputs").mkdir()

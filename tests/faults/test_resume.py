@@ -13,8 +13,8 @@ import pytest
 from ._util import (
     assert_no_partial_under_final_names,
     assert_stage_equal,
-    bmm_killed,
     bmm_inproc,
+    bmm_killed,
     bmm_killed_when,
     bmm_ok,
     model_bytes,

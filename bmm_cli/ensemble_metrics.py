@@ -60,7 +60,6 @@ def ece(probs: torch.Tensor, labels, bins: int = ECE_BINS) -> float:
     conf, pred = p.max(-1)
     correct = (pred == y).double()
     b = bin_index(conf, bins)
-    n = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(conf))
     acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, correct)
     cf = torch.zeros(bins, dtype=torch.float64).index_add_(0, b, conf)
     return float((acc - cf).abs().sum() / y.numel())

@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from bmm_cli.calibration import (
-    bin_index, ece, ensemble_probs, log_grid, metrics, paired_bootstrap_ece, paired_se, pick_best, row_nll,
+from bmm_cli.ensemble_metrics import (
+    bin_index,
+    ece,
+    ensemble_probs,
+    log_grid,
+    metrics,
+    paired_bootstrap_ece,
+    paired_se,
+    pick_best,
+    row_nll,
 )
 from bmm_cli.errors import InputError
 
@@ -23,7 +31,8 @@ def test_ensemble_is_the_mean_of_softmax_not_softmax_of_mean():
 
 def test_ece_hand_computed():
     # conf 0.9 (right), 0.9 (wrong), 0.6 (right), 0.3 (right: three classes), 1.0 (right)
-    probs = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.3, 0.3, 0.4], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.3, 0.3, 0.4], [1.0, 0.0, 0.0]],
+                         dtype=torch.float64)
     labels = [0, 1, 1, 2, 0]
     # bins of width 0.05: (0.85, 0.9] holds rows 0, 1 (acc 0.5, conf 0.9); (0.55, 0.6] row 2 (1 vs 0.6);
     # (0.35, 0.4] row 3 (1 vs 0.4); (0.95, 1] row 4 (1 vs 1)

@@ -1,5 +1,5 @@
 """The cached trial solver: every module of a model solved for one search trial, about one GEMM each, with the
-cache placed on the device, in host memory or spilled to disk under memory budgets (issue 16).
+cache placed on the device, in host memory or spilled to disk under memory budgets.
 
 The math (``_apply``: ``U = ((B̂Q + λ·U0Q)·diag(1/(Λ+λ)))Qᵀ``, the hybrid Cholesky) lives in :mod:`closed_form`;
 this module only decides where each block's factors live and streams them through the GEMMs.
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Union
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from .atomic import write_with
 from .closed_form import (
     _COMPUTE_MODES,
     GramStats,
@@ -25,6 +28,7 @@ from .closed_form import (
     _matmul_precision,
     solve_hybrid_trial,
 )
+from .device import gpu_memory, host_memory, host_reserve, resolve_device
 from .errors import InputError, NumericError
 
 Tensor = torch.Tensor
@@ -110,8 +114,6 @@ class TrialSolver:
         pin_memory: bool = True,
         host_budget_bytes: int | None = None,
     ):
-        from .device import host_memory, resolve_device
-
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
         if compute not in _COMPUTE_MODES:
             raise InputError(f"compute must be one of {', '.join(_COMPUTE_MODES)}, got {compute!r}")
@@ -204,13 +206,9 @@ class TrialSolver:
     def _resolve_budgets(self, blk: _Block) -> None:
         """Fix the default budgets when the first block is sealed (its size sets the reserves)."""
         if self.host_budget_bytes is None:
-            from .device import host_reserve
-
             avail, total = self._host_free
             self.host_budget_bytes = max(0, avail - host_reserve(total) - 2 * blk.nbytes)
         if self.budget_bytes is None and self.device.type == "cuda":
-            from .device import gpu_memory
-
             free, _ = gpu_memory(self.device)
             # tensors already on the device are counted as free for themselves
             here = sum(t.numel() * t.element_size() for t in blk.tensors.values() if t.device.type == "cuda")
@@ -254,10 +252,6 @@ class TrialSolver:
             self._resident_bytes += blk.nbytes
 
     def _spill(self, blk: _Block) -> None:
-        from safetensors.torch import save_file
-
-        from .atomic import write_with
-
         path = self.spill_dir / f"block-{blk.id}.safetensors"
         # atomic: a full disk is the one-line DiskFullError naming the file, and leaves no partial file
         write_with(path, lambda tmp: save_file({n: t.detach().cpu().contiguous() for n, t in blk.tensors.items()},
@@ -302,15 +296,11 @@ class TrialSolver:
             return blk.tensors, None
         if blk.where == "disk":
             if self._reader is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bmm-spill-read")
             return self._reader.submit(self._read_spilled, blk.path)
         return self._to_device(blk.tensors)
 
     def _read_spilled(self, path: Path):
-        from safetensors.torch import load_file
-
         return self._to_device(load_file(str(path), device="cpu"))
 
     def _to_device(self, src: dict[str, Tensor]):

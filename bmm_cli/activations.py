@@ -18,7 +18,8 @@ How the capture works
 * A forward pre-hook on each module receives its input ``x`` of shape ``[batch, seq, d_in]`` (or the flattened
   ``[batch*seq, d_in]``); the rows of the non-padding tokens (attention mask) are selected and ``Σ x xᵀ`` is
   accumulated in fp32 on the execution device. bf16/fp16 inputs on CUDA use a GEMM with fp32 output (bf16×bf16
-  products are exact in fp32, so this equals casting first at about 1/16 of the cost); everything else is cast to fp32 first.
+  products are exact in fp32, so this equals casting first at about 1/16 of the cost); everything else is cast to
+  fp32 first.
   The result is symmetrized and divided by the token count.
 * GPT-2 ``Conv1D`` stores its weight as ``[d_in, d_out]`` but, like ``nn.Linear``, takes inputs ``[..., d_in]``:
   the Gram needs no transpose; only ``d_in`` is read from ``weight.shape[0]`` instead of ``weight.shape[1]``.
@@ -249,7 +250,7 @@ def capture_grams(
     return {name: results[name] for name in module_names}
 
 
-# --- loading ------------------------------------------------------------------------------------------------------------
+# --- loading ----------------------------------------------------------------------------------------------------------
 
 
 def _import_transformers():
@@ -333,7 +334,7 @@ def _clamp_max_len(config, max_len: int) -> int:
     return max_len
 
 
-# --- module names -------------------------------------------------------------------------------------------------------
+# --- module names -----------------------------------------------------------------------------------------------------
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:
@@ -405,7 +406,7 @@ def _short(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", … ({len(items) - n} more)" if len(items) > n else "")
 
 
-# --- memory plan ----------------------------------------------------------------------------------------------------
+# --- memory plan ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -518,7 +519,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-# --- tokenization -------------------------------------------------------------------------------------------------------
+# --- tokenization -----------------------------------------------------------------------------------------------------
 
 
 def _load_tokenizer(tokenizer_dir: Path):
@@ -590,7 +591,7 @@ def _tokenize(tokenizer_dir: Path, texts: list[str], max_len: int, batch_size: i
     return batches
 
 
-# --- the hooks ------------------------------------------------------------------------------------------------------------
+# --- the hooks --------------------------------------------------------------------------------------------------------
 
 
 class _StopForward(Exception):

@@ -1,4 +1,4 @@
-"""Tests for bmm_cli.calib: calibration files and data-assisted Gram capture.
+"""Tests for bmm_cli.activations: calibration files and data-assisted Gram capture.
 
 The Grams are checked against a reference written from the layer equations: one eager run of the model on a
 right-padded batch with ``output_hidden_states`` and ``output_attentions``, from which every module's input is
@@ -16,8 +16,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bmm_cli import calib  # noqa: E402
-from bmm_cli.calib import capture_grams, read_calibration  # noqa: E402
+from bmm_cli import activations  # noqa: E402
+from bmm_cli.activations import capture_grams, read_calibration  # noqa: E402
 from bmm_cli.errors import InputError  # noqa: E402
 
 VOCAB = 100
@@ -58,8 +58,7 @@ def _texts(lengths=LENGTHS):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{"bert"|"llama"|"gpt2": directory} of tiny random checkpoints, each saved with its tokenizer."""
-    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
     specs = {
@@ -103,7 +102,7 @@ MODULES = {
 
 
 def _names(arch):
-    return [m.format(l=l) for l in range(LAYERS) for m in MODULES[arch]]
+    return [m.format(l=layer) for layer in range(LAYERS) for m in MODULES[arch]]
 
 
 def _conv1d(arch):
@@ -137,37 +136,37 @@ def reference_inputs(arch, model_dir, texts):
     b, s = enc["input_ids"].shape
     mask = enc["attention_mask"].bool()
     feats = {}
-    for l in range(LAYERS):
-        h = hs[l]
+    for li in range(LAYERS):
+        h = hs[li]
         if arch == "llama":
-            layer = model.layers[l]
+            layer = model.layers[li]
             z = layer.input_layernorm(h)
-            ctx = _context(probs[l], layer.self_attn.v_proj(z), b, s)
+            ctx = _context(probs[li], layer.self_attn.v_proj(z), b, s)
             mid = h + layer.self_attn.o_proj(ctx)
             z2 = layer.post_attention_layernorm(mid)
             act = layer.mlp.act_fn(layer.mlp.gate_proj(z2)) * layer.mlp.up_proj(z2)
             nxt = mid + layer.mlp.down_proj(act)
             ins = [z, z, z, ctx, z2, z2, act]
         elif arch == "gpt2":
-            block = model.h[l]
+            block = model.h[li]
             z = block.ln_1(h)
-            ctx = _context(probs[l], block.attn.c_attn(z)[..., 2 * HIDDEN:], b, s)
+            ctx = _context(probs[li], block.attn.c_attn(z)[..., 2 * HIDDEN:], b, s)
             mid = h + block.attn.c_proj(ctx)
             z2 = block.ln_2(mid)
             act = block.mlp.act(block.mlp.c_fc(z2))
             nxt = mid + block.mlp.c_proj(act)
             ins = [z, ctx, z2, act]
         else:  # bert: post-norm, the attention reads hidden_states[l] directly
-            layer = model.encoder.layer[l]
-            ctx = _context(probs[l], layer.attention.self.value(h), b, s)
+            layer = model.encoder.layer[li]
+            ctx = _context(probs[li], layer.attention.self.value(h), b, s)
             mid = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + h)
             act = layer.intermediate(mid)
             nxt = layer.output.LayerNorm(layer.output.dense(act) + mid)
             ins = [h, h, h, ctx, mid, act]
-        if l + 1 < LAYERS:  # the reference rebuilds the next hidden state, so it is the model's own computation
-            torch.testing.assert_close(nxt[mask], hs[l + 1][mask], rtol=1e-4, atol=1e-5)
+        if li + 1 < LAYERS:  # the reference rebuilds the next hidden state, so it is the model's own computation
+            torch.testing.assert_close(nxt[mask], hs[li + 1][mask], rtol=1e-4, atol=1e-5)
         for template, x in zip(MODULES[arch], ins):
-            feats[template.format(l=l)] = x
+            feats[template.format(l=li)] = x
     return feats, mask
 
 
@@ -270,7 +269,7 @@ def test_disk_offload_and_multiple_passes_give_the_same_grams(tiny, monkeypatch,
     with torch.device("meta"):
         weights = sum(p.numel() * 4 for p in transformers.LlamaModel(
             transformers.AutoConfig.from_pretrained(tiny["llama"])).parameters())
-    monkeypatch.setattr(calib, "_activation_headroom", lambda *a, **k: 0)
+    monkeypatch.setattr(activations, "_activation_headroom", lambda *a, **k: 0)
     capsys.readouterr()
     got = capture_grams(tiny["llama"], tiny["llama"], texts, names, batch_size=4, device="cpu",
                         max_memory={"cpu": weights}, offload_folder=tmp_path / "offload")
@@ -283,7 +282,7 @@ def test_disk_offload_and_multiple_passes_give_the_same_grams(tiny, monkeypatch,
 
 
 def test_memory_too_small_for_one_gram_is_an_input_error(tiny, monkeypatch):
-    monkeypatch.setattr(calib, "_activation_headroom", lambda *a, **k: 0)
+    monkeypatch.setattr(activations, "_activation_headroom", lambda *a, **k: 0)
     with pytest.raises(InputError, match="not enough memory.*down_proj"):
         capture_grams(tiny["llama"], tiny["llama"], _texts(), ["model.layers.0.mlp.down_proj"], device="cpu",
                       max_memory={"cpu": 1000})
