@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
+from bmm_cli.errors import InputError
+
 from .trial import Outcome, TrialWorker
 
 Post = Callable[[Outcome], None]
@@ -23,6 +25,15 @@ class Runner:
 
     slots: int = 1
     name: str = "runner"
+
+    @classmethod
+    def check(cls, opts, in_memory: bool) -> None:
+        """Refuse runner options (a :class:`~bmm_cli.options.RunnerOptions`) this backend cannot honour."""
+
+    @classmethod
+    def create(cls, spec, opts) -> "Runner":
+        """The runner for a search: ``spec`` (a :class:`~.command.WorkerSpec`) builds its workers."""
+        raise NotImplementedError
 
     def open(self, post: Post) -> None:
         self.post = post
@@ -53,6 +64,16 @@ class LocalRunner(Runner):
     def __init__(self, worker: TrialWorker, slots: int = 1):
         self.worker, self.slots = worker, int(slots)
 
+    @classmethod
+    def check(cls, opts, in_memory: bool) -> None:
+        if opts.parallel > 1 and in_memory:
+            raise InputError("in-memory trials (--eval-py / --lm-eval) hold one resident model per worker: run them "
+                             "in parallel with --ray (one actor per GPU or CPU slot), or drop --parallel")
+
+    @classmethod
+    def create(cls, spec, opts) -> "LocalRunner":
+        return cls(spec.build(), slots=opts.parallel)
+
     def start(self, o, env, fields, cancel) -> None:
         def work() -> None:
             try:
@@ -70,3 +91,20 @@ class LocalRunner(Runner):
 
     def close(self) -> None:
         self.worker.close()
+
+
+def _ray_runner() -> type[Runner]:
+    from .ray import RayRunner  # Ray is an optional extra: imported only when chosen
+
+    return RayRunner
+
+
+RUNNERS = {"local": lambda: LocalRunner, "ray": _ray_runner}
+
+
+def runner_class(kind: str) -> type[Runner]:
+    """The runner backend named ``kind`` in :data:`RUNNERS` (``local`` threads or ``ray`` actors)."""
+    try:
+        return RUNNERS[kind]()
+    except KeyError:
+        raise InputError(f"unknown trial runner {kind!r}; choose one of: {', '.join(RUNNERS)}") from None
