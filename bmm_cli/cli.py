@@ -184,20 +184,23 @@ def anchor(
     checkpoints, W_t - W_pre per tensor, with nothing else written to disk."""
     from .anchor import anchor as run
     from .anchor import anchor_direct
+    from .out_lock import output_lock
     from .stage import work_lock
 
     if work is None:
         if not base or not experts or materialize is None:
             raise InputError("bmm anchor: give --work DIR, or --base, --experts and --materialize OUT to merge "
                              "straight from the checkpoints")
-        res = anchor_direct(base, experts, method.value, opts, materialize=materialize, others=others.value,
-                            external=external, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+        with output_lock(materialize):
+            res = anchor_direct(base, experts, method.value, opts, materialize=materialize, others=others.value,
+                                external=external, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                                force=force)
         _emit(res, as_json, lambda r: r["model"])
         return
     if base or experts:
         raise InputError("bmm anchor: --base/--experts are read from the work dir's taskvec stage; drop them or "
                          "drop --work to merge straight from the checkpoints")
-    with work_lock(work, create=False):
+    with _out_lock(materialize), work_lock(work, create=False):
         res = run(work, method.value, opts, materialize=materialize, others=others.value, external=external,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _emit(res, as_json, lambda r: r.get("model", r["dir"]))
@@ -265,12 +268,13 @@ def solve(
     """Stage 4: the closed-form MAP merge U = (B + λU0)(G + λI)^-1, W = W_pre + s·U, written as a model."""
     from dataclasses import asdict
 
+    from .out_lock import output_lock
     from .solve import solve as run
     from .stage import work_lock
 
     params = ParamsOptions(params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks)
     output = OutputOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
-    with work_lock(work, create=False):
+    with output_lock(out), work_lock(work, create=False):
         res = run(work, anchor.value, gram.value, out=out, **asdict(params), **asdict(output))
     _emit(res, as_json, lambda r: r["model"])
 
@@ -416,6 +420,15 @@ def search(
     _emit(res, as_json, _search_human)
 
 
+def _out_lock(out: Optional[Path]):
+    """The lock of an output path (a second run writing the same output stops with exit 3); none without one."""
+    from contextlib import nullcontext
+
+    from .out_lock import output_lock
+
+    return output_lock(out) if out is not None else nullcontext()
+
+
 def _gpu_sets(gpus: Optional[str]) -> Optional[list[str]]:
     if not gpus:
         return None
@@ -482,10 +495,11 @@ def sample(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Posterior sampling (paper App. B): S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules."""
+    from .out_lock import output_lock
     from .sample import sample as run
     from .stage import work_lock
 
-    with work_lock(work):
+    with output_lock(out), work_lock(work):
         res = run(work, anchor.value, gram.value, out=out, beta=beta, iid=iid, samples=samples, seed=seed,
                   modules=modules, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
                   search_beta=search_beta, grid=grid, eval_cmd=eval_cmd, minimize=minimize, timeout=timeout,

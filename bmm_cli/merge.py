@@ -3,7 +3,8 @@
 All inputs are checked before any heavy work, and before anything is created (the work directory and its lock come
 after): checkpoints (configs, keys, shapes, dtypes), the anchor and its options, the calibration files and the base
 tokenizer, the params (file or --lam/--scale/--epsilon/--blocks), --dtype, --device, --max-shard-size and the output
-directory. ``merge`` takes the work directory's lock itself, once the checks passed.
+directory. ``merge`` takes the output's lock (:mod:`.out_lock`: a second run writing the same ``--out`` stops with
+exit code 3) and then the work directory's lock itself, once the checks passed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .calib import check_calibration
 from .gram import gram as run_gram
 from .gram import parse_calib
 from .options import MergeOptions
+from .out_lock import output_lock
 from .progress import info
 from .solve import solve as run_solve
 from .stage import work_lock
@@ -51,10 +53,11 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if gram in ("data", "hybrid") or method.needs_data_grams:
         check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
                           max_len=cal.max_len)
-    check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
-                                                 **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
-    with work_lock(work):
-        res = _run_stages(base, experts, out, work, options, method=method, gram=gram)
+    with output_lock(out):  # a second run writing the same --out stops here (exit 3)
+        check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
+                                                     **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
+        with work_lock(work):
+            res = _run_stages(base, experts, out, work, options, method=method, gram=gram)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 

@@ -137,3 +137,43 @@ def test_calibration_texts_default_to_the_hybrid_gram(family, tmp_path):
     assert res["gram"] == "hybrid" and res["params"]["eps"] == 0.5
     rec = json.loads((tmp_path / "m" / "bmm_merge.json").read_text())
     assert rec["gram"] == "hybrid" and rec["params"]["eps"] == 0.5
+
+
+WAIT_HOOK = """import pathlib, sys, time
+pathlib.Path(sys.argv[2]).write_text("started")
+while not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+print(1)
+"""
+
+
+def test_a_second_run_writing_the_same_out_exits_3(family, tmp_path):
+    """Two real `bmm merge` processes, different --work, the same --out: while the first writes it (its search's
+    evaluation waits on a gate file), the second stops with exit 3 and leaves nothing behind; the first finishes."""
+    import time
+
+    from bmm_cli.out_lock import lock_path
+
+    base, experts = family("bert")
+    out, gate, started, hook = tmp_path / "o", tmp_path / "gate", tmp_path / "started", tmp_path / "wait.py"
+    hook.write_text(WAIT_HOOK)
+    cmd = [sys.executable, "-m", "bmm_cli.cli", "merge", "-b", str(base), "-e", *map(str, experts), "--anchor", "ta",
+           "--out", str(out), "--device", "cpu"]
+    first = subprocess.Popen([*cmd, "--work", str(tmp_path / "w1"), "--eval", f"{sys.executable} {hook} {gate} "
+                              f"{started}", "--trials", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # the first run is inside its search, holding --out
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), first.communicate()[1]
+        assert lock_path(out).exists()
+        second = subprocess.run([*cmd, "--work", str(tmp_path / "w2")], capture_output=True, text=True)
+        assert second.returncode == 3, second.stderr
+        assert f"--out {out} is being written by another bmm process (pid {first.pid}" in second.stderr
+        assert second.stderr.count("\n") == 1 and not (tmp_path / "w2").exists()
+    finally:
+        gate.write_text("go")
+        _, err = first.communicate()
+    assert first.returncode == 0, err
+    assert not lock_path(out).exists() and Checkpoint.open(out).keys()

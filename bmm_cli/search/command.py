@@ -7,6 +7,7 @@ pickled to Ray actors); :meth:`WorkerSpec.build` makes the :class:`~.trial.Trial
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 from bmm_cli.errors import InputError
 from bmm_cli.options import ABSOLUTE_LAM_RANGE, RELATIVE_LAM_RANGE, SearchOptions
+from bmm_cli.out_lock import output_lock
 from bmm_cli.progress import info
 
 from .driver import run_search
@@ -193,16 +195,17 @@ def search(
                              "eps_range": space.eps_range, "lam_relative": space.lam_relative},
                       timeout=float(sc.timeout), lam_base=lam_base, **scorer)
     # ---- workers ---------------------------------------------------------------------------------------------
-    runner = runner_class(rn.kind).create(spec, rn)
-    try:
-        res = run_search(space=space, workdir=work, runner=runner, objective=objective, trials=opt.trials,
-                         state_name=state_dir_name(anchor, gram), initial=opt.initial, seed=opt.seed,
-                         timeout=sc.timeout, minimize=sc.minimize, gpus=rn.gpus, trial_dir=rn.trial_dir, out=out,
-                         force=options.output.force, first_point=first,
-                         fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
-                         hook=sc.eval_cmd or None, solve_params=to_solve)
-    finally:
-        runner.close()
+    with output_lock(out) if out is not None else contextlib.nullcontext():  # one writer per --out (exit 3)
+        runner = runner_class(rn.kind).create(spec, rn)
+        try:
+            res = run_search(space=space, workdir=work, runner=runner, objective=objective, trials=opt.trials,
+                             state_name=state_dir_name(anchor, gram), initial=opt.initial, seed=opt.seed,
+                             timeout=sc.timeout, minimize=sc.minimize, gpus=rn.gpus, trial_dir=rn.trial_dir, out=out,
+                             force=options.output.force, first_point=first,
+                             fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
+                             hook=sc.eval_cmd or None, solve_params=to_solve)
+        finally:
+            runner.close()
     return _summary(res, space, runner, spec, to_solve, Path(work) / state_dir_name(anchor, gram) / "best.json")
 
 
