@@ -331,13 +331,22 @@ def merge(
     eval_cmd: Optional[str] = typer.Option(MD["eval_cmd"], "--eval", help="Search s and λ with this evaluation "
                                            "command (as bmm search --eval) and write the best trial's model to "
                                            "--out."),
-    trials: int = typer.Option(MD["trials"], "--trials", min=1, help="Search trials with --eval."),
+    eval_py: Optional[str] = EVAL_PY_OPT,
+    lm_eval: Optional[str] = LM_EVAL_OPT,
+    lm_eval_limit: Optional[float] = LM_EVAL_LIMIT_OPT,
+    lm_eval_include: Optional[Path] = LM_EVAL_INCLUDE_OPT,
+    minimize: bool = MINIMIZE_OPT,
+    timeout: float = TIMEOUT_OPT,
+    trials: int = typer.Option(MD["trials"], "--trials", min=1, help="Search trials with --eval, --eval-py or "
+                               "--lm-eval."),
+    initial: int = INITIAL_OPT,
+    trial_dir: Optional[Path] = TRIAL_DIR_OPT,
     relative_lam: bool = typer.Option(MD["relative_lam"], "--relative-lam", help="With --eval: search λ as a factor "
                                       "of the default's per-layer λ (as bmm search --relative-lam)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model;
-    with --eval, a search replaces the single solve."""
+    with --eval, --eval-py or --lm-eval, a search (as bmm search) replaces the single solve."""
     from .merge import merge as run
 
     options = MergeOptions.build(
@@ -345,7 +354,9 @@ def merge(
         params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
         calib=calib, samples=samples, max_len=max_len,
         device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
-        eval_cmd=eval_cmd, trials=trials, relative_lam=relative_lam,
+        eval_cmd=eval_cmd, eval_py=eval_py, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
+        lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
+        trials=trials, initial=initial, trial_dir=trial_dir, relative_lam=relative_lam,
         gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch)
     # merge checks every input first and only then creates and locks the work directory
     res = run(base, experts, out, options=options)
