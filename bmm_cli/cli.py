@@ -110,7 +110,8 @@ def plan(
         for g, ids in r["block_groups"].items():
             lines.append(f"block-group {g}: {ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else f"block-group {g}: -")
         if r["unknown"]:
-            lines.append(f"UNKNOWN      {len(r['unknown'])} 2-D block tensors match no rule (merged as others):")
+            lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
+                         "(merged by the anchor's rule for other tensors):")
             lines += [f"  {k}" for k in r["unknown"]]
         return "\n".join(lines)
 

@@ -53,13 +53,29 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if gram in ("data", "hybrid") or method.needs_data_grams:
         check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
                           max_len=cal.max_len)
+    unsolved = unsolved_note(b, plan, options.anchor.others)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
         check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
                                                      **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
         with work_lock(work):
             res = _run_stages(base, experts, out, work, options, method=method, gram=gram)
+    res["unsolved"] = unsolved
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
+
+
+def unsolved_note(base: Checkpoint, plan, others: str, shown: int = 8) -> list[str]:
+    """The tensors inside the blocks that bmm cannot solve (no solvable module matches them: MoE experts, OPT's
+    fc1/fc2...), said once on stderr: they get the anchor's "other" rule instead of the BMM solve."""
+    keys = list(plan.unknown)
+    if keys:
+        inside = sum(base.meta[m.key].numel for m in plan.modules) + sum(base.meta[k].numel for k in keys)
+        share = sum(base.meta[k].numel for k in keys) / max(inside, 1)
+        more = f" ... and {len(keys) - shown} more (all in --json)" if len(keys) > shown else ""
+        info(f"bmm: note: {len(keys)} tensor(s) inside the blocks ({share:.0%} of their parameters) match no module "
+             f"bmm can solve and fall to the anchor's rule for other tensors (--others {others}): "
+             + ", ".join(keys[:shown]) + more)
+    return keys
 
 
 def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram) -> dict:

@@ -177,3 +177,31 @@ def test_a_second_run_writing_the_same_out_exits_3(family, tmp_path):
         _, err = first.communicate()
     assert first.returncode == 0, err
     assert not lock_path(out).exists() and Checkpoint.open(out).keys()
+
+
+def test_merge_names_the_in_block_tensors_it_cannot_solve(family, tmp_path):
+    """A tensor inside a block that no solvable module matches falls to the anchor's rule: merge says so on stderr
+    and lists it in --json (it is merged, as the anchor's others rule says)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, experts = family("bert")
+    key = "encoder.layer.1.attention.self.rel_pos.weight"
+    dirs = []
+    for i, src in enumerate([base, *experts]):
+        dst = tmp_path / f"m{i}"
+        shutil.copytree(src, dst)
+        tensors = load_file(str(dst / "model.safetensors"))
+        tensors[key] = torch.full((4, 6), float(i))
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        dirs.append(str(dst))
+    p = subprocess.run([sys.executable, "-m", "bmm_cli.cli", "merge", "-b", dirs[0], "-e", *dirs[1:], "--anchor",
+                        "ta", "--others", "mean", "--out", str(tmp_path / "o"), "--device", "cpu", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["unsolved"] == [key]
+    note = next(line for line in p.stderr.splitlines() if "match no module bmm can solve" in line)
+    assert key in note and "anchor's rule" in note and "--others mean" in note
+    torch.testing.assert_close(Checkpoint.open(tmp_path / "o").get(key), torch.full((4, 6), 2.0))  # mean of 1, 2, 3
