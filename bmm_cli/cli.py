@@ -17,9 +17,15 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from . import __version__
+from .anchor import OTHER_RULES
+from .anchors import METHODS
 from .defaults import DEFAULT_EPS, DEFAULT_SCALE
 from .errors import BmmError, InputError
+from .merge import MergeOptions
+from .options import CalibOptions, OutputOptions, ParamsOptions, default
 from .progress import set_quiet
+from .search.options import RunnerOptions, ScorerOptions, SearchOptions
+from .workdir import GRAM_KINDS, GRAM_STATS
 
 app = typer.Typer(
     name="bmm",
@@ -64,6 +70,8 @@ def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
 WORK_OPT = typer.Option(..., "--work", "-w", help="Work directory holding the stages.")
 FORCE_OPT = typer.Option(False, "--force", help="Redo the stage when its inputs or options changed.")
+BASE_OPT = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id.")
+EXPERTS_OPT = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag).")
 
 
 @app.command()
@@ -79,8 +87,8 @@ def version(as_json: bool = JSON_OPT) -> None:
 
 @app.command()
 def plan(
-    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
-    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    base: str = BASE_OPT,
+    experts: List[str] = EXPERTS_OPT,
     blocks: int = typer.Option(1, "--blocks", min=1, help="Number of block-groups to show."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -100,9 +108,11 @@ def plan(
             f"taskvec disk {r['taskvec_bytes_fp32'] / 1e9:.2f} GB (float32)",
         ]
         for g, ids in r["block_groups"].items():
-            lines.append(f"block-group {g}: {ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else f"block-group {g}: -")
+            span = f"{ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else "-"
+            lines.append(f"block-group {g}: {span}")
         if r["unknown"]:
-            lines.append(f"UNKNOWN      {len(r['unknown'])} 2-D block tensors match no rule (merged as others):")
+            lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
+                         "(merged by the anchor's rule for other tensors):")
             lines += [f"  {k}" for k in r["unknown"]]
         return "\n".join(lines)
 
@@ -111,8 +121,8 @@ def plan(
 
 @app.command()
 def taskvec(
-    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
-    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    base: str = BASE_OPT,
+    experts: List[str] = EXPERTS_OPT,
     work: Path = WORK_OPT,
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of task vectors (float32 keeps them exact)."),
     allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch",
@@ -129,40 +139,26 @@ def taskvec(
     _emit(res, as_json, lambda r: r["dir"])
 
 
-DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")
-SHARD_OPT = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, or bytes.")
-DTYPE_OUT_OPT = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: the base's).")
+DEVICE_OPT = typer.Option(default(OutputOptions, "device"), "--device", help="auto (CUDA when present), cpu, cuda, "
+                          "cuda:N.")
+SHARD_OPT = typer.Option(default(OutputOptions, "max_shard_size"), "--max-shard-size",
+                         help="Largest output shard, e.g. 5GB, 500MB, or bytes.")
+DTYPE_OUT_OPT = typer.Option(default(OutputOptions, "dtype"), "--dtype",
+                             help="Output dtype of float tensors (default: the base's).")
 
 
-class AnchorName(str, Enum):
-    pretrained = "pretrained"
-    ta = "ta"
-    ties = "ties"
-    dare = "dare"
-    dare_ties = "dare-ties"
-    tsv = "tsv"
-    iso_c = "iso-c"
-    iso_cts = "iso-cts"
-    wudi = "wudi"
-    regmean = "regmean"
-    external = "external"
+def _choices(name: str, values) -> type[Enum]:
+    """A CLI choice list made from a registry (typer shows and checks an Enum's values)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)  # type: ignore[return-value]
 
 
-class GramKind(str, Enum):
-    free = "free"
-    data = "data"
+AnchorName = _choices("AnchorName", METHODS)  # the anchor registry (bmm_cli.anchors)
+GramKind = _choices("GramKind", GRAM_STATS)  # what the gram stage computes
+SolveGram = _choices("SolveGram", GRAM_KINDS)  # what a solve reads (free, data, or their hybrid mix)
+OthersRule = _choices("OthersRule", OTHER_RULES)
 
-
-class SolveGram(str, Enum):
-    free = "free"
-    data = "data"
-    hybrid = "hybrid"
-
-
-class OthersRule(str, Enum):
-    anchor = "anchor"
-    base = "base"
-    mean = "mean"
+MD = MergeOptions.flat_defaults()  # the defaults of `bmm merge` and `bmm search` are the library's
+SD = SearchOptions.flat_defaults()
 
 
 @app.command()
@@ -170,13 +166,13 @@ def anchor(
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory holding the stages (omit it with "
                                         "--base/--experts/--materialize to merge straight from the checkpoints)."),
     method: AnchorName = typer.Option(..., "--method", "-m", help="Anchor merge method."),
-    opt: List[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt k=0.2."),
+    opts: List[str] = typer.Option([], "--opt", help="Method option KEY=VALUE (repeatable), e.g. --opt k=0.2."),
     materialize: Optional[Path] = typer.Option(None, "--materialize",
                                                help="Also write the anchor merge itself as a model directory."),
     base: Optional[str] = typer.Option(None, "--base", "-b", help="Without --work: the base model."),
     experts: List[str] = typer.Option([], "--experts", "-e", help="Without --work: the experts."),
-    model: Optional[str] = typer.Option(None, "--model", help="The merged checkpoint for --method external."),
-    others: OthersRule = typer.Option(OthersRule.anchor, "--others",
+    external: Optional[str] = typer.Option(None, "--model", help="The merged checkpoint for --method external."),
+    others: OthersRule = typer.Option(OthersRule(MD["others"]), "--others",
                                       help="Rule for non-solved tensors: the anchor's own, base, or mean."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
@@ -190,21 +186,24 @@ def anchor(
     checkpoints, W_t - W_pre per tensor, with nothing else written to disk."""
     from .anchor import anchor as run
     from .anchor import anchor_direct
+    from .out_lock import output_lock
     from .stage import work_lock
 
     if work is None:
         if not base or not experts or materialize is None:
             raise InputError("bmm anchor: give --work DIR, or --base, --experts and --materialize OUT to merge "
                              "straight from the checkpoints")
-        res = anchor_direct(base, experts, method.value, opt, materialize=materialize, others=others.value,
-                            external=model, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+        with output_lock(materialize):
+            res = anchor_direct(base, experts, method.value, opts, materialize=materialize, others=others.value,
+                                external=external, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                                force=force)
         _emit(res, as_json, lambda r: r["model"])
         return
     if base or experts:
         raise InputError("bmm anchor: --base/--experts are read from the work dir's taskvec stage; drop them or "
                          "drop --work to merge straight from the checkpoints")
-    with work_lock(work, create=False):
-        res = run(work, method.value, opt, materialize=materialize, others=others.value, external=model,
+    with _out_lock(materialize), work_lock(work, create=False):
+        res = run(work, method.value, opts, materialize=materialize, others=others.value, external=external,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _emit(res, as_json, lambda r: r.get("model", r["dir"]))
 
@@ -212,12 +211,16 @@ def anchor(
 @app.command()
 def gram(
     work: Path = WORK_OPT,
-    kind: GramKind = typer.Option(GramKind.free, "--kind", help="free: from task vectors; data: from calibration texts."),
+    kind: GramKind = typer.Option(GramKind(GRAM_STATS[0]), "--kind",
+                                  help="free: from task vectors; data: from calibration texts."),
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE per expert (1-based index or directory name); "
                                     "JSONL with a text field, or one sample per line."),
-    samples: int = typer.Option(128, "--samples", min=1, help="Calibration texts per expert."),
-    max_len: int = typer.Option(512, "--max-len", min=1, help="Tokens per text (longer ones are truncated)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Texts per forward pass."),
+    samples: int = typer.Option(default(CalibOptions, "samples"), "--samples", min=1,
+                                help="Calibration texts per expert."),
+    max_len: int = typer.Option(default(CalibOptions, "max_len"), "--max-len", min=1,
+                                help="Tokens per text (longer ones are truncated)."),
+    batch_size: int = typer.Option(default(CalibOptions, "batch_size"), "--batch-size", min=1,
+                                   help="Texts per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample selection."),
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
@@ -233,17 +236,31 @@ def gram(
     _emit(res, as_json, lambda r: r["dir"])
 
 
+ANCHOR_STAGE_OPT = typer.Option(AnchorName(MD["anchor"]), "--anchor", "-a", help="Anchor stage to use.")
+SOLVE_GRAM_OPT = typer.Option(SolveGram(GRAM_KINDS[0]), "--gram", help="Gram statistics: free, data or hybrid.")
+PARAMS_OPT = typer.Option(default(ParamsOptions, "params_file"), "--params",
+                          help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json).")
+LAM_OPT = typer.Option(default(ParamsOptions, "lam"), "--lam", help="One relative λ for every module (default: each "
+                       "module's own λ by type-II maximum likelihood, no validation data needed).")
+SCALE_OPT = typer.Option(default(ParamsOptions, "scale"), "--scale",
+                         help=f"One scale s for every module (default {DEFAULT_SCALE}).")
+EPS_OPT = typer.Option(default(ParamsOptions, "epsilon"), "--epsilon",
+                       help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS}).")
+BLOCKS_OPT = typer.Option(default(ParamsOptions, "blocks"), "--blocks", min=1,
+                          help="Block-groups (with --lam/--scale).")
+
+
 @app.command()
 def solve(
     work: Path = WORK_OPT,
-    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
-    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
+    anchor: AnchorName = ANCHOR_STAGE_OPT,
+    gram: SolveGram = SOLVE_GRAM_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
-    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
-    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
-    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
+    params_file: Optional[Path] = PARAMS_OPT,
+    lam: Optional[float] = LAM_OPT,
+    scale: Optional[float] = SCALE_OPT,
+    epsilon: Optional[float] = EPS_OPT,
+    blocks: int = BLOCKS_OPT,
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
@@ -251,110 +268,150 @@ def solve(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage 4: the closed-form MAP merge U = (B + λU0)(G + λI)^-1, W = W_pre + s·U, written as a model."""
+    from dataclasses import asdict
+
+    from .out_lock import output_lock
     from .solve import solve as run
     from .stage import work_lock
 
-    with work_lock(work, create=False):
-        res = run(work, anchor.value, gram.value, out=out, params_file=params, lam=lam, scale=scale, epsilon=epsilon,
-                  blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    params = ParamsOptions(params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks)
+    output = OutputOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    with output_lock(out), work_lock(work, create=False):
+        res = run(work, anchor.value, gram.value, out=out, **asdict(params), **asdict(output))
     _emit(res, as_json, lambda r: r["model"])
+
+
+EVAL_OPT_HELP = ("Evaluation command template; {model} {trial} {workdir} {evaldir} are substituted shell-quoted. "
+                 "Prints a number or JSON with score last.")
+EVAL_PY_OPT = typer.Option(default(ScorerOptions, "eval_py"), "--eval-py", help="In-memory trials: MODULE:FUNCTION "
+                           "or path/file.py:FUNCTION, called as FUNCTION(model, tokenizer, trial) -> float | dict on "
+                           "the resident base, updated in place per trial.")
+LM_EVAL_OPT = typer.Option(default(ScorerOptions, "lm_eval"), "--lm-eval", help="In-memory trials scored by "
+                           "lm-evaluation-harness tasks (comma-separated): the mean of their primary metrics.")
+LM_EVAL_LIMIT_OPT = typer.Option(default(ScorerOptions, "lm_eval_limit"), "--lm-eval-limit",
+                                 help="Examples per lm-eval task.")
+LM_EVAL_INCLUDE_OPT = typer.Option(default(ScorerOptions, "lm_eval_include"), "--lm-eval-include",
+                                   help="Directory of custom lm-eval task YAML files.")
+MINIMIZE_OPT = typer.Option(default(ScorerOptions, "minimize"), "--minimize",
+                            help="Lower scores are better (e.g. perplexity, a loss).")
+TIMEOUT_OPT = typer.Option(default(ScorerOptions, "timeout"), "--timeout",
+                           help="Seconds per evaluation command before it is killed.")
+INITIAL_OPT = typer.Option(SD["initial"], "--initial", min=0, help="Random points before the GP takes over.")
+TRIAL_DIR_OPT = typer.Option(default(RunnerOptions, "trial_dir"), "--trial-dir", help="Where trial models are "
+                             "written (node-local; tmpfs such as /dev/shm/bmm makes trials cheaper).")
 
 
 @app.command()
 def merge(
-    base: str = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id."),
-    experts: List[str] = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag)."),
+    base: str = BASE_OPT,
+    experts: List[str] = EXPERTS_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
-    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor merge (prior mean)."),
-    opt: List[str] = typer.Option([], "--opt", help="Anchor option KEY=VALUE (repeatable)."),
-    anchor_model: Optional[str] = typer.Option(None, "--anchor-model", help="Merged checkpoint for --anchor external."),
+    anchor: AnchorName = typer.Option(AnchorName(MD["anchor"]), "--anchor", "-a", help="Anchor merge (prior mean)."),
+    anchor_opts: List[str] = typer.Option([], "--opt", help="Anchor option KEY=VALUE (repeatable)."),
+    anchor_model: Optional[str] = typer.Option(MD["anchor_model"], "--anchor-model",
+                                               help="Merged checkpoint for --anchor external."),
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE calibration texts (switches to data-assisted)."),
-    gram: Optional[SolveGram] = typer.Option(None, "--gram", help="free, data or hybrid (default: hybrid ε=0.5 with --calib, free without)."),
-    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON, e.g. a search's best.json."),
-    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE})."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
-    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
-    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.bmm-work)."),
-    samples: int = typer.Option(128, "--samples", min=1, help="Calibration texts per expert."),
-    max_len: int = typer.Option(512, "--max-len", min=1, help="Tokens per calibration text."),
-    others: OthersRule = typer.Option(OthersRule.anchor, "--others", help="Rule for non-solved tensors."),
+    gram: Optional[SolveGram] = typer.Option(MD["gram"], "--gram", help="free, data or hybrid (default: hybrid ε=0.5 "
+                                             "with --calib, free without)."),
+    params_file: Optional[Path] = typer.Option(MD["params_file"], "--params", help="Params JSON, e.g. a search's "
+                                               "best.json."),
+    lam: Optional[float] = LAM_OPT,
+    scale: Optional[float] = SCALE_OPT,
+    epsilon: Optional[float] = EPS_OPT,
+    blocks: int = BLOCKS_OPT,
+    work: Optional[Path] = typer.Option(MD["work"], "--work", "-w", help="Work directory (default: OUT.bmm-work)."),
+    samples: int = typer.Option(MD["samples"], "--samples", min=1, help="Calibration texts per expert."),
+    max_len: int = typer.Option(MD["max_len"], "--max-len", min=1, help="Tokens per calibration text."),
+    others: OthersRule = typer.Option(OthersRule(MD["others"]), "--others", help="Rule for non-solved tensors."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
-    allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch", help="Accept experts in another dtype."),
-    force: bool = typer.Option(False, "--force", help="Redo stages whose inputs changed; replace a foreign --out."),
-    eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Search s and λ with this evaluation command (as "
-                                           "bmm search --eval) and write the best trial's model to --out."),
-    trials: int = typer.Option(30, "--trials", min=1, help="Search trials with --eval."),
-    relative_lam: bool = typer.Option(False, "--relative-lam", help="With --eval: search λ as a factor of the "
-                                      "default's per-layer λ (as bmm search --relative-lam)."),
+    allow_dtype_mismatch: bool = typer.Option(MD["allow_dtype_mismatch"], "--allow-dtype-mismatch",
+                                              help="Accept experts in another dtype."),
+    force: bool = typer.Option(MD["force"], "--force", help="Redo stages whose inputs changed; replace a foreign "
+                               "--out."),
+    eval_cmd: Optional[str] = typer.Option(MD["eval_cmd"], "--eval", help="Search s and λ with this evaluation "
+                                           "command (as bmm search --eval) and write the best trial's model to "
+                                           "--out."),
+    eval_py: Optional[str] = EVAL_PY_OPT,
+    lm_eval: Optional[str] = LM_EVAL_OPT,
+    lm_eval_limit: Optional[float] = LM_EVAL_LIMIT_OPT,
+    lm_eval_include: Optional[Path] = LM_EVAL_INCLUDE_OPT,
+    minimize: bool = MINIMIZE_OPT,
+    timeout: float = TIMEOUT_OPT,
+    trials: int = typer.Option(MD["trials"], "--trials", min=1, help="Search trials with --eval, --eval-py or "
+                               "--lm-eval."),
+    initial: int = INITIAL_OPT,
+    trial_dir: Optional[Path] = TRIAL_DIR_OPT,
+    relative_lam: bool = typer.Option(MD["relative_lam"], "--relative-lam", help="With --eval: search λ as a factor "
+                                      "of the default's per-layer λ (as bmm search --relative-lam)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model;
-    with --eval, a search replaces the single solve."""
+    with --eval, --eval-py or --lm-eval, a search (as bmm search) replaces the single solve."""
     from .merge import merge as run
 
+    options = MergeOptions.build(
+        anchor=anchor.value, anchor_opts=anchor_opts, anchor_model=anchor_model, others=others.value,
+        params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
+        calib=calib, samples=samples, max_len=max_len,
+        device=device, dtype=dtype, max_shard_size=max_shard_size, force=force,
+        eval_cmd=eval_cmd, eval_py=eval_py, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
+        lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
+        trials=trials, initial=initial, trial_dir=trial_dir, relative_lam=relative_lam,
+        gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch)
     # merge checks every input first and only then creates and locks the work directory
-    res = run(base, experts, out, anchor=anchor.value, anchor_opts=opt, anchor_model=anchor_model,
-              others=others.value, calib=calib, gram=gram.value if gram else None, params_file=params, lam=lam,
-              scale=scale, epsilon=epsilon, blocks=blocks, work=work, samples=samples, max_len=max_len,
-              device=device, dtype=dtype, max_shard_size=max_shard_size,
-              allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials,
-              relative_lam=relative_lam)
+    res = run(base, experts, out, options=options)
     _emit(res, as_json, lambda r: r["model"])
 
 
 @app.command()
 def search(
     work: Path = WORK_OPT,
-    eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Evaluation command template; {model} {trial} "
-                                           "{workdir} {evaldir} are substituted shell-quoted. Prints a number or "
-                                           "JSON with score last."),
-    eval_py: Optional[str] = typer.Option(None, "--eval-py", help="In-memory trials: MODULE:FUNCTION or "
-                                          "path/file.py:FUNCTION, called as FUNCTION(model, tokenizer, trial) -> "
-                                          "float | dict on the resident base, updated in place per trial."),
-    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="In-memory trials scored by lm-evaluation-harness"
-                                          " tasks (comma-separated): the mean of their primary metrics."),
-    lm_eval_limit: Optional[float] = typer.Option(None, "--lm-eval-limit", help="Examples per lm-eval task."),
-    lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="Directory of custom lm-eval "
-                                                   "task YAML files."),
+    eval_cmd: Optional[str] = typer.Option(SD["eval_cmd"], "--eval", help=EVAL_OPT_HELP),
+    eval_py: Optional[str] = EVAL_PY_OPT,
+    lm_eval: Optional[str] = LM_EVAL_OPT,
+    lm_eval_limit: Optional[float] = LM_EVAL_LIMIT_OPT,
+    lm_eval_include: Optional[Path] = LM_EVAL_INCLUDE_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Where the best model is kept (always complete)."),
-    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use."),
-    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
-    trials: int = typer.Option(100, "--trials", min=1, help="Total trials (a resumed search counts earlier ones)."),
-    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups, each with its own s and 4 λ's."),
-    scale: str = typer.Option("0.7:1.3", "--scale", help="Range of s (uniform), LOW:HIGH or one number (below 1 shrinks the merged task vector: it helped on the decoder benchmark)."),
-    lam: Optional[str] = typer.Option(None, "--lam", help="Range of λ (log-uniform), LOW:HIGH or one number "
+    anchor: AnchorName = ANCHOR_STAGE_OPT,
+    gram: SolveGram = SOLVE_GRAM_OPT,
+    trials: int = typer.Option(SD["trials"], "--trials", min=1, help="Total trials (a resumed search counts earlier "
+                               "ones)."),
+    blocks: int = typer.Option(SD["blocks"], "--blocks", min=1, help="Block-groups, each with its own s and 4 λ's."),
+    scale: str = typer.Option(SD["scale"], "--scale", help="Range of s (uniform), LOW:HIGH or one number (below 1 "
+                              "shrinks the merged task vector: it helped on the decoder benchmark)."),
+    lam: Optional[str] = typer.Option(SD["lam"], "--lam", help="Range of λ (log-uniform), LOW:HIGH or one number "
                                       "[default: 1e-4:1; with --relative-lam 0.1:10]."),
-    epsilon: str = typer.Option("0:1", "--epsilon", help="Range of ε for --gram hybrid."),
-    relative_lam: bool = typer.Option(False, "--relative-lam", help="Search λ as a factor of the default's own "
-                                      "per-layer λ (evidence): the first trial is exactly the default merge and "
-                                      "every trial keeps its per-layer λ profile; best.json gets solve_params."),
-    initial: int = typer.Option(10, "--initial", min=0, help="Random points before the GP takes over."),
-    seed: int = typer.Option(0, "--seed", help="Optimizer seed."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per evaluation command before it is killed."),
-    parallel: int = typer.Option(1, "--parallel", min=1, help="Trials evaluated at once (with --ray on CPU "
-                                 "nodes: actors)."),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA_VISIBLE_DEVICES per worker: 0,1 or '0,1;2,3'."),
-    ray: Optional[str] = typer.Option(None, "--ray", help="Run trials on Ray actors, one per GPU (or per "
+    epsilon: str = typer.Option(SD["epsilon"], "--epsilon", help="Range of ε for --gram hybrid."),
+    relative_lam: bool = typer.Option(SD["relative_lam"], "--relative-lam", help="Search λ as a factor of the "
+                                      "default's own per-layer λ (evidence): the first trial is exactly the default "
+                                      "merge and every trial keeps its per-layer λ profile; best.json gets "
+                                      "solve_params."),
+    initial: int = INITIAL_OPT,
+    seed: int = typer.Option(SD["seed"], "--seed", help="Optimizer seed."),
+    timeout: float = TIMEOUT_OPT,
+    parallel: int = typer.Option(SD["parallel"], "--parallel", min=1, help="Trials evaluated at once (with --ray on "
+                                 "CPU nodes: actors)."),
+    gpus: Optional[str] = typer.Option(SD["gpus"], "--gpus", help="CUDA_VISIBLE_DEVICES per worker: 0,1 or "
+                                       "'0,1;2,3'."),
+    ray: Optional[str] = typer.Option(SD["ray"], "--ray", help="Run trials on Ray actors, one per GPU (or per "
                                       "--parallel CPU slot): --ray alone starts Ray here; auto, HOST:PORT or "
                                       "ray://HOST:10001 join a cluster."),
-    minimize: bool = typer.Option(False, "--minimize", help="Lower scores are better (e.g. perplexity)."),
-    trial_dir: Optional[Path] = typer.Option(None, "--trial-dir", help="Where trial models are written "
-                                             "(node-local; tmpfs such as /dev/shm/bmm makes trials cheaper)."),
+    minimize: bool = MINIMIZE_OPT,
+    trial_dir: Optional[Path] = TRIAL_DIR_OPT,
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
-    factor_dtype: str = typer.Option("float32", "--factor-dtype", help="Storage of the cached eigenbasis "
+    factor_dtype: str = typer.Option(SD["factor_dtype"], "--factor-dtype", help="Storage of the cached eigenbasis "
                                      "(bfloat16 halves memory; see bench/README.md for its error)."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Host memory for the trial cache, "
-                                                "e.g. 8GB (default: what is free)."),
-    gpu_memory_budget: Optional[str] = typer.Option(None, "--gpu-memory-budget", help="GPU memory for the trial "
-                                                    "cache, e.g. 20GB (default: what is free)."),
-    spill_dir: Optional[Path] = typer.Option(None, "--spill-dir", help="Where the trial cache spills beyond the "
-                                             "budgets (fast local disk; default: the work dir)."),
-    force: bool = typer.Option(False, "--force", help="Archive an earlier search (another space or objective) "
+    memory_budget: Optional[str] = typer.Option(SD["memory_budget"], "--memory-budget", help="Host memory for the "
+                                                "trial cache, e.g. 8GB (default: what is free)."),
+    gpu_memory_budget: Optional[str] = typer.Option(SD["gpu_memory_budget"], "--gpu-memory-budget", help="GPU memory "
+                                                    "for the trial cache, e.g. 20GB (default: what is free)."),
+    spill_dir: Optional[Path] = typer.Option(SD["spill_dir"], "--spill-dir", help="Where the trial cache spills "
+                                             "beyond the budgets (fast local disk; default: the work dir)."),
+    force: bool = typer.Option(SD["force"], "--force", help="Archive an earlier search (another space or objective) "
                                "and start over."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -363,15 +420,26 @@ def search(
     from .search import search as run
     from .stage import work_lock
 
+    options = SearchOptions.build(
+        eval_cmd=eval_cmd, eval_py=eval_py, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
+        lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
+        blocks=blocks, scale=scale, lam=lam, epsilon=epsilon, relative_lam=relative_lam,
+        trials=trials, initial=initial, seed=seed,
+        parallel=parallel, gpus=_gpu_sets(gpus), ray=ray, trial_dir=trial_dir,
+        factor_dtype=factor_dtype, memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget,
+        spill_dir=spill_dir, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     with work_lock(work, create=False):
-        res = run(work, anchor.value, gram.value, eval_cmd, out=out, eval_py=eval_py, lm_eval=lm_eval,
-                  lm_eval_limit=lm_eval_limit, lm_eval_include=lm_eval_include, trials=trials, blocks=blocks,
-                  scale=scale, lam=lam, epsilon=epsilon, relative_lam=relative_lam, initial=initial, seed=seed,
-                  timeout=timeout, parallel=parallel, gpus=_gpu_sets(gpus), minimize=minimize, trial_dir=trial_dir, device=device,
-                  dtype=dtype, max_shard_size=max_shard_size, factor_dtype=factor_dtype, ray=ray,
-                  memory_budget=memory_budget, gpu_memory_budget=gpu_memory_budget, spill_dir=spill_dir,
-                  force=force)
+        res = run(work, anchor.value, gram.value, out=out, options=options)
     _emit(res, as_json, _search_human)
+
+
+def _out_lock(out: Optional[Path]):
+    """The lock of an output path (a second run writing the same output stops with exit 3); none without one."""
+    from contextlib import nullcontext
+
+    from .out_lock import output_lock
+
+    return output_lock(out) if out is not None else nullcontext()
 
 
 def _gpu_sets(gpus: Optional[str]) -> Optional[list[str]]:
@@ -402,8 +470,9 @@ def _optional_values(argv: list[str]) -> list[str]:
 @app.command()
 def sample(
     work: Path = WORK_OPT,
-    anchor: AnchorName = typer.Option(AnchorName.tsv, "--anchor", "-a", help="Anchor stage to use (prior mean)."),
-    gram: SolveGram = typer.Option(SolveGram.free, "--gram", help="Gram statistics: free, data or hybrid."),
+    anchor: AnchorName = typer.Option(AnchorName(MD["anchor"]), "--anchor", "-a",
+                                      help="Anchor stage to use (prior mean)."),
+    gram: SolveGram = SOLVE_GRAM_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: map/, sample-000/ ... and samples.json."),
     beta: Optional[float] = typer.Option(None, "--beta", help="Posterior precision, dimensionless: row covariance "
                                          "r^2/β (G + λI)^-1 with r = RMS of the base weight (relative units; "
@@ -415,20 +484,23 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Noise seed; sample i's noise depends on (seed, i, module key) only."),
     modules: Optional[str] = typer.Option(None, "--modules", help="Regex (re.search) over checkpoint keys of the "
                                           "sampled modules (default: the last block's mlp_out, as in the paper)."),
-    params: Optional[Path] = typer.Option(None, "--params", help="Params JSON (s_0, lam_0_attn_in, ...; or a search best.json)."),
-    lam: Optional[float] = typer.Option(None, "--lam", help="One relative λ for every module (default: each module's own λ by type-II maximum likelihood, no validation data needed)."),
-    scale: Optional[float] = typer.Option(None, "--scale", help=f"One scale s for every module (default {DEFAULT_SCALE}); "
-                                          "W = W_pre + s·U multiplies the sampled noise too."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=f"Hybrid mix ε in [0, 1] (default {DEFAULT_EPS})."),
-    blocks: int = typer.Option(1, "--blocks", min=1, help="Block-groups (with --lam/--scale)."),
+    params_file: Optional[Path] = PARAMS_OPT,
+    lam: Optional[float] = LAM_OPT,
+    scale: Optional[float] = typer.Option(default(ParamsOptions, "scale"), "--scale", help="One scale s for every "
+                                          f"module (default {DEFAULT_SCALE}); W = W_pre + s·U multiplies the "
+                                          "sampled noise too."),
+    epsilon: Optional[float] = EPS_OPT,
+    blocks: int = BLOCKS_OPT,
     search_beta: Optional[str] = typer.Option(None, "--search-beta", help="LOW:HIGH: score one ensemble per β of a "
                                               "log grid with --eval, keep the best."),
     grid: int = typer.Option(7, "--grid", min=1, help="Points of the --search-beta grid."),
     eval_cmd: Optional[str] = typer.Option(None, "--eval", help="Scores an ensemble directory for --search-beta: "
                                            "{model} {beta} {workdir} substituted shell-quoted; a number or JSON "
                                            "with score last. Higher is better unless --minimize."),
-    minimize: bool = typer.Option(False, "--minimize", help="Lower --eval scores are better (NLL, ECE)."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds per --eval run before it is killed."),
+    minimize: bool = typer.Option(default(ScorerOptions, "minimize"), "--minimize",
+                                  help="Lower --eval scores are better (NLL, ECE)."),
+    timeout: float = typer.Option(default(ScorerOptions, "timeout"), "--timeout",
+                                  help="Seconds per --eval run before it is killed."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
@@ -436,12 +508,13 @@ def sample(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Posterior sampling (paper App. B): S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules."""
+    from .out_lock import output_lock
     from .sample import sample as run
     from .stage import work_lock
 
-    with work_lock(work):
+    with output_lock(out), work_lock(work):
         res = run(work, anchor.value, gram.value, out=out, beta=beta, iid=iid, samples=samples, seed=seed,
-                  modules=modules, params_file=params, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
+                  modules=modules, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks,
                   search_beta=search_beta, grid=grid, eval_cmd=eval_cmd, minimize=minimize, timeout=timeout,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
     _emit(res, as_json, lambda r: "\n".join([r["map"]] + [str(Path(r["dir"]) / n) for n in r["samples"]]))

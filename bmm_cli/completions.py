@@ -1,7 +1,8 @@
 """Static shell completion scripts generated from the typer app (no Python start-up on every <Tab>).
 
-``python -m bmm_cli.completions completions/`` rewrites ``completions/bmm.bash``, ``_bmm`` (zsh) and ``bmm.fish``;
-a test fails when the committed files differ from what the current app generates.
+``python -m bmm_cli.completions completions/`` rewrites ``completions/bmm.bash``, ``_bmm`` (zsh) and ``bmm.fish``,
+and the table of anchors in docs/adding-an-anchor.md (from the anchor registry); a test fails when the committed
+files differ from what the current app and registry generate.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _choices(o: Any) -> list[str] | None:
 def _is_path(o: Any) -> bool:
     ann = _annotation(o)
     return ann is Path or any(w in o.name for w in ("work", "out", "base", "experts", "params", "calib", "trial_dir",
-                                                   "anchor_model", "model"))
+                                                   "anchor_model", "model", "external"))
 
 
 def bash() -> str:
@@ -113,7 +114,8 @@ def zsh() -> str:
             action = ""
             if not o.is_flag:
                 ch = _choices(o)
-                action = f":{o.name}:(" + " ".join(ch) + ")" if ch else (f":{o.name}:_files" if _is_path(o) else f":{o.name}: ")
+                files = f":{o.name}:_files" if _is_path(o) else f":{o.name}: "
+                action = f":{o.name}:(" + " ".join(ch) + ")" if ch else files
             rep = "*" if o.multiple else ""
             lines.append(f"                '{rep}{spec_names}[{_help(o)}]{action}' \\")
         lines.append("                '--help[Show help]'")
@@ -162,6 +164,26 @@ def write_all(folder: Path) -> list[Path]:
     return out
 
 
+ANCHOR_DOC = Path(__file__).resolve().parents[1] / "docs" / "adding-an-anchor.md"
+BEGIN, END = "<!-- anchors:begin -->\n", "<!-- anchors:end -->"
+
+
+def anchor_doc(text: str) -> str:
+    """``text`` (docs/adding-an-anchor.md) with its table of anchors regenerated from the registry."""
+    from .anchors import markdown_table
+
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + markdown_table() + END + rest.split(END, 1)[1]
+
+
+def write_anchor_doc(path: Path = ANCHOR_DOC) -> Path:
+    from .atomic import write_text
+
+    write_text(path, anchor_doc(path.read_text()))
+    return path
+
+
 if __name__ == "__main__":  # pragma: no cover
     for p in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "completions")):
         print(p)
+    print(write_anchor_doc())

@@ -3,26 +3,27 @@
 All inputs are checked before any heavy work, and before anything is created (the work directory and its lock come
 after): checkpoints (configs, keys, shapes, dtypes), the anchor and its options, the calibration files and the base
 tokenizer, the params (file or --lam/--scale/--epsilon/--blocks), --dtype, --device, --max-shard-size and the output
-directory. ``merge`` takes the work directory's lock itself, once the checks passed.
+directory. ``merge`` takes the output's lock (:mod:`.out_lock`: a second run writing the same ``--out`` stops with
+exit code 3) and then the work directory's lock itself, once the checks passed.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .activations import check_calibration
-from .anchor import OTHER_RULES, check_output_options
 from .anchor import anchor as run_anchor
-from .anchors import get_method, parse_options
-from .device import resolve_device
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
-from .params import resolve_params
+from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions
+from .out_lock import output_lock
 from .progress import info
 from .search import search as run_search
-from .search.command import check_merge_eval
+from .search.options import RunnerOptions, ScorerOptions, SearchOptions, SpaceOptions, TrialOptions
 from .solve import solve as run_solve
 from .stage import work_lock
 from .store import Checkpoint
@@ -32,104 +33,127 @@ from .workdir import GRAM_KINDS
 from .writer import check_output_dir
 
 
+@dataclass
+class MergeOptions(Options):
+    """``bmm merge``: every stage's options; with a scorer (``--eval``...) a search picks s and λ."""
+
+    anchor: AnchorOptions = field(default_factory=AnchorOptions)
+    params: ParamsOptions = field(default_factory=ParamsOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    scorer: ScorerOptions = field(default_factory=ScorerOptions)
+    optimizer: TrialOptions = field(default_factory=lambda: TrialOptions(trials=30))
+    runner: RunnerOptions = field(default_factory=RunnerOptions)
+    gram: str | None = None  # None: hybrid with calibration texts, free without
+    work: str | Path | None = None
+    allow_dtype_mismatch: bool = False
+    relative_lam: bool = False
+
+    def gram_kind(self) -> str:
+        return self.gram or ("hybrid" if self.calib.calib else "free")
+
+    def check(self):
+        """Every option that needs no input file; returns ``(anchor method, gram kind, params)``."""
+        method = self.anchor.check()
+        self.output.check()
+        self.calib.check()
+        gram = self.gram_kind()
+        if gram not in GRAM_KINDS:
+            raise InputError(f"--gram {gram!r}: choose {', '.join(GRAM_KINDS[:-1])} or {GRAM_KINDS[-1]}")
+        if (gram in ("data", "hybrid") or method.needs_data_grams) and not self.calib.calib:
+            raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
+        params = self.params.check(gram)
+        if not self.scorer.given:
+            if self.relative_lam:
+                raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: "
+                                 "drop it")
+            return method, gram, params
+        if self.params.given:
+            raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
+                             "(or drop --eval to merge with them)")
+        self.optimizer.check()
+        self.scorer.check()
+        self.runner.check(in_memory=self.scorer.in_memory)
+        return method, gram, params
+
+    def search_options(self) -> SearchOptions:
+        """The search ``merge`` runs: its scorer, trials and runner, over the block-groups of ``--blocks``."""
+        return SearchOptions(scorer=self.scorer, space=SpaceOptions(blocks=self.params.blocks,
+                                                                    relative_lam=self.relative_lam),
+                             optimizer=self.optimizer, runner=self.runner, output=self.output)
+
+
 def default_work(out: Path) -> Path:
     return Path(f"{Path(out)}.bmm-work")
 
 
-def merge(
-    base: str,
-    experts: list[str],
-    out: Path,
-    *,
-    anchor: str = "tsv",
-    anchor_opts: list[str] | None = None,
-    anchor_model: str | None = None,
-    others: str = "anchor",
-    calib: list[str] | None = None,
-    gram: str | None = None,
-    params_file: str | None = None,
-    lam: float | None = None,
-    scale: float | None = None,
-    epsilon: float | None = None,
-    blocks: int = 1,
-    work: Path | None = None,
-    samples: int = 128,
-    max_len: int = 512,
-    batch_size: int = 8,
-    device: str = "auto",
-    dtype: str | None = None,
-    max_shard_size: str = "5GB",
-    allow_dtype_mismatch: bool = False,
-    force: bool = False,
-    eval_cmd: str | None = None,
-    trials: int = 30,
-    relative_lam: bool = False,
-) -> dict:
+def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | None = None, **flat: Any) -> dict:
+    """Merge ``experts`` of ``base`` into ``out``. ``options`` (a :class:`MergeOptions`), or its
+    fields as flat keywords: ``merge(base, experts, out, anchor="ta", lam=0.2, calib=[...], device="cpu")``."""
     t0 = time.perf_counter()
+    if options is None:
+        options = MergeOptions.build(**flat)
+    elif flat:
+        raise TypeError(f"merge: give options or flat keywords, not both ({', '.join(flat)})")
     out = Path(out)
-    work = Path(work) if work is not None else default_work(out)
+    work = Path(options.work) if options.work is not None else default_work(out)
     # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
-    method = get_method(anchor)
-    parse_options(method, anchor_opts or [])
-    if method.needs_external and not anchor_model:
-        raise InputError(f"--anchor {method.name} needs --anchor-model DIR_OR_HUB_ID")
-    if others not in OTHER_RULES:
-        raise InputError(f"--others {others!r}: choose one of {', '.join(OTHER_RULES)}")
-    check_output_options(dtype, max_shard_size)
-    resolve_device(device)
-    if gram is None:
-        gram = "hybrid" if calib else "free"  # with data: both Grams mixed (best or tied on both benchmarks)
-    if gram not in GRAM_KINDS:
-        raise InputError(f"--gram {gram!r}: choose free, data or hybrid")
-    data_grams = gram in ("data", "hybrid") or method.needs_data_grams
-    if data_grams and not calib:
-        raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
-    params = resolve_params(params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks, gram=gram, warn=False)
-    if relative_lam and eval_cmd is None:
-        raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: drop it")
-    if eval_cmd is not None:
-        check_merge_eval(eval_cmd, trials, params_file=params_file, lam=lam, scale=scale, epsilon=epsilon)
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
-    plan.check_block_groups(params.num_groups, f"--blocks {blocks}" if params_file is None else str(params_file))
+    method, gram, params = options.check()
+    o, cal = options.output, options.calib
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)
+    pf = options.params.params_file
+    plan.check_block_groups(params.num_groups, f"--blocks {options.params.blocks}" if pf is None else str(pf))
     if method.needs_external:
-        Checkpoint.open(anchor_model, role="anchor model")
-    if data_grams:
-        check_calibration(b.root, parse_calib(calib, experts), experts, samples=samples, max_len=max_len)
-    check_output_dir(out, force=force, inputs={"base model": b.root, "work directory": work,
-                                               **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
-    with work_lock(work):
-        res = _run_stages(base, experts, out, work, method=method, gram=gram, anchor_opts=anchor_opts,
-                          anchor_model=anchor_model, others=others, calib=calib, params_file=params_file, lam=lam,
-                          scale=scale, epsilon=epsilon, blocks=blocks, samples=samples, max_len=max_len,
-                          batch_size=batch_size, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                          allow_dtype_mismatch=allow_dtype_mismatch, force=force, eval_cmd=eval_cmd, trials=trials,
-                          relative_lam=relative_lam)
+        Checkpoint.open(options.anchor.anchor_model, role="anchor model")
+    if gram in ("data", "hybrid") or method.needs_data_grams:
+        check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
+                          max_len=cal.max_len)
+    unsolved = unsolved_note(b, plan, options.anchor.others)
+    with output_lock(out):  # a second run writing the same --out stops here (exit 3)
+        check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
+                                                     **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
+        with work_lock(work):
+            res = _run_stages(base, experts, out, work, options, method=method, gram=gram)
+    res["unsolved"] = unsolved
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
 
-def _run_stages(base, experts, out, work, *, method, gram, anchor_opts, anchor_model, others, calib, params_file,
-                lam, scale, epsilon, blocks, samples, max_len, batch_size, device, dtype, max_shard_size,
-                allow_dtype_mismatch, force, eval_cmd=None, trials=30, relative_lam=False) -> dict:
+def unsolved_note(base: Checkpoint, plan, others: str, shown: int = 8) -> list[str]:
+    """The tensors inside the blocks that bmm cannot solve (no solvable module matches them: MoE experts, OPT's
+    fc1/fc2...), said once on stderr: they get the anchor's "other" rule instead of the BMM solve."""
+    keys = list(plan.unknown)
+    if keys:
+        inside = sum(base.meta[m.key].numel for m in plan.modules) + sum(base.meta[k].numel for k in keys)
+        share = sum(base.meta[k].numel for k in keys) / max(inside, 1)
+        more = f" ... and {len(keys) - shown} more (all in --json)" if len(keys) > shown else ""
+        info(f"bmm: note: {len(keys)} tensor(s) inside the blocks ({share:.0%} of their parameters) match no module "
+             f"bmm can solve and fall to the anchor's rule for other tensors (--others {others}): "
+             + ", ".join(keys[:shown]) + more)
+    return keys
+
+
+def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram) -> dict:
     info(f"bmm: work directory {work}")
+    o, cal, a, p = options.output, options.calib, options.anchor, options.params
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
-    stages["taskvec"] = run_taskvec(base, experts, work, force=force, allow_dtype_mismatch=allow_dtype_mismatch)
+    stages["taskvec"] = run_taskvec(base, experts, work, force=o.force,
+                                    allow_dtype_mismatch=options.allow_dtype_mismatch)
     needs = {"free"} if gram in ("free", "hybrid") else set()
     if gram in ("data", "hybrid") or method.needs_data_grams:
         needs.add("data")
     for kind in sorted(needs, key=lambda k: k != "data"):  # data first: RegMean reads it
-        stages[f"gram-{kind}"] = run_gram(work, kind, calib=calib, samples=samples, max_len=max_len,
-                                          batch_size=batch_size, device=device, force=force)
-    stages["anchor"] = run_anchor(work, method.name, anchor_opts, others=others, external=anchor_model,
-                                  device=device, force=force)
-    if eval_cmd is None:
-        res = run_solve(work, method.name, gram, out=out, params_file=params_file, lam=lam, scale=scale,
-                        epsilon=epsilon, blocks=blocks, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force)
+        stages[f"gram-{kind}"] = run_gram(work, kind, calib=cal.calib, samples=cal.samples, max_len=cal.max_len,
+                                          batch_size=cal.batch_size, device=o.device, force=o.force)
+    stages["anchor"] = run_anchor(work, method.name, a.anchor_opts, others=a.others, external=a.anchor_model,
+                                  device=o.device, force=o.force)
+    if not options.scorer.given:
+        res = run_solve(work, method.name, gram, out=out, params_file=p.params_file, lam=p.lam, scale=p.scale,
+                        epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
+                        max_shard_size=o.max_shard_size, force=o.force)
     else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
-        res = run_search(work, method.name, gram, eval_cmd, out=out, trials=trials, blocks=blocks, device=device,
-                         dtype=dtype, max_shard_size=max_shard_size, force=force, relative_lam=relative_lam)
+        res = run_search(work, method.name, gram, out=out, options=options.search_options())
     res["work"] = str(work)
     res["stages"] = {k: {"written": v.get("blocks_written"), "seconds": v.get("seconds")} for k, v in stages.items()}
     return res

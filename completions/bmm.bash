@@ -93,9 +93,16 @@ _bmm() {
                 --dtype) return;;
                 --max-shard-size) return;;
                 --eval) return;;
+                --eval-py) return;;
+                --lm-eval) return;;
+                --lm-eval-limit) return;;
+                --lm-eval-include) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --timeout) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --trials) return;;
+                --initial) return;;
+                --trial-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --trials --relative-lam --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --minimize --timeout --trials --initial --trial-dir --relative-lam --json --help" -- "$cur") ); return;;
         search)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

@@ -137,3 +137,71 @@ def test_calibration_texts_default_to_the_hybrid_gram(family, tmp_path):
     assert res["gram"] == "hybrid" and res["params"]["eps"] == 0.5
     rec = json.loads((tmp_path / "m" / "bmm_merge.json").read_text())
     assert rec["gram"] == "hybrid" and rec["params"]["eps"] == 0.5
+
+
+WAIT_HOOK = """import pathlib, sys, time
+pathlib.Path(sys.argv[2]).write_text("started")
+while not pathlib.Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+print(1)
+"""
+
+
+def test_a_second_run_writing_the_same_out_exits_3(family, tmp_path):
+    """Two real `bmm merge` processes, different --work, the same --out: while the first writes it (its search's
+    evaluation waits on a gate file), the second stops with exit 3 and leaves nothing behind; the first finishes."""
+    import time
+
+    from bmm_cli.out_lock import lock_path
+
+    base, experts = family("bert")
+    out, gate, started, hook = tmp_path / "o", tmp_path / "gate", tmp_path / "started", tmp_path / "wait.py"
+    hook.write_text(WAIT_HOOK)
+    cmd = [sys.executable, "-m", "bmm_cli.cli", "merge", "-b", str(base), "-e", *map(str, experts), "--anchor", "ta",
+           "--out", str(out), "--device", "cpu"]
+    first = subprocess.Popen([*cmd, "--work", str(tmp_path / "w1"), "--eval", f"{sys.executable} {hook} {gate} "
+                              f"{started}", "--trials", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # the first run is inside its search, holding --out
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), first.communicate()[1]
+        assert lock_path(out).exists()
+        second = subprocess.run([*cmd, "--work", str(tmp_path / "w2")], capture_output=True, text=True)
+        assert second.returncode == 3, second.stderr
+        assert f"--out {out} is being written by another bmm process (pid {first.pid}" in second.stderr
+        assert second.stderr.count("\n") == 1 and not (tmp_path / "w2").exists()
+    finally:
+        gate.write_text("go")
+        _, err = first.communicate()
+    assert first.returncode == 0, err
+    assert not lock_path(out).exists() and Checkpoint.open(out).keys()
+
+
+def test_merge_names_the_in_block_tensors_it_cannot_solve(family, tmp_path):
+    """A tensor inside a block that no solvable module matches falls to the anchor's rule: merge says so on stderr
+    and lists it in --json (it is merged, as the anchor's others rule says)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, experts = family("bert")
+    key = "encoder.layer.1.attention.self.rel_pos.weight"
+    dirs = []
+    for i, src in enumerate([base, *experts]):
+        dst = tmp_path / f"m{i}"
+        shutil.copytree(src, dst)
+        tensors = load_file(str(dst / "model.safetensors"))
+        tensors[key] = torch.full((4, 6), float(i))
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        dirs.append(str(dst))
+    p = subprocess.run([sys.executable, "-m", "bmm_cli.cli", "merge", "-b", dirs[0], "-e", *dirs[1:], "--anchor",
+                        "ta", "--others", "mean", "--out", str(tmp_path / "o"), "--device", "cpu", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["unsolved"] == [key]
+    note = next(line for line in p.stderr.splitlines() if "match no module bmm can solve" in line)
+    assert key in note and "anchor's rule" in note and "--others mean" in note
+    torch.testing.assert_close(Checkpoint.open(tmp_path / "o").get(key), torch.full((4, 6), 2.0))  # mean of 1, 2, 3

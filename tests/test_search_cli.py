@@ -237,3 +237,34 @@ def test_params_at_bounds():
     assert [x.split("=")[0] for x in params_at_bounds(space, edge)] == ["s_0", "lam_0_mlp_in"]
     const = SearchSpace(num_groups=1, scale_range=(1.0, 1.0), lam_range=(1e-4, 1.0))
     assert params_at_bounds(const, {**inside, "s_0": 1.0}) == []  # a constant is not searched
+
+
+def test_merge_eval_takes_the_search_scorer_options(family, tmp_path):
+    """`bmm merge --eval` shares bmm search's scorer options: --minimize (a loss is minimized, not maximized),
+    --timeout, --initial, --trial-dir, and the in-memory scorers --eval-py and --lm-eval."""
+    base, experts = family("bert")
+    hook = tmp_path / "loss.py"
+    hook.write_text("import json, sys\nr = json.load(open(sys.argv[1] + '/bmm_merge.json'))\n"
+                    "print((r['params']['s_0'] - 1.2) ** 2)\n")
+    common = ["merge", "-b", base, "-e", *experts, "--anchor", "ta", "--device", "cpu"]
+    trial_dir = tmp_path / "trials"
+    p = _bmm(*common, "--out", tmp_path / "o", "--eval", f"{sys.executable} {hook} {{model}}", "--minimize",
+             "--trials", 4, "--initial", 3, "--timeout", 600, "--trial-dir", trial_dir, "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    recs = [json.loads(x) for x in (tmp_path / "o.bmm-work" / "search-ta-free" / "trials.jsonl").read_text()
+            .splitlines()]
+    assert res["trials"] == 4 and res["best_score"] == min(r["score"] for r in recs) > 0
+    manifest = json.loads((tmp_path / "o.bmm-work" / "search-ta-free" / "search.json").read_text())
+    assert manifest["minimize"] is True
+    assert {k: manifest["options"][k] for k in ("initial", "timeout", "trial_dir")} == {
+        "initial": 3, "timeout": 600, "trial_dir": str(trial_dir)}
+    scorer = tmp_path / "score.py"
+    scorer.write_text("def score(model, tokenizer, trial):\n    return -abs(trial['params']['s_0'] - 1.1)\n")
+    p = _bmm(*common, "--out", tmp_path / "p", "--eval-py", f"{scorer}:score", "--trials", 2, "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["in_memory"] is True
+    p = _bmm(*common, "--out", tmp_path / "q", "--lm-eval", "no_such_task_here", "--trials", 2)
+    assert p.returncode == 2 and "--lm-eval" in p.stderr and not (tmp_path / "q.bmm-work").exists()
+    p = _bmm(*common, "--out", tmp_path / "r", "--eval", "echo 1", "--eval-py", f"{scorer}:score")
+    assert p.returncode == 2 and "give one way to score trials" in p.stderr

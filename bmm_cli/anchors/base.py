@@ -73,6 +73,7 @@ class AnchorMethod:
     needs_data_grams: bool = False
     needs_external: bool = False
     needs_global_pass: bool = False  # TIES/DARE-TIES: a streamed prepass over all tensors
+    is_zero: bool = False  # U0 = 0 on every solvable module: a solve keeps no U0 (the closed form's U0 = None)
 
     # ----- options -------------------------------------------------------------------------------------------
     def default_options(self) -> Any:

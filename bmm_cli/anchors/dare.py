@@ -20,16 +20,15 @@ Keep test: an entry survives when ``hash >= round(p·2³²)``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .base import AnchorMethod, IterAll, ModuleInput, check_range, opt
+from .base import AnchorMethod, ModuleInput, check_range, opt
 from .ta import check_lam
-from .ties import check_state, ties_merge, ties_prepare
+from .ties import Ties, Transform
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -126,35 +125,19 @@ class Dare(AnchorMethod):
         return base + opts.lam * drop(key, taus, opts.p, opts.seed).sum(dim=0)
 
 
-class DareTies(AnchorMethod):
+class DareTies(Ties):
+    """TIES on the DARE-dropped task vectors: :class:`~.ties.Ties` with DARE's drop as its transform."""
+
     name = "dare-ties"
     summary = "DARE then TIES: drop/rescale, global top-k trim of the dropped vectors, sign election, disjoint mean"
     Options = DareTiesOptions
-    needs_global_pass = True
 
     def validate_options(self, opts: DareTiesOptions) -> None:
         check_range(self.name, "p", opts.p, 0.0, 1.0, False, True)
-        check_range(self.name, "k", opts.k, 0.0, 1.0, False, False)
-        check_lam(self.name, opts.lam)
+        super().validate_options(opts)
 
-    def prepare(
-        self, opts: Any, iter_all: IterAll, num_tasks: int, device: torch.device | str | None = None
-    ) -> dict[str, Any]:
-        """TIES thresholds of the DROPPED task vectors, a JSON-able dict of :class:`TopK`'s fields."""
-        opts = self._opts(opts)
-
-        def transform(key: str, x: torch.Tensor, start: int) -> torch.Tensor:
+    def transform(self, opts: DareTiesOptions) -> Transform:
+        def dropped(key: str, x: torch.Tensor, start: int) -> torch.Tensor:
             return drop_chunk(key, x, start, opts.p, opts.seed)
 
-        state = ties_prepare(iter_all, num_tasks, opts.k, opts.zero_sign, transform=transform, device=device)
-        return dataclasses.asdict(state)
-
-    def _module(self, inp: ModuleInput, opts: DareTiesOptions, state: Any, device: torch.device) -> torch.Tensor:
-        st = check_state(self.name, state, inp.num_tasks)
-        return ties_merge(drop(inp.key, inp.taus, opts.p, opts.seed), st, opts.lam, opts.zero_sign)
-
-    def _other(
-        self, key: str, base: torch.Tensor, taus: torch.Tensor, opts: DareTiesOptions, state: Any
-    ) -> torch.Tensor:
-        st = check_state(self.name, state, taus.shape[0])
-        return base + ties_merge(drop(key, taus, opts.p, opts.seed), st, opts.lam, opts.zero_sign)
+        return dropped

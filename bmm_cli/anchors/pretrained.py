@@ -12,6 +12,7 @@ from .base import AnchorMethod, ModuleInput
 class Pretrained(AnchorMethod):
     name = "pretrained"
     summary = "U0 = 0 (the base model); other tensors keep the base value"
+    is_zero = True
 
     def module(self, inp: ModuleInput, opts: Any, state: Any, device: torch.device | str | None) -> torch.Tensor:
         self._opts(opts)

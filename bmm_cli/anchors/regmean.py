@@ -10,8 +10,8 @@ the least-squares merge ``argmin_W Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖²`` with `
 
 Solve: Cholesky of ``G = Σ G̃_t`` in float32; when it fails or its pivots say the condition number exceeds 1e4,
 B and G are rebuilt from the inputs in float64 and solved there; when G is singular even in float64 (input
-features never active in any task's data), a pseudo-inverse by eigendecomposition that drops eigenvalues ``<= λ_max·d_in·eps``: there ``U0 = 0``, i.e. ``W``
-keeps the base weight on input directions no task's data reaches.
+features never active in any task's data), a pseudo-inverse by eigendecomposition that drops eigenvalues
+``<= λ_max·d_in·eps``: there ``U0 = 0``, i.e. ``W`` keeps the base weight on input directions no task's data reaches.
 Other tensors: ``W_pre + mean τ`` (the reference averages them).
 """
 
@@ -30,15 +30,15 @@ _FP32_COND_LIMIT = 1e4
 
 def _cholesky(g: torch.Tensor) -> torch.Tensor | None:
     """The Cholesky factor when it exists and the pivots bound cond(G) below what the dtype resolves well."""
-    l, info = torch.linalg.cholesky_ex(g)
+    chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         return None
-    d = l.diagonal()
+    d = chol.diagonal()
     if not bool((d > 0).all()):
         return None
     cond_lb = float((d.max() / d.min()) ** 2)  # a lower bound on cond(G)
     limit = _FP32_COND_LIMIT if g.dtype == torch.float32 else 1.0 / (g.shape[0] * torch.finfo(g.dtype).eps)
-    return l if cond_lb <= limit else None
+    return chol if cond_lb <= limit else None
 
 
 def _normal_equations(taus: torch.Tensor, grams: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,13 +55,13 @@ def regmean_merge(taus: torch.Tensor, grams: torch.Tensor, alpha: float) -> tupl
     the float32 rounding of B alone would be amplified by cond(G))."""
     if taus.dtype != torch.float64:
         b, g = _normal_equations(taus, grams, alpha)
-        l = _cholesky(g)
-        if l is not None:
-            return torch.cholesky_solve(b.T, l).T, "cholesky"
+        chol = _cholesky(g)
+        if chol is not None:
+            return torch.cholesky_solve(b.T, chol).T, "cholesky"
     b, g = _normal_equations(taus.to(torch.float64), grams.to(torch.float64), alpha)
-    l = _cholesky(g)
-    if l is not None:
-        return torch.cholesky_solve(b.T, l).T.to(taus.dtype), "cholesky-fp64"
+    chol = _cholesky(g)
+    if chol is not None:
+        return torch.cholesky_solve(b.T, chol).T.to(taus.dtype), "cholesky-fp64"
     w, q = torch.linalg.eigh(g)
     keep = w > w.max().clamp_min(0) * g.shape[0] * torch.finfo(torch.float64).eps
     qk = q[:, keep]

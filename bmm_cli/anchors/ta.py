@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .base import AnchorMethod, ModuleInput, opt
 from ..errors import InputError
+from .base import AnchorMethod, ModuleInput, opt
 
 
 @dataclass

@@ -300,7 +300,8 @@ def check_state(name: str, state: Any, num_tasks: int) -> TopK:
         try:
             state = TopK(**state)
         except TypeError:
-            raise InputError(f"anchor {name}: the saved prepass state is not a TIES state; rerun with --force") from None
+            raise InputError(f"anchor {name}: the saved prepass state is not a TIES state; "
+                             "rerun with --force") from None
     if not isinstance(state, TopK):
         raise InputError(f"anchor {name} needs its global prepass: call prepare() and pass its state")
     if len(state.thresholds) != num_tasks:
@@ -310,7 +311,22 @@ def check_state(name: str, state: Any, num_tasks: int) -> TopK:
     return state
 
 
+def apply_transform(transform: Transform | None, key: str, taus: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """``transform`` applied to a whole stack ``taus [T, ...]``, ``chunk`` entries per task at a time (as the prepass
+    streams them: a transform is a function of the flat index, so the chunking does not change the result)."""
+    if transform is None:
+        return taus
+    flat = taus.reshape(taus.shape[0], -1)
+    out = torch.empty_like(flat)
+    for a in range(0, flat.shape[1], chunk):
+        out[:, a : a + chunk] = transform(key, flat[:, a : a + chunk], a)
+    return out.reshape(taus.shape)
+
+
 class Ties(AnchorMethod):
+    """TIES. A subclass that first transforms the task vectors (DARE's drop, :class:`~.dare.DareTies`) overrides
+    :meth:`transform` only: the prepass thresholds and the merge then both see the transformed vectors."""
+
     name = "ties"
     summary = "TIES: global top-k trim per task, sign election, disjoint mean, times lam"
     Options = TiesOptions
@@ -320,17 +336,24 @@ class Ties(AnchorMethod):
         check_range(self.name, "k", opts.k, 0.0, 1.0, False, False)
         check_lam(self.name, opts.lam)
 
+    def transform(self, opts: Any) -> Transform | None:
+        """What is applied to every task vector before TIES (None: nothing)."""
+        return None
+
     def prepare(
         self, opts: Any, iter_all: IterAll, num_tasks: int, device: torch.device | str | None = None
     ) -> dict[str, Any]:
-        """The per-task thresholds (and majority sign) as a JSON-able dict of :class:`TopK`'s fields."""
+        """The per-task thresholds (and majority sign) of the (transformed) task vectors, as a JSON-able dict of
+        :class:`TopK`'s fields."""
         opts = self._opts(opts)
-        return dataclasses.asdict(ties_prepare(iter_all, num_tasks, opts.k, opts.zero_sign, device=device))
+        state = ties_prepare(iter_all, num_tasks, opts.k, opts.zero_sign, transform=self.transform(opts),
+                             device=device)
+        return dataclasses.asdict(state)
 
     def _module(self, inp: ModuleInput, opts: TiesOptions, state: Any, device: torch.device) -> torch.Tensor:
         st = check_state(self.name, state, inp.num_tasks)
-        return ties_merge(inp.taus, st, opts.lam, opts.zero_sign)
+        return ties_merge(apply_transform(self.transform(opts), inp.key, inp.taus), st, opts.lam, opts.zero_sign)
 
     def _other(self, key: str, base: torch.Tensor, taus: torch.Tensor, opts: TiesOptions, state: Any) -> torch.Tensor:
         st = check_state(self.name, state, taus.shape[0])
-        return base + ties_merge(taus, st, opts.lam, opts.zero_sign)
+        return base + ties_merge(apply_transform(self.transform(opts), key, taus), st, opts.lam, opts.zero_sign)

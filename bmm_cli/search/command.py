@@ -7,35 +7,33 @@ pickled to Ray actors); :meth:`WorkerSpec.build` makes the :class:`~.trial.Trial
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bmm_cli.default_params import evidence_params
 from bmm_cli.defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
 from bmm_cli.errors import InputError
 from bmm_cli.factor_cache import Merger
-from bmm_cli.hooks import render_command
+from bmm_cli.out_lock import output_lock
 from bmm_cli.params import Params, block_group, geometric_means
 from bmm_cli.progress import info
 from bmm_cli.workdir import Sources
-from bmm_cli.writer import check_not_input, parse_size
+from bmm_cli.writer import check_not_input
 
 from .driver import run_search
-from .inmemory import ResidentModel, load_scorer, normalize_scorer_spec
-from .lmeval import LmEvalScorer, check, parse_tasks
-from .local import LocalRunner
-from .ray import RayRunner, check_ray
-from .space import SearchSpace, parse_range
+from .inmemory import ResidentModel
+from .options import ABSOLUTE_LAM_RANGE, RELATIVE_LAM_RANGE, SearchOptions
+from .runners import runner_class
+from .scorers import SCORERS
+from .space import SearchSpace
 from .trial import TrialWorker
 
-MEMORY_OPTIONS = ("memory_budget", "gpu_memory_budget", "spill_dir")
-ABSOLUTE_LAM_RANGE = "1e-4:1"  # --lam default: relative λ (units of tr(G)/d_in)
-RELATIVE_LAM_RANGE = "0.1:10"  # --lam default with --relative-lam: factors of the default's per-layer λ
+__all__ = ["ABSOLUTE_LAM_RANGE", "RELATIVE_LAM_RANGE", "WorkerSpec", "search", "state_dir_name"]
 
 
 def state_dir_name(anchor: str, gram: str) -> str:
@@ -46,23 +44,22 @@ def state_dir_name(anchor: str, gram: str) -> str:
 @dataclass
 class WorkerSpec:
     """What a worker rebuilds where it runs: the solver (work dir, anchor, Gram, Merger options), the space, and
-    the scorer (``hook`` command, ``eval_py`` function spec or ``lm_eval`` options)."""
+    the scorer (its key in :data:`.scorers.SCORERS` and its config)."""
 
     work: str
     anchor: str
     gram: str
     space: dict
+    scorer: str
+    scorer_config: dict
     merger_kwargs: dict = field(default_factory=dict)
-    hook: str | None = None
-    eval_py: str | None = None
-    lm_eval: dict | None = None
     timeout: float = 3600.0
     grace: float = 5.0
     lam_base: list[dict[str, float]] | None = None  # --relative-lam: the default's λ per layer-group
 
     @property
     def in_memory(self) -> bool:
-        return self.hook is None
+        return SCORERS[self.scorer].in_memory
 
     def make_space(self) -> SearchSpace:
         return SearchSpace(**self.space)
@@ -80,12 +77,12 @@ class WorkerSpec:
             return merger.write(to_params(params), model_dir, extra={"trial": int(env.get("BMM_TRIAL", -1))})
 
         try:
+            scoring = SCORERS[self.scorer].worker_kwargs(self.scorer_config)
             if self.in_memory:
-                scorer = load_scorer(self.eval_py) if self.eval_py else LmEvalScorer(**self.lm_eval)
                 resident = ResidentModel(merger, to_params, device=merger.dev, dtype=merger.out_dt)
-                return TrialWorker(materialize=materialize, resident=resident, scorer=scorer, on_close=merger.close)
-            return TrialWorker(materialize=materialize, hook=self.hook, timeout=self.timeout, grace=self.grace,
-                               lock=threading.Lock(), on_close=merger.close)
+                return TrialWorker(materialize=materialize, resident=resident, on_close=merger.close, **scoring)
+            return TrialWorker(materialize=materialize, timeout=self.timeout, grace=self.grace,
+                               lock=threading.Lock(), on_close=merger.close, **scoring)
         except BaseException:
             merger.close()
             raise
@@ -123,63 +120,6 @@ def params_at_bounds(space: SearchSpace, params: dict) -> list[str]:
     return out
 
 
-def _memory_kwargs(memory_budget, gpu_memory_budget, spill_dir) -> dict:
-    """The memory options, parsed and checked up front; only the given ones (a Merger without them still works)."""
-    kw: dict[str, Any] = {}
-    for name, value in (("memory_budget", memory_budget), ("gpu_memory_budget", gpu_memory_budget)):
-        if value is not None:
-            try:
-                size = parse_size(value)
-            except Exception as exc:
-                raise InputError(f"--{name.replace('_', '-')} {value!r}: {exc}") from None
-            if size <= 0:
-                raise InputError(f"--{name.replace('_', '-')} {value!r}: must be > 0 (e.g. 500MB, 8GB)")
-            kw[name] = size
-    if spill_dir is not None:
-        p = Path(spill_dir)
-        if p.exists() and not p.is_dir():
-            raise InputError(f"--spill-dir {p}: exists and is not a directory")
-        kw["spill_dir"] = p
-    accepted = inspect.signature(Merger.__init__).parameters
-    missing = [k for k in kw if k not in accepted]
-    if missing:
-        raise InputError(f"--{missing[0].replace('_', '-')}: this bmm's trial solver has no memory budget yet")
-    return kw
-
-
-def _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include) -> tuple[dict, dict]:
-    """(objective recorded in the manifest, WorkerSpec scorer fields); exactly one scorer, checked up front."""
-    given = [n for n, v in (("--eval", eval_cmd), ("--eval-py", eval_py), ("--lm-eval", lm_eval)) if v]
-    if len(given) != 1:
-        raise InputError("give one way to score trials: --eval CMD, --eval-py MODULE:FUNCTION or --lm-eval TASKS"
-                         + (f" (got {', '.join(given)})" if given else ""))
-    if (lm_eval_limit is not None or lm_eval_include is not None) and not lm_eval:
-        raise InputError("--lm-eval-limit / --lm-eval-include go with --lm-eval TASKS")
-    if eval_cmd:
-        return {"eval": eval_cmd}, {"hook": eval_cmd}
-    if eval_py:
-        spec = normalize_scorer_spec(eval_py)
-        load_scorer(spec)  # importable, and a function: checked before heavy work
-        return {"eval-py": spec}, {"eval_py": spec}
-    tasks = parse_tasks(lm_eval)
-    include = None if lm_eval_include is None else str(Path(lm_eval_include).resolve())
-    check(tasks, lm_eval_limit, include)
-    return ({"lm-eval": ",".join(tasks), "lm-eval-limit": lm_eval_limit, "lm-eval-include": include},
-            {"lm_eval": {"tasks": tasks, "limit": lm_eval_limit, "include": include}})
-
-
-def check_merge_eval(eval_cmd: str, trials: int, *, params_file=None, lam=None, scale=None, epsilon=None) -> None:
-    """``bmm merge --eval``'s options, checked in merge's preflight (before any stage runs)."""
-    if params_file is not None or lam is not None or scale is not None or epsilon is not None:
-        raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
-                         "(or drop --eval to merge with them)")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise InputError(f"--trials must be an integer >= 1, got {trials!r}")
-    if not str(eval_cmd).strip():
-        raise InputError("--eval: the evaluation command is empty")
-    render_command(eval_cmd, {"model": "m", "trial": "0", "workdir": "w", "evaldir": "e"})
-
-
 def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: float,
                 default_eps: float) -> dict[str, float]:
     """The first trial: bmm's default merge as far as the space can express it. Each ``lam_<b>_<group>`` is the
@@ -211,56 +151,26 @@ def search(
     eval_cmd: str | None = None,
     *,
     out: str | os.PathLike,
-    eval_py: str | None = None,
-    lm_eval: str | None = None,
-    lm_eval_limit: float | None = None,
-    lm_eval_include: str | os.PathLike | None = None,
-    trials: int = 100,
-    blocks: int = 3,
-    scale: str = "0.7:1.3",
-    lam: str | None = None,
-    epsilon: str = "0:1",
-    relative_lam: bool = False,
-    initial: int = 10,
-    seed: int = 0,
-    timeout: float = 3600.0,
-    parallel: int = 1,
-    gpus: Sequence[str] | None = None,
-    minimize: bool = False,
-    trial_dir: str | os.PathLike | None = None,
-    device: str = "auto",
-    dtype: str | None = None,
-    max_shard_size: str = "5GB",
-    factor_dtype: str = "float32",
-    compute: str = "fp32",
-    ray: str | None = None,
-    memory_budget: str | None = None,
-    gpu_memory_budget: str | None = None,
-    spill_dir: str | os.PathLike | None = None,
-    force: bool = False,
+    options: SearchOptions | None = None,
+    **flat: Any,
 ) -> dict:
     """Bayesian optimization of block-tied (s, λ[, ε]) scored by the user's evaluation; the best model at ``out``.
 
+    ``options`` (a :class:`~bmm_cli.search.options.SearchOptions`), or its fields as flat keywords (``trials=20,
+    blocks=1, eval_py="m:f", ray="auto", device="cpu"``...; ``eval_cmd`` may also come third, positionally).
     ``ray``: None (local threads), ``"local"`` (start a Ray instance here), ``"auto"`` or an address
     (``ray://head:10001``, ``head:6379``): one actor per GPU of the cluster, or per ``parallel`` CPU slot.
     """
+    if options is None:
+        options = SearchOptions.build(**flat)
+    elif flat:
+        raise TypeError(f"search: give options or flat keywords, not both ({', '.join(flat)})")
+    if eval_cmd is not None:
+        options.scorer.eval_cmd = eval_cmd
     # ---- preflight: every option, before any heavy work ---------------------------------------------------------
-    if lam is None:
-        lam = RELATIVE_LAM_RANGE if relative_lam else ABSOLUTE_LAM_RANGE
-    space = SearchSpace(num_groups=blocks, scale_range=parse_range(scale, "scale"), lam_range=parse_range(lam, "lam"),
-                        eps_range=parse_range(epsilon, "epsilon") if gram == "hybrid" else None,
-                        lam_relative=bool(relative_lam))
-    objective, scorer = _objective(eval_cmd, eval_py, lm_eval, lm_eval_limit, lm_eval_include)
-    if ray is not None:
-        if gpus:
-            raise InputError("--gpus sets CUDA_VISIBLE_DEVICES of local workers; with --ray, Ray gives each actor "
-                             "its GPU: drop --gpus")
-        check_ray()
-    elif parallel > 1 and not eval_cmd:
-        raise InputError("in-memory trials (--eval-py / --lm-eval) hold one resident model per worker: run them "
-                         "in parallel with --ray (one actor per GPU or CPU slot), or drop --parallel")
-    merger_kwargs = dict(device=device, dtype=dtype, max_shard_size=max_shard_size, factor_dtype=factor_dtype,
-                         compute=compute, **_memory_kwargs(memory_budget, gpu_memory_budget, spill_dir))
+    space, objective, scorer, merger_kwargs = options.check(gram)
+    sc, rn, opt = options.scorer, options.runner, options.optimizer
+    blocks = options.space.blocks
     src = Sources(Path(work), anchor, gram)
     src.proj.plan.check_block_groups(blocks, f"--blocks {blocks}")
     if out is not None:
@@ -275,22 +185,24 @@ def search(
                       space={"num_groups": space.num_groups, "lam_groups": space.lam_groups,
                              "scale_range": space.scale_range, "lam_range": space.lam_range,
                              "eps_range": space.eps_range, "lam_relative": space.lam_relative},
-                      timeout=float(timeout), lam_base=lam_base, **scorer)
+                      timeout=float(sc.timeout), lam_base=lam_base, **scorer)
     # ---- workers ---------------------------------------------------------------------------------------------
-    if ray is not None:
-        runner = RayRunner(spec, address=ray, parallel=parallel, trial_dir=trial_dir)
-    else:
-        runner = LocalRunner(spec.build(), slots=parallel)
-    try:
-        res = run_search(space=space, workdir=work, runner=runner, objective=objective, trials=trials,
-                         state_name=state_dir_name(anchor, gram), initial=initial, seed=seed, timeout=timeout,
-                         minimize=minimize, gpus=gpus, trial_dir=trial_dir, out=out, force=force, first_point=first,
-                         fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
-                         hook=eval_cmd or None,
-                         solve_params=to_solve)
-    finally:
-        runner.close()
-    best_json = Path(work) / state_dir_name(anchor, gram) / "best.json"
+    with output_lock(out) if out is not None else contextlib.nullcontext():  # one writer per --out (exit 3)
+        runner = runner_class(rn.kind).create(spec, rn)
+        try:
+            res = run_search(space=space, workdir=work, runner=runner, objective=objective, trials=opt.trials,
+                             state_name=state_dir_name(anchor, gram), initial=opt.initial, seed=opt.seed,
+                             timeout=sc.timeout, minimize=sc.minimize, gpus=rn.gpus, trial_dir=rn.trial_dir, out=out,
+                             force=options.output.force, first_point=first,
+                             fingerprint_extra={**src.fingerprint, "gram": gram, "blocks": blocks},
+                             hook=sc.eval_cmd or None, solve_params=to_solve)
+        finally:
+            runner.close()
+    return _summary(res, space, runner, spec, to_solve, Path(work) / state_dir_name(anchor, gram) / "best.json")
+
+
+def _summary(res, space: SearchSpace, runner, spec: WorkerSpec, to_solve, best_json: Path) -> dict:
+    """The search's result (what ``--json`` prints), with the checks of a finished search."""
     if res.best_trial is None:
         last = next((r for r in reversed(res.records) if r.get("reason")), None)
         raise InputError(

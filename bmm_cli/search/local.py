@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Mapping
 
+from bmm_cli.errors import InputError
+
 from .trial import Outcome, TrialWorker
 
 Post = Callable[[Outcome], None]
@@ -23,6 +25,15 @@ class Runner:
 
     slots: int = 1
     name: str = "runner"
+
+    @classmethod
+    def check(cls, opts, in_memory: bool) -> None:
+        """Refuse runner options (a :class:`~bmm_cli.search.options.RunnerOptions`) this backend cannot honour."""
+
+    @classmethod
+    def create(cls, spec, opts) -> "Runner":
+        """The runner for a search: ``spec`` (a :class:`~.command.WorkerSpec`) builds its workers."""
+        raise NotImplementedError
 
     def open(self, post: Post) -> None:
         self.post = post
@@ -52,6 +63,16 @@ class LocalRunner(Runner):
 
     def __init__(self, worker: TrialWorker, slots: int = 1):
         self.worker, self.slots = worker, int(slots)
+
+    @classmethod
+    def check(cls, opts, in_memory: bool) -> None:
+        if opts.parallel > 1 and in_memory:
+            raise InputError("in-memory trials (--eval-py / --lm-eval) hold one resident model per worker: run them "
+                             "in parallel with --ray (one actor per GPU or CPU slot), or drop --parallel")
+
+    @classmethod
+    def create(cls, spec, opts) -> "LocalRunner":
+        return cls(spec.build(), slots=opts.parallel)
 
     def start(self, o, env, fields, cancel) -> None:
         def work() -> None:

@@ -76,6 +76,17 @@ class RayRunner(Runner):
 
     name = "ray"
 
+    @classmethod
+    def check(cls, opts, in_memory: bool) -> None:
+        if opts.gpus:
+            raise InputError("--gpus sets CUDA_VISIBLE_DEVICES of local workers; with --ray, Ray gives each actor "
+                             "its GPU: drop --gpus")
+        check_ray()
+
+    @classmethod
+    def create(cls, spec, opts) -> "RayRunner":
+        return cls(spec, address=opts.ray, parallel=opts.parallel, trial_dir=opts.trial_dir)
+
     def __init__(self, spec, *, address: str = "local", parallel: int = 1, trial_dir=None,
                  init_kwargs: dict | None = None):
         self.spec, self.address, self.parallel = spec, address, int(parallel)

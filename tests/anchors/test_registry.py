@@ -5,20 +5,49 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmm_cli.anchors import METHODS, ModuleInput, describe_options, get_method, options_dict, parse_options
+from bmm_cli.anchors import (BUILTIN, METHODS, AnchorMethod, ModuleInput, describe_options, get_method, is_zero_anchor,
+                              options_dict, parse_options, register, unregister)
 from bmm_cli.errors import InputError, NumericError
 
 from ._util import randn
 
-NAMES = ["pretrained", "ta", "ties", "dare", "dare-ties", "tsv", "iso-c", "iso-cts", "wudi", "regmean", "external"]
+NAMES = list(METHODS)  # every registered anchor meets the contract below
 
 
 def test_registry_names():
-    assert list(METHODS) == NAMES
+    assert len(NAMES) == len(BUILTIN) and {"pretrained", "ties", "dare-ties", "external"} <= set(NAMES)
     for name, m in METHODS.items():
-        assert m.name == name and m.summary
+        assert m.name == name and m.summary and name == name.lower() and "_" not in name
     assert get_method("DARE_TIES") is METHODS["dare-ties"]
     assert get_method(" Iso-CTS ") is METHODS["iso-cts"]
+
+
+def test_the_zero_anchor_is_an_attribute():
+    assert [n for n, m in METHODS.items() if m.is_zero] == ["pretrained"]
+    assert is_zero_anchor("pretrained") and is_zero_anchor(METHODS["pretrained"]) and not is_zero_anchor("ta")
+
+
+def test_register_checks_names_and_unregister_removes():
+    class Bad(AnchorMethod):
+        name, summary = "Bad_Name", "x"
+
+    class Twin(AnchorMethod):
+        name, summary = "ta", "x"
+
+    class New(AnchorMethod):
+        name, summary = "new-one", "x"
+
+    with pytest.raises(ValueError, match="lower-case name"):
+        register(Bad)
+    with pytest.raises(ValueError, match="registered already"):
+        register(Twin())
+    with pytest.raises(TypeError, match="not an AnchorMethod"):
+        register(object())
+    try:
+        assert register(New).name == "new-one" and get_method("NEW_ONE").name == "new-one"
+    finally:
+        unregister("new-one")
+    assert "new-one" not in METHODS
 
 
 def test_unknown_method_lists_the_names():
