@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -30,7 +32,9 @@ from typing import Mapping
 import torch
 from safetensors import safe_open
 
+from . import atomic
 from .errors import InputError
+from .store import resolve_model_dir, save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -370,8 +374,6 @@ def open_expert(spec: str, base, *, role: str = "expert"):
     opened ``base`` (a ``BASE`` that is not the merge's base is refused); anything else -> None (open it as a model)."""
     base_spec, adapter = split_spec(spec)
     if base_spec is not None:
-        from .store import resolve_model_dir
-
         if resolve_model_dir(base_spec, role=f"{role} base") != Path(base.root).resolve():
             raise InputError(f"{role} {spec}: its base {base_spec} is not the merge's base {base.root}; "
                              "every expert must be a fine-tune of the same base")
@@ -380,3 +382,113 @@ def open_expert(spec: str, base, *, role: str = "expert"):
     elif not is_adapter(adapter):
         return None
     return LoraCheckpoint.open(base, adapter, spec=spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a merge as one adapter
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleUpdate:
+    """The merged update of one module, ``ΔW = left @ right`` in nn.Linear orientation [d_out, d_in]."""
+
+    key: str  # base weight key, "<module name>.weight"
+    left: torch.Tensor  # [d_out, k]
+    right: torch.Tensor  # [k, d_in]
+    conv1d: bool = False  # the base module is a GPT-2 Conv1D
+    bias: torch.Tensor | None = None  # Δbias of the module (written as lora_B.bias; the base must have a bias)
+
+    @classmethod
+    def dense(cls, key: str, delta: torch.Tensor, **kw) -> "ModuleUpdate":
+        """From a dense ``ΔW`` [d_out, d_in]."""
+        return cls(key, delta, torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device), **kw)
+
+
+def compress(left: torch.Tensor, right: torch.Tensor, rank: int | None, *,
+             rtol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, energy)`` with ``B @ A`` the best rank-``rank`` approximation of ``left @ right`` (fp64 inside).
+
+    Exact (``energy`` 1) when the product's numerical rank (singular values above ``rtol``·σ_max) is at most
+    ``rank`` (None: no limit); ``energy`` is the kept share of ``‖ΔW‖²_F``. Costs a QR of each factor and an SVD
+    of a k×k core, never a d_out×d_in SVD (for a dense ΔW pass ``right = I``)."""
+    L, Rt = left.double(), right.double()
+    Q1, R1 = torch.linalg.qr(L)
+    Q2, R2 = torch.linalg.qr(Rt.mT)
+    U, S, Vh = torch.linalg.svd(R1 @ R2.mT)
+    total = float(S.square().sum())
+    if total == 0.0:
+        return left.new_zeros(left.shape[0], 0), right.new_zeros(0, right.shape[1]), 1.0
+    keep = int((S > rtol * S[0]).sum())
+    if rank is not None:
+        keep = min(keep, rank)
+    B = (Q1 @ U[:, :keep]) * S[:keep]
+    A = (Q2 @ Vh[:keep].mT).mT
+    return B, A, float(S[:keep].square().sum()) / total
+
+
+def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: int | None = None,
+                       base_model: str | None = None, modules_to_save: Mapping[str, torch.Tensor] | None = None,
+                       dtype: torch.dtype = torch.float32, force: bool = False) -> dict:
+    """Write the merge as one PEFT LoRA adapter on the base; returns ``{"rank": r, "modules": {key: {"rank",
+    "energy"}}}``.
+
+    Every module gets rank ``r`` = the largest rank kept (at most ``rank``), ``lora_alpha = r`` (scale 1); a module
+    of lower rank is padded with zero rows, so ``PeftModel.from_pretrained(base, out)`` computes ``W + B·A`` with
+    ``B·A`` = the update (exact when each update's rank is at most ``rank``; else its truncated SVD, ``energy`` < 1).
+    ``modules_to_save``: full tensors (base key -> tensor) of whole modules the merge changed otherwise
+    (e.g. ``lm_head.weight``): the module name (the key without its last part) is listed in ``modules_to_save``.
+    The directory appears complete or not at all."""
+    out = Path(out)
+    if rank is not None and rank < 1:
+        raise InputError(f"--rank must be >= 1, got {rank}")
+    if out.exists() and not force:
+        raise InputError(f"{out} exists; pass --force to replace it")
+    kinds = {u.conv1d for u in updates}
+    if len(kinds) > 1:
+        raise InputError("a PEFT adapter has one fan_in_fan_out setting: Conv1D and Linear modules cannot share it")
+    if not updates:
+        raise InputError("no module updates to write as an adapter")
+    parts, report = [], {}
+    for u in updates:
+        if not u.key.endswith(".weight"):
+            raise InputError(f"{u.key}: a LoRA module update must name a '.weight' tensor")
+        B, A, energy = compress(u.left, u.right, rank)
+        parts.append((u, B, A))
+        report[u.key] = {"rank": int(A.shape[0]), "energy": energy}
+    r = max(1, max(int(A.shape[0]) for _, _, A in parts))
+    with_bias = any(u.bias is not None for u, _, _ in parts)
+    tensors: dict[str, torch.Tensor] = {}
+    names = []
+    for u, B, A in parts:
+        name = u.key[: -len(".weight")]
+        names.append(name)
+        pad = r - A.shape[0]
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])]) if pad else A
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1) if pad else B
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
+        if with_bias:
+            bias = u.bias if u.bias is not None else B.new_zeros(B.shape[0])
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = bias.to(dtype).contiguous()
+    saved_modules = sorted({k.rsplit(".", 1)[0] for k in (modules_to_save or {})})
+    for k, t in (modules_to_save or {}).items():
+        tensors[PREFIX + k] = t.contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, "r": r, "lora_alpha": r,
+        "lora_dropout": 0.0, "target_modules": sorted(names), "fan_in_fan_out": kinds == {True},
+        "bias": "none", "lora_bias": with_bias, "use_rslora": False, "use_dora": False,
+        "modules_to_save": saved_modules or None, "rank_pattern": {}, "alpha_pattern": {},
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    tmp = out.parent / f".{out.name}.bmm-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_tensors(tmp / WEIGHTS_NAME, tensors)
+        atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o777 & ~atomic._umask())
+        atomic.replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"rank": r, "modules": report}
