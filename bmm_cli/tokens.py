@@ -316,5 +316,28 @@ def write_chat_template(out: str | Path, template: str | None) -> None:
         atomic.write_text(out / "chat_template.jinja", template)
 
 
-__all__ = ["TokenPlan", "Vocab", "assemble_rows", "choose_chat_template", "config_vocab", "plan_tokens",
-           "read_chat_template", "read_vocab", "vocab_axis", "write_chat_template", "write_tokenizer"]
+
+
+def plan_for_models(base_dir: str | Path, base_rows: int, expert_dirs: Sequence[str | Path],
+                    expert_rows: Sequence[int], mode: str = "base") -> TokenPlan | None:
+    """The token plan of a merge, or None when nothing needs one (every expert has the base's rows and ``mode``
+    is base). ``*_rows``: the embedding rows of each model. Refuses resized experts without a tokenizer.json."""
+    if mode == "base" and all(r == base_rows for r in expert_rows):
+        return None
+    base = read_vocab(base_dir)
+    if base is None:
+        raise InputError(f"{base_dir}: no tokenizer.json, so the experts' extra embedding rows cannot be matched "
+                         "to tokens (save the base's fast tokenizer next to it)")
+    vocabs = []
+    for i, d in enumerate(expert_dirs):
+        v = read_vocab(d)
+        if v is None:
+            raise InputError(f"expert {i + 1} ({d}): no tokenizer.json, but its embedding has {expert_rows[i]} rows "
+                             f"and the base's {base_rows}; save the expert's fast tokenizer next to it")
+        vocabs.append(v)
+    return plan_tokens(base, base_rows, vocabs, expert_rows, mode)
+
+
+def shared_rows(plan: TokenPlan, t: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """The shared-token rows of a vocabulary tensor (what the task-vector math merges)."""
+    return t.narrow(axis, 0, plan.shared)

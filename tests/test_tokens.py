@@ -216,3 +216,16 @@ def test_chat_template_choice(tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False) == "<|im_start|>w1<|im_end|>"
     write_chat_template(out, None)
     assert read_chat_template(out) is None
+
+
+def test_plan_for_models_needs_tokenizers_only_for_resized_experts(fam, tmp_path):
+    from bmm_cli.tokens import plan_for_models, shared_rows
+
+    _, base, experts = fam
+    assert plan_for_models(base, 100, [base], [100]) is None
+    plan = plan_for_models(base, 100, experts, [102, 105], "union")
+    assert plan.rows == 105 and shared_rows(plan, torch.zeros(105, 4)).shape == (100, 4)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(InputError, match=r"expert 2 \(.*bare\): no tokenizer.json, but its embedding has 102 rows"):
+        plan_for_models(base, 100, [experts[0], bare], [102, 102])
