@@ -156,3 +156,24 @@ def anchor_residual(stats: LowRankStats, U0: Tensor) -> float:
     U0 = U0.to(stats.Q)
     n = float(torch.linalg.norm(U0))
     return 0.0 if n == 0 else float(torch.linalg.norm(U0 - (U0 @ stats.Q) @ stats.Q.mT)) / n
+
+
+class LowRankTrials:
+    """Many λ for one module and anchor: ``ĝ = VΛVᵀ`` once (R×R), then per λ
+    ``U(λ) = U0 + ((b̂ − U0Qĝ)V diag(1/(Λ+λ)) Vᵀ) Qᵀ``: one d_out×R×d_in GEMM per trial (the low-rank
+    counterpart of ``closed_form.factorize`` / ``apply_factors``)."""
+
+    def __init__(self, stats: LowRankStats, U0: Tensor | None, *, key: str = "<module>"):
+        self.key = key
+        self.stats = stats
+        evals, self.V = torch.linalg.eigh(0.5 * (stats.g_hat + stats.g_hat.mT))
+        self.evals = evals.clamp_min(0.0)
+        self.U0 = None if U0 is None else U0.to(device=stats.Q.device, dtype=stats.Q.dtype)
+        rhs = stats.b_hat if self.U0 is None else stats.b_hat - (self.U0 @ stats.Q) @ stats.g_hat
+        self.rhsV = rhs @ self.V  # [d_out, R]
+
+    def apply(self, lam: float) -> Tensor:
+        if not (lam > 0 and math.isfinite(lam)):
+            raise InputError(f"{self.key}: λ must be a finite number > 0, got {lam}")
+        X = ((self.rhsV / (self.evals + lam)) @ self.V.mT) @ self.stats.Q.mT
+        return X if self.U0 is None else X.add_(self.U0)

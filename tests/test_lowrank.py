@@ -94,3 +94,19 @@ def test_bad_inputs_name_the_module():
         lowrank_free_stats(_factors(6, ranks=(30, 30)), key="q_proj")
     with pytest.raises(InputError, match="λ"):
         lowrank_solve(lowrank_free_stats(F), None, 0.0)
+
+
+@pytest.mark.parametrize("anchor", ["pretrained", "ties"])
+def test_trials_match_the_direct_solve_at_every_lambda(anchor):
+    from bmm_cli.lowrank import LowRankTrials
+
+    F = _factors(7)
+    taus = _dense(F)
+    U0 = None if anchor == "pretrained" else _anchor(anchor, taus)
+    st = lowrank_free_stats(F)
+    trials = LowRankTrials(st, U0)
+    dense = free_stats(taus)
+    for lam in (1e-3, 0.05, 2.0):
+        assert torch.allclose(trials.apply(lam), solve_direct(dense.G_hat, dense.B_hat, U0, lam), atol=1e-10)
+    with pytest.raises(InputError, match="λ"):
+        trials.apply(-1.0)
