@@ -129,3 +129,25 @@ def test_merge_changes_every_block_weight(layouts, kind, tmp_path):
         for k in _block_weights(_keys(base)):
             assert not torch.equal(b.get_tensor(k), o.get_tensor(k)), k
     assert torch.isfinite(_logits(kind, out)).all()
+
+
+def test_gpt_oss_fused_experts_split_per_expert(tmp_path):
+    """GPT-OSS stores its experts fused, [E, d_in, d_out]: one module per expert slice, in transformers' own
+    orientation (expert e computes x @ gate_up_proj[e])."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(**H, num_local_experts=3, num_experts_per_tok=2, head_dim=8)
+    path = save(tf.GptOssForCausalLM(cfg), tmp_path / "oss")
+    keys = _keys(path)
+    plan = build_plan(keys.items(), fused=True, hidden=cfg.hidden_size)
+    fused = [m for m in plan.modules if m.tensor]
+    assert len(fused) == 2 * 2 * 3 and all(m.conv1d for m in fused)
+    assert not [k for k in plan.others if len(keys[k]) == 3]
+    assert "model.layers.0.mlp.router.weight" in plan.others and plan.unknown == []
+    ref = next(m for m in fused if m.key == "model.layers.1.mlp.experts.down_proj[2]")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        from bmm_cli.arch import read_module
+
+        w = read_module(ref, f.get_tensor)
+    assert ref.group == "mlp_out" and w.shape == (cfg.intermediate_size, cfg.hidden_size)  # [d_in, d_out]
