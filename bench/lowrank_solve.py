@@ -9,6 +9,8 @@ each module and layer:
   (the merge as rank-Σr factors, what an adapter output needs), and, timed separately, the dense
   ``U = u Qᵀ`` a full-model output needs.
 
+Accuracy: both fp32 merges against the fp64 low-rank solve (which equals the fp64 dense solve to ~1e-13).
+
 Reported per module: median seconds over layers × repeats (min and max alongside; the low-rank time of each is
 the least of ``--low-repeats`` runs), the speed-up of the low-rank
 solve (factors, and factors + dense U) over the dense one, and the relative difference of the two merges.
@@ -20,6 +22,7 @@ solve (factors, and factors + dense U) over the dense one, and the relative diff
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -63,7 +66,7 @@ def one_module(d_out: int, d_in: int, rank: int, experts: int, lam: float, dev: 
     taus = torch.stack([P @ A for P, A in F])
     U0 = taus.sum(0)
 
-    def dense():
+    def dense(taus):
         st = free_stats(taus, key="bench")
         return solve_direct(st.G_hat, st.B_hat, U0, lam, key="bench")
 
@@ -71,7 +74,7 @@ def one_module(d_out: int, d_in: int, rank: int, experts: int, lam: float, dev: 
         st = lowrank_free_stats(F, key="bench")
         return lowrank_solve_factors(st, ta_anchor_in_basis(st), lam, key="bench")
 
-    U_dense, t_dense = _timed(dense, dev)
+    U_dense, t_dense = _timed(functools.partial(dense, taus), dev)
     del taus
     t_low = t_expand = float("inf")
     for _ in range(low_repeats):  # cheap: the least of a few runs drops the scheduler noise of a shared host
@@ -79,8 +82,18 @@ def one_module(d_out: int, d_in: int, rank: int, experts: int, lam: float, dev: 
         t_low = min(t_low, t)
         U_low, t = _timed(lambda: u @ Q.mT, dev)
         t_expand = min(t_expand, t)
-    err = float(torch.linalg.norm(U_low - U_dense) / torch.linalg.norm(U_dense))
-    return {"dense_s": t_dense, "lowrank_s": t_low, "expand_s": t_expand, "rel_diff": err}
+    # reference: the low-rank solve in fp64 (equal to the dense fp64 solve to ~1e-13, tests/test_lowrank.py)
+    st64 = lowrank_free_stats([(P.double(), A.double()) for P, A in F], key="bench")
+    u64, Q64 = lowrank_solve_factors(st64, ta_anchor_in_basis(st64), lam, key="bench")
+    ref = u64 @ Q64.mT
+    ref_norm = torch.linalg.norm(ref)
+
+    def err(U):
+        return float(torch.linalg.norm(U.double() - ref) / ref_norm)
+
+    return {"dense_s": t_dense, "lowrank_s": t_low, "expand_s": t_expand,
+            "rel_diff": float(torch.linalg.norm(U_low - U_dense) / torch.linalg.norm(U_dense)),
+            "dense_fp32_err": err(U_dense), "lowrank_fp32_err": err(U_low)}
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -92,7 +105,8 @@ def _summary(rows: list[dict]) -> dict:
     spf = [r["dense_s"] / (r["lowrank_s"] + r["expand_s"]) for r in rows]
     out["speedup_factors"] = {"median": statistics.median(sp), "min": min(sp), "max": max(sp)}
     out["speedup_full_output"] = {"median": statistics.median(spf), "min": min(spf), "max": max(spf)}
-    out["rel_diff_max"] = max(r["rel_diff"] for r in rows)
+    for k in ("rel_diff", "dense_fp32_err", "lowrank_fp32_err"):
+        out[f"{k}_max"] = max(r[k] for r in rows)
     out["n"] = len(rows)
     return out
 
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated subset of " + ",".join(MODULES))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every dimension (quick runs)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default); 1 is steadiest on a "
                     "shared host")
@@ -116,7 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if dev.type == "cuda":  # warm-up: first-use kernels and the cuSOLVER handle
         one_module(256, 256, args.rank, args.experts, args.lam, dev, 0)
-    shapes = {n: (max(1, int(o * args.scale)), max(1, int(i * args.scale))) for n, (o, i) in MODULES.items()}
+    names = [n.strip() for n in args.modules.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODULES]
+    if bad or not names:
+        ap.error(f"--modules: unknown {bad}; choose from {', '.join(MODULES)}")
+    shapes = {n: (max(1, int(MODULES[n][0] * args.scale)), max(1, int(MODULES[n][1] * args.scale))) for n in names}
     jobs = [(layer, rep, name) for layer in range(args.layers) for rep in range(args.repeats) for name in shapes]
     rows: dict[str, list[dict]] = {n: [] for n in shapes}
     for layer, rep, name in track(jobs, "low-rank vs dense solve", total=len(jobs)):
