@@ -117,6 +117,7 @@ def _logits(kind: str, path) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_changes_every_block_weight(layouts, kind, tmp_path):
     base, experts = layouts(kind)
