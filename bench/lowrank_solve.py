@@ -16,6 +16,9 @@ the least of ``--low-repeats`` runs), the speed-up of the low-rank
 solve (factors, and factors + dense U) over the dense one, and the relative difference of the two merges.
 
     nice python bench/lowrank_solve.py --device cpu --threads 1 --layers 2 --json bench/results/lowrank_solve.json
+    # a host short of memory: the largest module (down_proj: a 14336² Gram) in a run of its own
+    nice python bench/lowrank_solve.py --device cpu --threads 1 --modules q_proj,k_proj --json R.json
+    nice python bench/lowrank_solve.py --device cpu --threads 1 --modules down_proj --append --json R.json
     python bench/lowrank_solve.py --device cuda --layers 4 --repeats 3 --json bench/results/lowrank_solve_gpu.json
 """
 
@@ -96,6 +99,10 @@ def one_module(d_out: int, d_in: int, rank: int, experts: int, lam: float, dev: 
             "dense_fp32_err": err(U_dense), "lowrank_fp32_err": err(U_low)}
 
 
+def _device_name(dev: torch.device) -> str:
+    return str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
     for k in ("dense_s", "lowrank_s", "expand_s"):
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default); 1 is steadiest on a "
                     "shared host")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--append", action="store_true", help="add to the runs already in --json (same settings), e.g. "
+                    "modules measured in separate runs on a host short of memory")
     args = ap.parse_args(argv)
     dev = resolve_device(args.device)
     if args.threads > 0:
@@ -138,9 +147,18 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = {n: (max(1, int(MODULES[n][0] * args.scale)), max(1, int(MODULES[n][1] * args.scale))) for n in names}
     jobs = [(layer, rep, name) for layer in range(args.layers) for rep in range(args.repeats) for name in shapes]
     rows: dict[str, list[dict]] = {n: [] for n in shapes}
+    if args.append and args.json and args.json.exists():
+        old = json.loads(args.json.read_text())
+        now = {"rank": args.rank, "experts": args.experts, "lam": args.lam, "low_repeats": args.low_repeats,
+               "threads": torch.get_num_threads(), "device": _device_name(dev)}
+        for k, v in now.items():
+            if old.get(k) != v:
+                ap.error(f"--append: {args.json} was run with {k}={old.get(k)}, this run has {v}")
+        rows = {**{n: list(r) for n, r in old.get("rows", {}).items()}, **rows}
+        shapes = {**{n: tuple(v) for n, v in old.get("shapes", {}).items()}, **shapes}
     for layer, rep, name in track(jobs, "low-rank vs dense solve", total=len(jobs)):
         d_out, d_in = shapes[name]
-        rows[name].append(one_module(d_out, d_in, args.rank, args.experts, args.lam, dev, 1000 * layer + rep,
+        rows.setdefault(name, []).append(one_module(d_out, d_in, args.rank, args.experts, args.lam, dev, 1000 * layer + rep,
                                      args.low_repeats))
         _report(args, dev, shapes, rows, complete=False)  # partial results survive an interrupted run
     return _report(args, dev, shapes, rows, complete=True)
@@ -152,7 +170,7 @@ def _report(args, dev: torch.device, shapes: dict, rows: dict[str, list[dict]], 
     layer_low = sum(s["lowrank_s"]["median"] for s in per_module.values())
     layer_expand = sum(s["expand_s"]["median"] for s in per_module.values())
     res = {
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": _device_name(dev),
         "host": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -167,6 +185,7 @@ def _report(args, dev: torch.device, shapes: dict, rows: dict[str, list[dict]], 
         "anchor": "ta",
         "dtype": "float32",
         "per_module": per_module,
+        "rows": rows,
         "per_layer": {"dense_s": layer_dense, "lowrank_s": layer_low, "expand_s": layer_expand,
                       "speedup_factors": layer_dense / layer_low,
                       "speedup_full_output": layer_dense / (layer_low + layer_expand)},
