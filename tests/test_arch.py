@@ -51,17 +51,75 @@ def test_only_2d_is_solvable():
 def test_plan_blocks_groups_and_unknown():
     keys = [(f"vision_model.encoder.layers.{i}.mlp.fc1.weight", (4, 4)) for i in range(6)]
     keys += [(f"text_model.encoder.layers.{i}.mlp.fc1.weight", (4, 4)) for i in range(3)]
-    keys += [("model.layers.0.block_sparse_moe.experts.0.w1.weight", (4, 4)), ("logit_scale", ())]
+    keys += [("model.layers.0.block_sparse_moe.experts.0.w9.weight", (4, 4)), ("logit_scale", ())]
     plan = build_plan(keys)
     assert len(plan.blocks) == 9
     assert plan.stack_layers == {"text_model.encoder.layers": 3, "vision_model.encoder.layers": 6}
     groups = {b.id: plan.block_group(b, 3) for b in plan.blocks}
     assert groups["vision_model.encoder.layers.0"] == 0 and groups["vision_model.encoder.layers.5"] == 2
     assert groups["text_model.encoder.layers.1"] == 1 and groups["vision_model.encoder.layers.2"] == 1
-    assert plan.unknown == ["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    assert plan.unknown == ["model.layers.0.block_sparse_moe.experts.0.w9.weight"]
     assert "logit_scale" in plan.others
 
 
 def test_plan_refuses_unknown_architecture():
     with pytest.raises(InputError, match="no solvable module"):
         build_plan([("foo.weight", (3, 3)), ("bar.bias", (3,))], source="x")
+
+
+@pytest.mark.parametrize("key,group,family,expert", [
+    ("model.layers.1.block_sparse_moe.experts.7.w1.weight", "mlp_in", "moe", 7),
+    ("model.layers.1.block_sparse_moe.experts.7.w3.weight", "mlp_in", "moe", 7),
+    ("model.layers.1.block_sparse_moe.experts.7.w2.weight", "mlp_out", "moe", 7),
+    ("model.layers.1.mlp.experts.12.gate_proj.weight", "mlp_in", "moe", 12),
+    ("model.layers.1.mlp.experts.12.down_proj.weight", "mlp_out", "moe", 12),
+    ("model.layers.1.mlp.shared_expert.up_proj.weight", "mlp_in", "moe", None),
+    ("gpt_neox.layers.1.attention.query_key_value.weight", "attn_in", "neox", None),
+    ("gpt_neox.layers.1.attention.dense.weight", "attn_out", "neox", None),
+    ("gpt_neox.layers.1.mlp.dense_h_to_4h.weight", "mlp_in", "neox", None),
+    ("transformer.h.1.self_attention.query_key_value.weight", "attn_in", "falcon", None),
+    ("transformer.h.1.mlp.dense_4h_to_h.weight", "mlp_out", "falcon", None),
+    ("model.layers.1.self_attn.dense.weight", "attn_out", "phi", None),
+    ("model.decoder.layers.1.fc1.weight", "mlp_in", "opt", None),
+    ("decoder.block.1.layer.1.EncDecAttention.k.weight", "attn_in", "t5", None),
+    ("decoder.block.1.layer.2.DenseReluDense.wi_1.weight", "mlp_in", "t5", None),
+    ("encoder.block.1.layer.0.SelfAttention.o.weight", "attn_out", "t5", None),
+    ("encoder.block.1.layer.1.DenseReluDense.wo.weight", "mlp_out", "t5", None),
+])
+def test_classify_more_layouts(key, group, family, expert):
+    ref = classify(key, (8, 8))
+    assert (ref.group, ref.family, ref.expert, ref.layer) == (group, family, expert, 1)
+
+
+@pytest.mark.parametrize("key", ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.mlp.gate.weight",
+                                 "model.layers.0.mlp.router.weight", "model.layers.0.mlp.shared_expert_gate.weight",
+                                 "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+def test_routers_are_known_others(key):
+    plan = build_plan([(key, (3, 8)), ("model.layers.0.self_attn.q_proj.weight", (8, 8))])
+    assert key in plan.others and plan.unknown == []
+
+
+def test_fused_experts_are_one_module_per_slice():
+    import torch
+
+    from bmm_cli.arch import assemble_fused, read_module
+
+    E, H, I = 3, 8, 5
+    keys = [("model.layers.0.mlp.experts.gate_up_proj", (E, H, 2 * I)), ("model.layers.0.mlp.experts.down_proj", (E, I, H)),
+            ("model.layers.0.mlp.router.weight", (E, H)), ("model.layers.0.self_attn.q_proj.weight", (H, H))]
+    off = build_plan(keys)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in off.others and len(off.modules) == 1
+    plan = build_plan(keys, fused=True, hidden=H)
+    gu = [m for m in plan.modules if m.tensor == "model.layers.0.mlp.experts.gate_up_proj"]
+    assert [m.key for m in gu] == [f"model.layers.0.mlp.experts.gate_up_proj[{e}]" for e in range(E)]
+    assert all(m.conv1d and m.group == "mlp_in" for m in gu)
+    assert {m.group for m in plan.modules if m.tensor and "down" in m.tensor} == {"mlp_out"}
+    assert "model.layers.0.mlp.router.weight" in plan.others
+    # transformers' in-memory layout [E, d_out, d_in] is recognised from the hidden size
+    mem = build_plan([("model.layers.0.mlp.experts.gate_up_proj", (E, 2 * I, H))], fused=True, hidden=H)
+    assert not any(m.conv1d for m in mem.modules)
+    w = torch.randn(E, H, 2 * I)
+    parts = {m.key: read_module(m, {m.tensor: w}.__getitem__) for m in gu}
+    assert torch.equal(parts[gu[1].key], w[1]) and torch.equal(assemble_fused(gu, parts), w)
+    with pytest.raises(InputError, match="incomplete"):
+        assemble_fused(gu[:2] + gu[:1], parts)
