@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -193,7 +194,10 @@ def run_config(root: Path, layers: int, experts: int, args) -> dict:
     inputs = tree_bytes(root / "models")
     work, out = root / "work", root / "out"
     rows = []
+    skip = {x.strip() for x in (args.skip or "").split(",") if x.strip()}
     for name, argv in stage_commands(work, models, experts, args.device, out, args.eigh):
+        if name in skip:
+            continue
         before = snapshot(work) if work.exists() else {}
         print(f"[shapes_8b] L={layers} T={experts} {name} ...", file=sys.stderr, flush=True)
         r = wait4_run(argv, env)
@@ -311,13 +315,27 @@ def eigh_probe(sizes: list[int], device: str, env: dict) -> list[dict]:
     return rows
 
 
+def probe_rows(rows: list[dict], route: str) -> list[dict]:
+    """Rows of the spectrum timing as eigh-probe rows for one route (full-rank shapes only), in CPU seconds."""
+    out = []
+    for r in rows:
+        if r["T"] * r["d_out"] < r["n"]:
+            continue  # rank-deficient shapes are cheaper for the spectrum route: project from full rank
+        x = r[route]  # CPU seconds of the one-thread run: what the work costs, whatever the load beside it
+        out.append({"n": r["n"], "d_out": r["d_out"], "eigh_s": x["eig_cpu_s"],
+                    "gemm_s": x["total_cpu_s"] - x["eig_cpu_s"], "lam_s": x["max_s"], "peak_rss": r["peak_rss"], "load1_before": r["load1_before"],
+                    "route": route, "rep": r["rep"]})
+    return out
+
+
 def project_eigh(probe: list[dict], experts: int) -> dict:
     """Seconds / bytes / RSS per layer of the evidence and the search cache, from the probe: the eigh as a·n³
-    (a from the largest probe), the two GEMMs [d_out, n]·[n, n] as b·d_out·n² (b likewise)."""
-    big = max(probe, key=lambda r: r["n"])
-    a = big["eigh_s"] / big["n"] ** 3
-    b = big["gemm_s"] / (big["d_out"] * big["n"] ** 2)
-    rss_per_n2 = big["peak_rss"] / big["n"] ** 2
+    (a from the largest probe size, median over repetitions), the two GEMMs [d_out, n]·[n, n] as b·d_out·n² (b likewise)."""
+    n_top = max(r["n"] for r in probe)
+    tops = [r for r in probe if r["n"] == n_top]  # the largest size, median over its repetitions
+    a = statistics.median(r["eigh_s"] / r["n"] ** 3 for r in tops)
+    b = statistics.median(r["gemm_s"] / (r["d_out"] * r["n"] ** 2) for r in tops)
+    rss_per_n2 = max(r["peak_rss"] for r in tops) / n_top ** 2
     shapes = block_shapes()
     eigh_s = sum(a * d_in ** 3 for _, d_in in shapes.values())
     gemm_s = sum(b * d_out * d_in ** 2 for d_out, d_in in shapes.values())
@@ -347,14 +365,15 @@ def sync():
 routes = {"eigh_fp64": lambda: torch.linalg.eigh(G), "spectrum": lambda: spectrum.eigh(G)}
 out = {"n": n, "d_out": d_out, "T": T}
 for name in order.split(","):
-    sync(); t0 = time.perf_counter()
+    sync(); t0, c0 = time.perf_counter(), time.process_time()
     lam, Q = routes[name]()
-    sync(); t1 = time.perf_counter()
+    sync(); t1, c1 = time.perf_counter(), time.process_time()
     BQ, U0Q = B @ Q, u0 @ Q
     sync(); t2 = time.perf_counter()
     lam_ev = evidence.evidence_lam(evidence.spectrum_from_factors(lam.cpu(), BQ.cpu(), U0Q.cpu(), S, T * d_out))
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     out[name] = {"eig_s": t1 - t0, "gemm_s": t2 - t1, "max_s": t3 - t2, "total_s": t3 - t0, "lam_ev": lam_ev,
+                 "eig_cpu_s": c1 - c0, "total_cpu_s": c3 - c0, "threads": torch.get_num_threads(),
                  "zeros": int((lam == 0).sum()), "rank_fp64_tol": int((lam > n * 2.2e-16 * lam.max()).sum())}
     del Q, BQ, U0Q
 print(json.dumps(out))
@@ -384,16 +403,52 @@ def spectrum_timing(shapes: list[tuple[int, int, int]], reps: int, device: str, 
 
 
 def spectrum_table(rows: list[dict], device: str) -> str:
-    lines = [f"# Evidence λ per module: fp64 eigh vs bmm_cli.spectrum.eigh ({device})", "",
+    lines = [(f"# Evidence λ per module: fp64 eigh vs bmm_cli.spectrum.eigh ({device}, "
+             f"{rows[0]['eigh_fp64'].get('threads', '?') if rows else '?'} thread(s))"), "",
              ("Synthetic data-free statistics (rank-16 + noise task vectors, fp64), one module; seconds include the "
              "B̂Q/U0Q GEMMs and the λ maximisation both routes need. Alternating order per repetition."), "",
-             ("| n (d_in) | d_out | T | rep | eigh fp64 s | spectrum s | speed-up | eig only speed-up | λ fp64 | λ spectrum | "
-             "exact zeros | load |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| n (d_in) | d_out | T | rep | eigh fp64 s | spectrum s | speed-up | CPU-time speed-up | eig only speed-up "
+              "| λ fp64 | λ spectrum | exact zeros | load |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["eigh_fp64"], r["spectrum"]
         lines.append(f"| {r['n']} | {r['d_out']} | {r['T']} | {r['rep']} | {a['total_s']:.1f} | {b['total_s']:.1f} | "
-                     f"{a['total_s'] / b['total_s']:.2f} | {a['eig_s'] / b['eig_s']:.2f} | {a['lam_ev']:.6g} | "
+                     f"{a['total_s'] / b['total_s']:.2f} | {a.get('total_cpu_s', 0) / b.get('total_cpu_s', 1):.2f} | "
+                     f"{a['eig_s'] / b['eig_s']:.2f} | {a['lam_ev']:.6g} | "
                      f"{b['lam_ev']:.6g} | {b['zeros']} | {r['load1_before']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def disk_cut_table(layers: int = FULL_LAYERS) -> str:
+    """Work-directory bytes of a data-free merge (and a search) at Llama-3.1-8B shapes, today and with each storage
+    choice, from :func:`bmm_cli.budget.estimate` (which bench/shapes_8b.py's measured bytes calibrate)."""
+    from bmm_cli import budget
+
+    mods = [budget.Module(f"model.layers.{i}.{k}.weight", o, n, i) for i in range(layers)
+            for k, (o, n) in block_shapes().items()]
+    P = sum(o * n for o, n in block_shapes().values()) * layers
+    G = sum(n * n for _, n in block_shapes().values()) * layers
+    lines = ["# Work directory of a data-free 8B merge: today and with each storage choice", "",
+             (f"From bmm_cli.budget.estimate at Llama-3.1-8B block shapes, {layers} layers (block tensors only; "
+             "GB = 1e9). 'experts' = the T experts' own block bytes in bf16."), "",
+             ("| T | experts GB | choice | taskvec | anchor | gram-free | merge total | × experts | + search cache | "
+             "search total | × experts |"), "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for T in (3, 5):
+        est = budget.estimate(mods, T, anchors=("tsv",), search=True)
+        exp = T * P * 2
+        tv, an, gr, fa = (est.stages["taskvec"], est.stages["anchor-tsv"], est.stages["gram-free"],
+                          est.stages["factors-tsv-free"])
+        bf = budget.estimate(mods, T, anchors=("tsv",), search=True, factor_dtype="bfloat16")
+        fa16 = bf.stages["factors-tsv-free"]
+        rows = [("today (fp32 everywhere)", tv, an, gr, fa, True),
+                ("task vectors in bf16", tv / 2, an, gr, fa, True),
+                ("task vectors recomputed from the inputs", 0, an, gr, fa, True),
+                ("+ anchor and B̂ in bf16 (Ĝ fp32)", 0, an / 2, G * 4 + P * 2, fa16, True),
+                ("+ gram-free dropped once the factor cache exists", 0, an / 2, G * 4 + P * 2, fa16, False)]
+        for name, a, b, c, f, keep in rows:
+            tot = a + b + c
+            stot = tot + f - (0 if keep else c)
+            lines.append(f"| {T} | {exp / 1e9:.1f} | {name} | {a / 1e9:.1f} | {b / 1e9:.1f} | {c / 1e9:.1f} | "
+                         f"{tot / 1e9:.1f} | {tot / exp:.2f} | {f / 1e9:.1f} | {stot / 1e9:.1f} | {stot / exp:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +498,10 @@ def table(res: dict) -> str:
             lines.append(f"| search cache (projected, eigh probe) | {gb(pe['search_cache_bytes_per_layer'])} | "
                          f"{gb(pe['search_cache_bytes_per_layer'] * 32)} | {pe['seconds_per_layer']:.0f} | "
                          f"{pe['seconds_per_layer'] * 32 / 3600:.1f} | {pe['peak_rss_projected'] / 2**30:.2f} | |")
+        pa = cfg.get("eigh_projection_after")
+        if pa:
+            lines.append(f"| evidence with bmm_cli.spectrum.eigh (projected) | 0 | 0 | {pa['seconds_per_layer']:.0f} | "
+                         f"{pa['seconds_per_layer'] * 32 / 3600:.1f} | | |")
         tot = sum(r["bytes_32"] for r in projected(cfg)) + (pe["search_cache_bytes_per_layer"] * 32 if pe else 0)
         exp32 = (cfg["expert_bytes"] / L) * 32
         lines += ["", (f"Work dir at 32 layers, all stages above: {gb(tot)} GB = {tot / exp32:.1f}× one expert's "
@@ -475,7 +534,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="/tmp/bmm-shapes8b", help="scratch directory (deleted afterwards)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: every stage's --device and the eigh probe")
     ap.add_argument("--eigh", choices=("project", "run"), default="project")
-    ap.add_argument("--probe-sizes", default="1024,2048,4096")
+    ap.add_argument("--probe-sizes", default="1024,2048,4096", help="empty: no probe")
+    ap.add_argument("--skip", default=None, help="stages to leave out, e.g. 'anchor ties'")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--rel", type=float, default=1e-3, help="task-vector RMS relative to the weights'")
     ap.add_argument("--json", default=None)
@@ -484,16 +544,28 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="only rewrite --md from this JSON")
     ap.add_argument("--spectrum", default=None, help="only time the evidence eigen-decomposition: n:d_out:T,...")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--disk-cut", default=None, help="only write the storage-choice table (markdown) to this path")
+    ap.add_argument("--spectrum-json", default=None, help="with --report: take the eigh probe from this JSON")
     ap.add_argument("--tiny", action="store_true", help="smoke test: hidden 256, intermediate 896, 4/1 heads")
     args = ap.parse_args(argv)
     if args.report:
         res = json.loads(Path(args.report).read_text())
+        if args.spectrum_json:  # the eigh rows from the spectrum timing (fp64 eigh = today's evidence)
+            sp = json.loads(Path(args.spectrum_json).read_text())["rows"]
+            res["probe"] = probe_rows(sp, "eigh_fp64")
+            res["probe_after"] = probe_rows(sp, "spectrum")
+            for cfg in res["configs"]:
+                cfg["eigh_projection"] = project_eigh(res["probe"], cfg["experts"])
+                cfg["eigh_projection_after"] = project_eigh(res["probe_after"], cfg["experts"])
         Path(args.md or Path(args.report).with_suffix(".md")).write_text(table(res))
         return 0
     if args.tiny:
         global HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM
         HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 256, 896, 4, 1, 64
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.disk_cut:
+        Path(args.disk_cut).write_text(disk_cut_table())
+        return 0
     if args.spectrum:
         shapes = [tuple(int(x) for x in sp.split(":")) for sp in args.spectrum.split(",")]
         rows = spectrum_timing(shapes, args.reps, args.device, env)
@@ -514,7 +586,7 @@ def main(argv=None) -> int:
         loads += [s["load1_before"] for s in cfg["stages"]]
         res["configs"].append(cfg)
         _dump(res, args, loads)
-    if args.eigh == "project":
+    if args.eigh == "project" and args.probe_sizes:
         res["probe"] = eigh_probe([int(x) for x in args.probe_sizes.split(",")], args.device, env)
         loads += [p["load1_before"] for p in res["probe"]]
         for cfg in res["configs"]:
