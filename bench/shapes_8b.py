@@ -229,7 +229,7 @@ def run_config(root: Path, layers: int, experts: int, args) -> dict:
 def dtype_study(base: Path, experts: list[Path], work: Path) -> dict:
     """Layer 0 of the synthetic models: per tensor, the fraction of entries of ``W_t - W_pre`` (exact in fp32)
     that bf16 holds exactly (Sterbenz: both within a factor 2), and the relative Frobenius error of bf16 storage
-    of the task vectors, of B̂ (free Gram) and of the TSV anchor against their fp32 values."""
+    of the task vectors, of B̂ (free Gram) and of the anchor (TSV, else TA) against their fp32 values."""
     from safetensors import safe_open
 
     def rel(a, b):
@@ -239,7 +239,7 @@ def dtype_study(base: Path, experts: list[Path], work: Path) -> dict:
     fb = safe_open(str(base / "model.safetensors"), "pt")
     fes = [safe_open(str(e / "model.safetensors"), "pt") for e in experts]
     gram = sorted((work / "gram-free").glob("block-*.safetensors"))
-    anc = sorted((work / "anchor-tsv").glob("block-*.safetensors"))
+    anc = sorted((work / "anchor-tsv").glob("block-*.safetensors")) or sorted((work / "anchor-ta").glob("block-*.safetensors"))
     fg = safe_open(str(gram[0]), "pt") if gram else None
     fa = safe_open(str(anc[0]), "pt") if anc else None
     for name in block_shapes():
@@ -261,9 +261,9 @@ def dtype_study(base: Path, experts: list[Path], work: Path) -> dict:
             row["B_hat_bf16_rel_err"] = rel(b.bfloat16(), b)
             g = fg.get_tensor(f"{key}.G_hat")
             row["G_hat_bf16_rel_err"] = rel(g.bfloat16(), g)
-        if fa is not None and key in fa:
+        if fa is not None and key in fa.keys():  # noqa: SIM118 (safe_open has no __contains__)
             a = fa.get_tensor(key)
-            row["anchor_tsv_bf16_rel_err"] = rel(a.bfloat16(), a)
+            row["anchor_bf16_rel_err"] = rel(a.bfloat16(), a)
         out[name] = row
     return out
 
@@ -516,14 +516,14 @@ def table(res: dict) -> str:
     st = res["configs"][0].get("dtype_study") if res["configs"] else None
     if st:
         lines += ["## bf16 storage (layer 0, synthetic task vectors)", "",
-                  "| tensor | bf16-exact | Sterbenz | nonzero | τ bf16 err | B̂ bf16 err | Ĝ bf16 err | TSV anchor bf16 err |",
+                  "| tensor | bf16-exact | Sterbenz | nonzero | τ bf16 err | B̂ bf16 err | Ĝ bf16 err | anchor bf16 err |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, r in st.items():
             lines.append(f"| {k} | {r['bf16_exact_fraction']:.4f} | {r['sterbenz_fraction']:.4f} | "
                          f"{r['nonzero_fraction']:.3f} | {r['taskvec_bf16_rel_err_max']:.1e} | "
                          f"{r.get('B_hat_bf16_rel_err', float('nan')):.1e} | "
                          f"{r.get('G_hat_bf16_rel_err', float('nan')):.1e} | "
-                         f"{r.get('anchor_tsv_bf16_rel_err', float('nan')):.1e} |")
+                         f"{r.get('anchor_bf16_rel_err', float('nan')):.1e} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
