@@ -1,0 +1,127 @@
+"""bmm_cli.budget: the per-stage disk estimate against what the real stages write, and the free-space refusal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bmm_cli import budget
+from bmm_cli.errors import InputError
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def test_estimate_within_10_percent_of_the_real_stages(family, tmp_path):
+    from bmm_cli.anchor import anchor
+    from bmm_cli.gram import gram
+    from bmm_cli.solve import Sources, prepare_trials, solve
+    from bmm_cli.taskvec import load_project, taskvec
+
+    base, experts = family("llama")
+    work = tmp_path / "work"
+    taskvec(str(base), [str(e) for e in experts], work)
+    for a in ("tsv", "ta"):
+        anchor(work, a, device="cpu")
+    gram(work, "free", device="cpu")
+    solve(work, "tsv", "free", out=tmp_path / "out", device="cpu")  # default λ: writes the evidence JSON
+    prepare_trials(Sources(work, "tsv", "free"), device=torch.device("cpu"))
+    proj = load_project(work)
+    mods, others, total = budget.plan_modules(proj.plan, proj.base.meta)
+    est = budget.estimate(mods, len(experts), others=others, anchors=("tsv", "ta"), search=True,
+                          out_numel_bytes=total * 4)
+    assert set(est.stages) == {p.name for p in work.iterdir() if not p.name.startswith(".")}
+    for name, b in est.stages.items():
+        assert b == pytest.approx(_dir_bytes(work / name), rel=0.10), name
+    assert est.out == pytest.approx((tmp_path / "out" / "model.safetensors").stat().st_size, rel=0.10)
+    assert est.work == sum(est.stages.values())
+    assert budget.missing(est, work) <= 0.1 * est.work  # all written: (almost) nothing left
+    assert budget.missing(est, tmp_path / "empty") == est.work
+
+
+def test_estimate_at_8b_shapes_is_the_arithmetic():
+    """Llama-3.1-8B blocks, T = 5: the float32 task vectors are 5 × 218,103,808 × 4 bytes per layer."""
+    shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+    mods = [budget.Module(f"model.layers.{i}.m{j}.weight", o, n, i) for i in range(32)
+            for j, (o, n) in enumerate(shapes)]
+    per_layer = sum(o * n for o, n in shapes)
+    assert per_layer == 218_103_808
+    g = sum(n * n for _, n in shapes)
+    est = budget.estimate(mods, 5, anchors=("tsv",), search=True, factor_dtype="bfloat16")
+    assert est.stages["taskvec"] == pytest.approx(32 * 5 * per_layer * 4, rel=1e-4)
+    assert est.stages["anchor-tsv"] == pytest.approx(32 * per_layer * 4, rel=1e-4)
+    assert est.stages["gram-free"] == pytest.approx(32 * (g + per_layer) * 4, rel=1e-4)
+    evals = 32 * sum(n for _, n in shapes) * 8  # Λ stays float64
+    assert est.stages["factors-tsv-free"] == pytest.approx(32 * (g + 2 * per_layer) * 2 + evals, rel=1e-4)
+    bf16 = budget.estimate(mods, 5, taskvec_dtype="bf16", evidence=False)
+    assert bf16.stages["taskvec"] == pytest.approx(est.stages["taskvec"] / 2, rel=1e-4)
+    data = budget.estimate(mods, 5, gram="hybrid")
+    assert data.stages["gram-data"] == pytest.approx(data.stages["gram-free"] + 5 * 32 * g * 4, rel=1e-4)
+    assert "factors-tsv-hybrid" not in budget.estimate(mods, 5, gram="hybrid", search=True).stages
+
+
+def test_estimate_refuses_bad_options():
+    with pytest.raises(InputError, match="dtype 'int3'"):
+        budget.estimate([budget.Module("a", 2, 2)], 2, taskvec_dtype="int3")
+    with pytest.raises(InputError, match="gram 'both'"):
+        budget.estimate([budget.Module("a", 2, 2)], 2, gram="both")
+    with pytest.raises(InputError, match="0 experts"):
+        budget.estimate([budget.Module("a", 2, 2)], 0)
+
+
+def _fake_statvfs(monkeypatch, free_blocks: int, frsize: int = 4096):
+    seen = []
+
+    def fake(path):
+        seen.append(Path(path))
+        return SimpleNamespace(f_bavail=free_blocks, f_frsize=frsize, f_bsize=frsize)
+
+    monkeypatch.setattr(budget.os, "statvfs", fake)
+    return seen
+
+
+def test_check_free_refuses_in_one_line(monkeypatch, tmp_path):
+    seen = _fake_statvfs(monkeypatch, free_blocks=1000)  # 4,096,000 bytes free
+    work = tmp_path / "not" / "yet"
+    with pytest.raises(InputError) as exc:
+        budget.check_free(work, 5_000_000)
+    msg = str(exc.value)
+    assert "\n" not in msg and exc.value.exit_code == 2
+    assert str(work) in msg and "5000000 bytes" in msg and "4096000 bytes" in msg and "--work" in msg
+    assert seen[-1] == tmp_path  # the nearest existing parent is measured
+    assert budget.check_free(work, 4_096_000) == 4_096_000
+
+
+def test_check_free_on_a_real_small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False, capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.decode().strip()}")
+    try:
+        where, free = budget.free_bytes(mnt / "work")
+        assert where == mnt and 0 < free <= 1 << 20
+        with pytest.raises(InputError, match="use --work on a disk with more space"):
+            budget.check_free(mnt / "work", 2 << 20)
+        assert budget.check_free(mnt / "work", 1000) == free
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_lines_and_json():
+    est = budget.Estimate({"taskvec": 3_000_000_000, "gram-free": 1_500_000}, out=2_000_000_000)
+    lines = est.lines()
+    assert lines[0].split() == ["taskvec", "3.0", "GB"] and lines[-2].split()[-2:] == ["3.0", "GB"]
+    assert lines[-1].split() == ["output", "2.0", "GB"]
+    assert est.to_json() == {"stages": {"taskvec": 3_000_000_000, "gram-free": 1_500_000}, "work": 3_001_500_000,
+                             "out": 2_000_000_000}
+    assert budget.fmt_bytes(999) == "999 B" and budget.fmt_bytes(1.5e12) == "1.5 TB"
