@@ -26,7 +26,7 @@ from bench.decoder_common import (  # noqa: E402
     cache_dir, load_lm, load_windows, paired_se, parse_domains, window_losses,
 )
 
-REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv")
+REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts")
 
 
 def _log(msg: str) -> None:
@@ -145,7 +145,7 @@ def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str]) -> float:
 
 def _row_order(p: Path) -> tuple:
     n = p.stem
-    head = ["base", "average", "anchor-ta", "anchor-ties", "anchor-tsv"]
+    head = ["base", "average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts"]
     return (head.index(n), "") if n in head else (len(head), n)
 
 
