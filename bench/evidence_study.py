@@ -34,9 +34,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
-from bench.decoder_common import (  # noqa: E402
-    base_dir, cache_dir, load_lm, load_windows, parse_domains, window_losses,
+from bench.common import BenchError, read_json, set_threads, write_json
+from bench.decoder_common import (
+    base_dir,
+    cache_dir,
+    load_lm,
+    load_windows,
+    parse_domains,
+    window_losses,
 )
 
 GRID = None  # log-λ grid of the marginal rule (built lazily: torch import)
@@ -147,8 +152,7 @@ def rule_lams(recs: list[dict], anchor: str, rule: str, lib: dict | None) -> dic
     if rule.startswith("x"):
         k = float(rule[1:])
         return {key: v * k for key, v in rule_lams(recs, anchor, "fp64", lib).items()}
-    if rule.startswith("marg-"):
-        rule = rule[len("marg-"):]  # the λ of the underlying rule (used for the params file only)
+    rule = rule.removeprefix("marg-")  # the λ of the underlying rule (used for the params file only)
     return fill_degenerate({r["key"]: module_lam(r, anchor, n_obs(r, rule)) for r in recs})
 
 
@@ -219,8 +223,8 @@ def gap_closed(losses: dict, base: dict, expert: dict) -> tuple[float, dict]:
 
 def paired(per1: dict, per2: dict) -> tuple[float, float]:
     diff, var = 0.0, 0.0
-    for d in per1:
-        x = per1[d] - per2[d]
+    for d, v in per1.items():
+        x = v - per2[d]
         diff += float(x.mean())
         var += float(x.var(unbiased=True)) / len(x)
     k = len(per1)

@@ -7,13 +7,20 @@ import pytest
 import torch
 
 from bench.evidence_study import (
-    apply_rule, build_factors, marginal_weights, merged_update, n_obs, parse_rule, pooled, rule_lams,
+    apply_rule,
+    build_factors,
+    marginal_weights,
+    merged_update,
+    n_obs,
+    parse_rule,
+    pooled,
+    rule_lams,
 )
 from bmm_cli.anchor import anchor
 from bmm_cli.evidence import evidence_lam, module_lams, residual_energy, spectrum
 from bmm_cli.gram import gram
 from bmm_cli.solve import solve
-from bmm_cli.taskvec import load_project, taskvec
+from bmm_cli.taskvec import taskvec
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +81,8 @@ def test_marginal_update_is_a_mixture_of_map_updates(study):
 
 
 def test_in_memory_merge_equals_bmm_solve_params(study, tmp_path):
-    from transformers import AutoModelForCausalLM
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     work, recs, _, base = study
     params = pooled(work, rule_lams(recs, "ta", "fp64", None))
