@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--cache")
     ap.add_argument("--experts-dir", help="default <cache>/experts")
+    ap.add_argument("--lib-modules", help="the library's module λ per anchor, a JSON path with {anchor} "
+                    "(bench/decoder_bench.py lam writes PARAMS.modules.json); default: computed here")
     ap.add_argument("--params-dir", help="write each rule's params file (bmm solve --params) here")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -257,15 +259,29 @@ def main(argv: list[str] | None = None) -> int:
         experts = Path(a.experts_dir) if a.experts_dir else cache / "experts"
         data = {d: load_windows(cache, d, "val", a.limit)[:, :a.tokens] for d in domains}
         out_path = Path(a.out)
+        setting = {"split": "val", "limit": a.limit, "tokens": a.tokens, "domains": domains,
+                   "windows": {d: int(w.shape[0]) for d, w in data.items()}, "work": str(work.resolve())}
         res = read_json(out_path) if out_path.exists() else {}
-        res.update({"split": "val", "limit": a.limit, "tokens": a.tokens, "domains": domains,
-                    "windows": {d: int(w.shape[0]) for d, w in data.items()}})
+        if any(res.get(k) != v for k, v in setting.items()):
+            res = {}  # another setting: nothing of it is reused
+        res.update(setting)
         res.setdefault("rows", {})
+
+        def done(rule: str, anc: str) -> bool:
+            pf = Path(a.params_dir) / f"params-{rule}-{anc}.json" if a.params_dir else None
+            return f"{rule}-{anc}" in res["rows"] and (pf is None or rule.startswith("marg-") or pf.exists())
+
+        if all(done(r, anc) for anc in anchors for r in rules):
+            _log(f"{out_path}: every rule already measured")
+            return 0
         t0 = time.time()
         lib = None
-        if "lib" in rules:
-            from bmm_cli.evidence import module_lams
-            lib = module_lams(work, anchors, "free")
+        if "lib" in rules or any(r.startswith("lib") for r in rules):
+            if a.lib_modules:  # bench/decoder_bench.py lam's per-module record of the same computation
+                lib = {anc: read_json(Path(a.lib_modules.replace("{anchor}", anc)))["modules"] for anc in anchors}
+            else:
+                from bmm_cli.evidence import module_lams
+                lib = module_lams(work, anchors, "free")
         recs, _proj = build_factors(work, anchors)
         _log(f"statistics of {len(recs)} modules in {time.time() - t0:.0f} s")
         model = load_lm(base_dir(cache))
@@ -277,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
         res["base_loss"] = {d: float(base[d].mean()) for d in domains}
         res["expert_loss"] = {d: float(expert[d].mean()) for d in domains}
         for anc in anchors:
+            if all(done(r, anc) for r in rules):
+                continue
             apply_rule(model, recs, anc, {f"lam_{r['layer']}_{r['group']}": 1e12 for r in recs}, "1", None)
             gc_a, per_a = gap_closed(score(model, data), base, expert)
             res["rows"][f"anchor-{anc}"] = {"gap_closed": round(gc_a, 4)}
             _log(f"anchor-{anc}: val gap closed {gc_a:.4f}")
             write_json(out_path, res)
             for rule in rules:
+                if done(rule, anc):
+                    continue
                 name, scale = parse_rule(rule)
                 t1 = time.time()
                 lams = rule_lams(recs, anc, name, lib)

@@ -80,7 +80,7 @@ if [ -n "$RULES" ]; then
   log "bmm data-free with the λ rules $RULES (bench/evidence_study.py, chosen on validation)"
   timed "rules" python3 bench/evidence_study.py --work "$W" --anchors "$(echo $ANCHORS | tr ' ' ,)" \
     --rules "$(echo $RULES | tr ' ' ,)" --domains "$DOMAINS" --limit "$VAL_LIMIT" --tokens "$TOKENS" \
-    --params-dir "$RUN/params-rules" --out "$RUN/scores/evidence_study.summary" >&2
+    --lib-modules "$RUN/params-evidence-free-{anchor}.modules.json" --params-dir "$RUN/params-rules" --out "$RUN/scores/evidence_study.summary" >&2
   for r in $RULES; do
     for a in $ANCHORS; do
       timed "bmm-free+$r-$a" bmm -q solve --work "$W" --anchor "$a" --gram free \
