@@ -56,20 +56,24 @@ def _log(msg: str) -> None:
 
 def build_factors(work: Path, anchors: list[str]) -> tuple[list[dict], object]:
     """Per module (fp64 from the task vectors): eigenvalues Λ of Ĝ, Q, B̂Q, and per anchor U0Q and Ŝ."""
+    recs, proj = module_stats(work)
+    for a in anchors:
+        add_anchor(recs, proj, work, a)
+    return recs, proj
+
+
+def module_stats(work: Path) -> tuple[list[dict], object]:
+    """The anchor-free part: per module Λ, Q, B̂Q (fp64 statistics and eigh), the base weight and m."""
     import torch
     from rich.progress import track
 
-    from bmm_cli.anchor import AnchorStage
-    from bmm_cli.evidence import residual_energy
     from bmm_cli.taskvec import load_project
 
     proj = load_project(work)
-    stages = {a: AnchorStage(work, a) for a in anchors}
     layers = max(proj.plan.stack_layers.values())
     recs = []
     for blk in track(proj.plan.blocks, "fp64 statistics and eigh per module", console=None):
         reader = proj.reader(blk)
-        ablk = {a: st.block(blk) for a, st in stages.items()}
         b = proj.plan.block_group(blk, layers)
         for ref in blk.modules:
             taus = proj.taus(blk, ref, reader).to(torch.float64)
@@ -82,19 +86,32 @@ def build_factors(work: Path, anchors: list[str]) -> tuple[list[dict], object]:
                 B += u @ Gt
             m = float(torch.diagonal(G).sum()) / d_in
             lam, Q = torch.linalg.eigh(0.5 * (G + G.T) / m)
-            lam = lam.clamp_min(0.0)
-            BQ = (B / m) @ Q
-            rec = {"key": ref.key, "ref": ref, "layer": b, "group": ref.group, "T": T, "d_out": d_out, "d_in": d_in,
-                   "lam": lam, "Q": Q.float(), "BQ": BQ.float(), "w0": proj.base_linear(ref).float(), "anchors": {}}
-            for a in anchors:
-                u0 = ablk[a].get(ref.key).to(torch.float64)
-                U0Q = u0 @ Q
-                Z = BQ - U0Q * lam
-                rec["anchors"][a] = {"U0Q": U0Q.float(), "c": (Z * Z).sum(0),
-                                     "S": residual_energy(taus, None, u0, m, key=ref.key),
-                                     "u0_norm2": float(u0.square().sum())}
-            recs.append(rec)
+            recs.append({"key": ref.key, "blk": blk, "ref": ref, "layer": b, "group": ref.group, "T": T,
+                         "d_out": d_out, "d_in": d_in, "m": m, "lam": lam.clamp_min(0.0), "Q": Q.float(),
+                         "BQ": ((B / m) @ Q).float(), "w0": proj.base_linear(ref).float(), "anchors": {}})
     return recs, proj
+
+
+def add_anchor(recs: list[dict], proj, work: Path, anchor: str) -> None:
+    """Per module of ``recs``: the anchor's U0Q, the evidence's c = Σ_j Z_ji² and Ŝ (fp64)."""
+    import torch
+
+    from bmm_cli.anchor import AnchorStage
+    from bmm_cli.evidence import residual_energy
+
+    st = AnchorStage(work, anchor)
+    cur = None
+    for r in recs:
+        if cur is not r["blk"]:
+            cur, ablk, reader = r["blk"], st.block(r["blk"]), proj.reader(r["blk"])
+        taus = proj.taus(cur, r["ref"], reader).to(torch.float64)
+        u0 = ablk.get(r["key"]).to(torch.float64)
+        Q = r["Q"].double()
+        U0Q = u0 @ Q
+        Z = r["BQ"].double() - U0Q * r["lam"]
+        r["anchors"][anchor] = {"U0Q": U0Q.float(), "c": (Z * Z).sum(0),
+                                "S": residual_energy(taus, None, u0, r["m"], key=r["key"]),
+                                "u0_norm2": float(u0.square().sum())}
 
 
 def n_obs(rec: dict, rule: str) -> float:
@@ -243,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts-dir", help="default <cache>/experts")
     ap.add_argument("--lib-modules", help="the library's module λ per anchor, a JSON path with {anchor} "
                     "(bench/decoder_bench.py lam writes PARAMS.modules.json); default: computed here")
+    ap.add_argument("--wait-dir", help="wait for DIR/anchor-<m>.done before reading anchor m (the anchors are "
+                    "made while the statistics are computed)")
     ap.add_argument("--params-dir", help="write each rule's params file (bmm solve --params) here")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
@@ -282,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from bmm_cli.evidence import module_lams
                 lib = module_lams(work, anchors, "free")
-        recs, _proj = build_factors(work, anchors)
+        recs, proj = module_stats(work)
         _log(f"statistics of {len(recs)} modules in {time.time() - t0:.0f} s")
         model = load_lm(base_dir(cache))
         base = score(model, data)
@@ -292,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         _log("base " + " ".join(f"{d} {float(base[d].mean()):.4f}" for d in domains))
         res["base_loss"] = {d: float(base[d].mean()) for d in domains}
         res["expert_loss"] = {d: float(expert[d].mean()) for d in domains}
+        for anc in anchors:
+            flag = Path(a.wait_dir) / f"anchor-{anc}.done" if a.wait_dir else None
+            while flag is not None and not flag.exists():
+                time.sleep(10)
+            add_anchor(recs, proj, work, anc)
         for anc in anchors:
             if all(done(r, anc) for r in rules):
                 continue
