@@ -26,7 +26,7 @@ from bench.decoder_common import (  # noqa: E402
     cache_dir, load_lm, load_windows, paired_se, parse_domains, window_losses,
 )
 
-REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv")
+REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts")
 
 
 def _log(msg: str) -> None:
@@ -145,7 +145,7 @@ def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str]) -> float:
 
 def _row_order(p: Path) -> tuple:
     n = p.stem
-    head = ["base", "average", "anchor-ta", "anchor-ties", "anchor-tsv"]
+    head = ["base", "average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts"]
     return (head.index(n), "") if n in head else (len(head), n)
 
 
@@ -184,7 +184,7 @@ def cmd_report(a) -> int:
            "weak_experts": st["weak"],
            "gap_se": gain_se, "windows_per_domain": len(rows["base"][f"windows/{domains[0]}"]),
            "rows": st["rows"], "best_reference": best_ref, "config": a.config,
-           "machine": "2 shared CPU cores (other jobs running: load average 8-13); times are wall clock"}
+           "machine": "2 shared CPU cores (other jobs running: load average 9-13); times are wall clock"}
     extra = run / "scores" / "timings.json"
     if extra.exists():
         res["timings"] = read_json(extra)

