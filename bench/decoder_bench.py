@@ -23,7 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BenchError, anchor_of, default_of, read_json, set_threads, write_json  # noqa: E402
 from bench.decoder_common import (  # noqa: E402
-    cache_dir, load_lm, load_windows, paired_se, parse_domains, window_losses,
+    cache_dir,
+    load_lm,
+    load_windows,
+    paired_se,
+    parse_domains,
+    window_losses,
 )
 
 REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts")

@@ -22,7 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import BenchError, read_json, set_threads, write_json  # noqa: E402
 from bench.decoder_common import (  # noqa: E402
-    DOMAINS, WINDOW, base_dir, build_base, build_windows, cache_dir, load_lm, load_windows, parse_domains,
+    DOMAINS,
+    WINDOW,
+    base_dir,
+    build_base,
+    build_windows,
+    cache_dir,
+    load_lm,
+    load_windows,
+    parse_domains,
     window_losses,
 )
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--val-limit", type=int, default=12, 
+    ap.add_argument("--val-limit", type=int, default=12,
                     help="validation windows per domain for the check (0: no check)")
     ap.add_argument("--cache", help="cache dir (default $BMM_DECODER_CACHE or ~/.cache/bmm-decoder)")
     ap.add_argument("--results", help="write the base/expert validation losses here (JSON)")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import calib_texts
 
 from bmm_cli.anchor import anchor
 from bmm_cli.anchors import METHODS, ModuleInput, get_method, parse_options
@@ -12,7 +13,6 @@ from bmm_cli.errors import InputError
 from bmm_cli.gram import gram
 from bmm_cli.store import Checkpoint, ShardReader
 from bmm_cli.taskvec import taskvec
-from conftest import calib_texts
 
 FAST = {"wudi": ["steps=5"]}
 

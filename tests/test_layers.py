@@ -24,10 +24,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bmm_cli"
 # low to high; a pattern ending in ".*" covers a sub-package's modules
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["bmm_cli", "bmm_cli.errors", "bmm_cli.faults", "bmm_cli.progress", "bmm_cli.defaults"]),
-    ("math", ["bmm_cli.closed_form", "bmm_cli.evidence", "bmm_cli.posterior", "bmm_cli.ensemble_metrics"]),
+    ("math", ["bmm_cli.closed_form", "bmm_cli.evidence", "bmm_cli.posterior", "bmm_cli.ensemble_metrics",
+              "bmm_cli.spectrum", "bmm_cli.lowrank"]),
     ("params format", ["bmm_cli.params", "bmm_cli.arch"]),
     ("io", ["bmm_cli.atomic", "bmm_cli.store", "bmm_cli.writer", "bmm_cli.device", "bmm_cli.hooks",
-            "bmm_cli.preflight", "bmm_cli.out_lock"]),
+            "bmm_cli.preflight", "bmm_cli.out_lock",
+            "bmm_cli.budget", "bmm_cli.lora", "bmm_cli.tokens"]),
     ("anchor methods", ["bmm_cli.anchors", "bmm_cli.anchors.*"]),
     ("work dir", ["bmm_cli.stage", "bmm_cli.workdir"]),
     ("factor cache", ["bmm_cli.trial_solver", "bmm_cli.factor_cache"]),

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import perturb, save
 from safetensors import safe_open
 
 from bmm_cli.arch import build_plan
-
-from conftest import perturb, save
 
 H = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2)

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import save, tiny_model
 
 from bmm_cli.errors import InputError
 from bmm_cli.lora import LoraCheckpoint, module_scale, open_expert, read_adapter, split_spec
 from bmm_cli.store import Checkpoint
-
-from conftest import save, tiny_model
 
 peft = pytest.importorskip("peft")
 

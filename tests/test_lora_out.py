@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save, tiny_model
+from test_lora import make_adapter
 
 from bmm_cli.errors import InputError
 from bmm_cli.lora import LoraCheckpoint, ModuleUpdate, compress, write_peft_adapter
 from bmm_cli.lowrank import lowrank_free_stats, lowrank_solve_factors, ta_anchor_in_basis
 from bmm_cli.store import Checkpoint
-
-from conftest import save, tiny_model
-from test_lora import make_adapter
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,8 +8,13 @@ import torch
 from bmm_cli.anchors import ModuleInput, get_method, parse_options
 from bmm_cli.closed_form import free_stats, solve_direct
 from bmm_cli.errors import InputError
-from bmm_cli.lowrank import (anchor_residual, lowrank_free_stats, lowrank_solve, lowrank_solve_factors,
-                             ta_anchor_in_basis)
+from bmm_cli.lowrank import (
+    anchor_residual,
+    lowrank_free_stats,
+    lowrank_solve,
+    lowrank_solve_factors,
+    ta_anchor_in_basis,
+)
 
 D_OUT, D_IN, RANKS = 40, 56, (2, 3, 4)
 

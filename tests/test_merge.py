@@ -4,11 +4,11 @@ import sys
 
 import pytest
 import torch
+from conftest import write_calib_files
 
 from bmm_cli.errors import InputError
 from bmm_cli.merge import merge
 from bmm_cli.store import Checkpoint, ShardReader
-from conftest import write_calib_files
 
 
 def _out_bytes(d):

@@ -73,8 +73,8 @@ def test_search_blocks_default_is_one_block_group():
 def test_cli_choices_come_from_the_registries():
     from bmm_cli.anchor import OTHER_RULES
     from bmm_cli.anchors import METHODS
-    from bmm_cli.workdir import GRAM_STATS as KINDS
     from bmm_cli.workdir import GRAM_KINDS
+    from bmm_cli.workdir import GRAM_STATS as KINDS
 
     assert [m.value for m in cli.AnchorName] == list(METHODS)
     assert [m.value for m in cli.OthersRule] == list(OTHER_RULES)

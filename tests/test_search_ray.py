@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import alive, ready_work
 
 from bmm_cli.atomic import read_jsonl

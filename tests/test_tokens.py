@@ -7,13 +7,21 @@ import json
 
 import pytest
 import torch
+from conftest import perturb, tiny_tokenizer
 
 from bmm_cli.errors import InputError
 from bmm_cli.store import Checkpoint
-from bmm_cli.tokens import (assemble_rows, choose_chat_template, config_vocab, plan_tokens, read_chat_template,
-                            read_vocab, vocab_axis, write_chat_template, write_tokenizer)
-
-from conftest import perturb, tiny_tokenizer
+from bmm_cli.tokens import (
+    assemble_rows,
+    choose_chat_template,
+    config_vocab,
+    plan_tokens,
+    read_chat_template,
+    read_vocab,
+    vocab_axis,
+    write_chat_template,
+    write_tokenizer,
+)
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 ADDED = {2: [("<|im_start|>", True), ("<|im_end|>", True)],

@@ -5,8 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmm_cli.anchors import (BUILTIN, METHODS, AnchorMethod, ModuleInput, describe_options, get_method, is_zero_anchor,
-                              options_dict, parse_options, register, unregister)
+from bmm_cli.anchors import (
+    BUILTIN,
+    METHODS,
+    AnchorMethod,
+    ModuleInput,
+    describe_options,
+    get_method,
+    is_zero_anchor,
+    options_dict,
+    parse_options,
+    register,
+    unregister,
+)
 from bmm_cli.errors import InputError, NumericError
 
 from ._util import randn
