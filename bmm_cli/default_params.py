@@ -17,6 +17,7 @@ import torch
 
 from . import atomic
 from .closed_form import data_stats, free_stats, hybrid_stats
+from .defaults import FREE_LAM_FACTOR
 from .errors import InputError
 from .evidence import (
     LAM_RANGE,
@@ -118,6 +119,8 @@ def evidence_params(src: Sources, *, scale: float, eps: float | None) -> Params:
         info(f"bmm: default λ per module by type-II maximum likelihood (one fp64 eigh each; kept in {path})")
         lams = module_lams(src.work, src.anchor.method.name, src.gram, eps=eps)
         atomic.write_json(path, {"inputs": ident, "modules": lams})
+    if src.gram == "free":  # the data-free rule (bmm_cli.defaults)
+        lams = {k: v * FREE_LAM_FACTOR for k, v in lams.items()}
     return Params.from_flat(params_per_layer(src.work, lams, scale, eps), source=str(path))
 
 

@@ -12,9 +12,13 @@ MiniLM s ∈ {1.0, 1.15, 1.3} are within the validation noise (±0.016); on the 
 bench/run_decoder.sh) s = 1.15 costs 0.025-0.03 nat of validation loss against s = 1 and s = 1.3 costs 0.065, at
 λ = 0.03 and at the evidence λ alike (bench/results/decoder-scale-*.json).
 
+``FREE_LAM_FACTOR`` multiplies the evidence λ of every module for the data-free statistics (``--gram free``) before
+the per-layer means; 1 is the evidence λ itself.
+
 ε = 0.5 weighs the data-free and data-assisted statistics of ``--gram hybrid`` evenly.
 """
 
 DEFAULT_LAM = 0.03
 DEFAULT_SCALE = 1.0
 DEFAULT_EPS = 0.5
+FREE_LAM_FACTOR = 1.0
