@@ -127,14 +127,15 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
 
 def table(result: dict) -> str:
     """The README table (markdown) of a calibration.json."""
-    lines = ["| ensemble | noise RMS / r | β | val NLL | test acc | test ECE | test NLL |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| ensemble | noise RMS / r | β | val NLL | test acc | test ECE | test NLL |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     picked = set(result["picked"].values())
     for r in result["rows"]:
         name = {"map": "MAP (one model)"}.get(r["family"], f"{'posterior' if r['family'] == 'posterior' else 'IID'}")
         mark = " **(picked)**" if r["name"] in picked else ""
         beta = f"{r['beta']:.3g}" if r.get("beta") else "—"
-        lines.append(f"| {name}{mark} | {r['noise_rms_rel']:g} | {beta} | {r['val']['nll']:.4f} | {r['test']['acc']:.4f} "
-                     f"| {r['test']['ece']:.4f} | {r['test']['nll']:.4f} |")
+        lines.append(f"| {name}{mark} | {r['noise_rms_rel']:g} | {beta} | {r['val']['nll']:.4f} "
+                     f"| {r['test']['acc']:.4f} | {r['test']['ece']:.4f} | {r['test']['nll']:.4f} |")
     lines.append("")
     lines.append("| test, picked vs picked | Δ acc ± SE | Δ ECE ± SE | Δ NLL ± SE |")
     lines.append("|---|---:|---:|---:|")

@@ -4,8 +4,8 @@
         RUN/models/anchor-tsv --variant sum=RUN/work:sum --variant trace=RUN/work:trace \\
         --variant sum512=RUN/work-calib512:sum --out bench/results/data_gram_study.json
 
-Each ``--variant NAME=WORK:WEIGHTING[:NSCALE]`` is a data-assisted merge rebuilt module by module in fp64 from a work dir's
-task vectors, TSV anchor and *per-task* data Grams ``G_t`` (so calibration size is a property of WORK):
+Each ``--variant NAME=WORK:WEIGHTING[:NSCALE]`` is a data-assisted merge rebuilt module by module in fp64 from a work
+dir's task vectors, TSV anchor and *per-task* data Grams ``G_t`` (so calibration size is a property of WORK):
 
 * ``sum``: what ``bmm gram --kind data`` does, ``G = Σ_t G_t``, ``B = Σ_t U_t G_t`` (paper Eq. 8);
 * ``trace``: every task weighted equally, ``G_t ← G_t / (tr(G_t)/d_in)`` before the sums (a task whose module
@@ -13,9 +13,9 @@ task vectors, TSV anchor and *per-task* data Grams ``G_t`` (so calibration size 
 * ``free``: the data-free statistics (for reference: the same code path, ``G_t = U_tᵀU_t``).
 
 λ is bmm's default rule (type-II ML per module, geometric mean per layer and group, s = 1); NSCALE multiplies the
-evidence's number of observations N (the calibration tokens by default: correlated tokens carry fewer). The tensors bmm does not
-solve are taken from ``--model`` (a ``bmm solve`` output over the same anchor), so variants differ only in the
-solved modules. Scores: accuracy on validation and test rows with every task's own head, paired standard errors
+evidence's number of observations N (the calibration tokens by default: correlated tokens carry fewer). The tensors
+bmm does not solve are taken from ``--model`` (a ``bmm solve`` output over the same anchor), so variants differ only
+in the solved modules. Scores: accuracy on validation and test rows with every task's own head, paired standard errors
 against the first variant and against ``--anchor-model`` (same rows).
 """
 

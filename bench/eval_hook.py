@@ -8,7 +8,8 @@ MERGED_DIR is a Hugging Face directory (single or sharded safetensors). With no 
 config is used. Every task's head comes from <cache>/experts/<task>/head.safetensors; heads are never merged.
 The last stdout line is one JSON object: {"score": mean accuracy over tasks, "acc/<task>": ..., ...}; with --per-row
 also "correct/<task>": "0110…" (one digit per row, for paired standard errors). In-memory search scorer:
-``score_in_memory`` below. Progress goes to stderr. Token ids are cached per (task, split, limit) under <cache>/tokens as safetensors.
+``score_in_memory`` below. Progress goes to stderr. Token ids are cached per (task, split, limit) under
+<cache>/tokens as safetensors.
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         shapes = {**{n: tuple(v) for n, v in old.get("shapes", {}).items()}, **shapes}
     for layer, rep, name in track(jobs, "low-rank vs dense solve", total=len(jobs)):
         d_out, d_in = shapes[name]
-        rows.setdefault(name, []).append(one_module(d_out, d_in, args.rank, args.experts, args.lam, dev, 1000 * layer + rep,
-                                     args.low_repeats))
+        row = one_module(d_out, d_in, args.rank, args.experts, args.lam, dev, 1000 * layer + rep, args.low_repeats)
+        rows.setdefault(name, []).append(row)
         _report(args, dev, shapes, rows, complete=False)  # partial results survive an interrupted run
     return _report(args, dev, shapes, rows, complete=True)
 

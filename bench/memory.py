@@ -9,8 +9,8 @@ process also reports its own kernel peak (VmHWM) at exit. Rows:
   work dir; ``merge``: ``bmm merge`` from scratch (all stages in one process, a fresh work dir).
 * ``search``: a :class:`bmm_cli.factor_cache.Merger` (what ``bmm search`` builds) writing ``--trials`` trial models,
   with the default memory budget (what is free: the cache is held in RAM) and with ``memory_budget`` = 1.5 cache
-  blocks (one block held, the rest spilled to the work dir). ``search-cli``: the same through ``bmm search --memory-budget`` when
-  the installed bmm has that option (``--eval 'echo 0.5'``).
+  blocks (one block held, the rest spilled to the work dir). ``search-cli``: the same through
+  ``bmm search --memory-budget`` when the installed bmm has that option (``--eval 'echo 0.5'``).
 * ``timing``: one trial (Merger.write) with the cache resident vs. all blocks spilled (page cache warm), at the
   largest L, interleaved A B A B, medians and their ratio.
 
@@ -202,7 +202,8 @@ def worker_timing(a: dict) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     _finish({"trial_s": times, "solve_s": solve_s, "median_s": med, "placement": lines,
              "spilled_over_resident": med["spilled"] / med["resident"],
-             "spilled_over_resident_solve": statistics.median(solve_s["spilled"]) / statistics.median(solve_s["resident"])})
+             "spilled_over_resident_solve": (statistics.median(solve_s["spilled"])
+                                             / statistics.median(solve_s["resident"]))})
 
 
 WORKERS = {"build": worker_build, "cli": worker_cli, "search": worker_search, "timing": worker_timing}

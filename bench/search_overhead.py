@@ -225,7 +225,8 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     os.environ.setdefault("BMM_NO_PROGRESS", "1")
-    out_path = Path(a.out or ROOT / "bench" / "results" / f"search_overhead_{'cuda' if a.device.startswith('cuda') else 'cpu'}.json")
+    kind = "cuda" if a.device.startswith("cuda") else "cpu"
+    out_path = Path(a.out or ROOT / "bench" / "results" / f"search_overhead_{kind}.json")
     modes = a.modes.split(",")
     root = Path(a.work)
     results: dict = {

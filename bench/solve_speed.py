@@ -250,14 +250,16 @@ def worker(args) -> dict:
     where = dev if mode == "resident" else torch.device("cpu")  # streamed / spilled blocks never sit on the GPU
     for b in range(k):
         for n in names:
-            t = lambda role, dt=fd: template[f"{n}::{role}"].to(device=where, dtype=dt, copy=True)  # noqa: E731
+            def t(role, dt=fd, n=n):
+                return template[f"{n}::{role}"].to(device=where, dtype=dt, copy=True)
+
             U0Q = t("U0Q") if f"{n}::U0Q" in template else None
             f = ModuleFactors(t("Q"), template[f"{n}::evals"].to(where, copy=True), t("BQ"), U0Q)
             solver.add(f"model.layers.{b}.{n}.weight", f, t("W_pre", torch.bfloat16), block=b)
             del f, U0Q
     plan = solver.plan()
     setup_s = time.perf_counter() - t0
-    del template
+    template.clear()  # the copies are the solver's now
     results = []
     for compute in args.compute:
         solver.compute = compute

@@ -2,9 +2,10 @@
 
 Setup (made once under --scratch): mergekit 0.1.5 in its own venv (torch 2.13.0 CPU first, so pip does not pull
 CUDA) and a model set with 3 experts (base + 1e-3·N(0, 1) per tensor, fp32 safetensors): ``llama166m``, a
-random-init Llama-shaped model of 163M parameters, or ``minilm``, the real all-MiniLM-L6-v2 (22.7M). Each tool merges the same inputs to fp32 on the CPU, outputs deleted before every run, runs
-interleaved (bmm, mergekit, bmm, ...), median of --reps. bmm runs without a work dir (``bmm anchor --base
---experts --materialize``: task vectors streamed per tensor, as mergekit does).
+random-init Llama-shaped model of 163M parameters, or ``minilm``, the real all-MiniLM-L6-v2 (22.7M). Each tool
+merges the same inputs to fp32 on the CPU, outputs deleted before every run, runs interleaved (bmm, mergekit,
+bmm, ...), median of --reps. bmm runs without a work dir (``bmm anchor --base --experts --materialize``: task
+vectors streamed per tensor, as mergekit does).
 
 Semantics matched: TA: bmm ``lam=0.3`` = mergekit ``task_arithmetic`` with ``weight: 0.3`` per model and
 ``normalize: false`` (W = W_pre + 0.3·Σ τ_t); the outputs must agree to fp32 rounding. TIES: bmm ``k=0.2``

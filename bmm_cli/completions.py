@@ -103,8 +103,8 @@ def zsh() -> str:
              "", "_bmm() {", "    local -a commands", "    commands=("]
     for name, cmd in cmds:
         lines.append(f"        '{name}:{_help(cmd)}'")
-    lines += ["    )", "    if (( CURRENT == 2 )); then", "        _describe 'command' commands", "        return", "    fi",
-              "    case ${words[2]} in"]
+    lines += ["    )", "    if (( CURRENT == 2 )); then", "        _describe 'command' commands", "        return",
+              "    fi", "    case ${words[2]} in"]
     for name, cmd in cmds:
         lines.append(f"        {name})")
         lines.append("            _arguments \\")

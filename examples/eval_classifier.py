@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     # transformers >= 4.56 calls it `dtype`; older releases `torch_dtype`
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, use_safetensors=True, **{dtype_kw: dtype}).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, use_safetensors=True, **{dtype_kw: dtype})
+    model = model.to(device).eval()
     label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
     rows = read_examples(args.data, args.text_field, args.text_pair_field, args.label_field, args.limit)
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = rows[i : i + args.batch_size]
             texts = [r[0] for r in batch]
             pairs = [r[1] for r in batch] if args.text_pair_field else None
-            enc = tok(texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt").to(device)
+            enc = tok(texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+            enc = enc.to(device)
             labels = torch.tensor([label_id(r[2]) for r in batch], device=device)
             if int(labels.max()) >= model.config.num_labels or int(labels.min()) < 0:
                 raise SystemExit(f"a label id is outside 0..{model.config.num_labels - 1}")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             n += len(batch)
     acc = correct / n
     mean_nll = nll / n
-    log(f"eval_classifier: {n} examples, accuracy {acc:.4f}, nll {mean_nll:.4f}, {time.perf_counter() - t0:.1f}s on {device}")
+    log(f"eval_classifier: {n} examples, accuracy {acc:.4f}, nll {mean_nll:.4f}, "
+        f"{time.perf_counter() - t0:.1f}s on {device}")
     if not math.isfinite(mean_nll):
         log("eval_classifier: the model produced non-finite logits")
         return 1

@@ -77,7 +77,8 @@ def find_results(output: Path, since: float) -> Path:
 
 def pick_metric(task: str, row: dict, higher: dict, wanted: str | None) -> tuple[str, float, float | None, bool]:
     """(metric key, value, stderr or None, higher_is_better) for one task's results row."""
-    numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr," not in k}
+    numeric = {k: v for k, v in row.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and "_stderr," not in k}
     if wanted is not None:
         if wanted not in numeric:
             raise SystemExit(f"task {task}: no metric {wanted!r}; it has {sorted(numeric)}")
@@ -87,7 +88,8 @@ def pick_metric(task: str, row: dict, higher: dict, wanted: str | None) -> tuple
         if key is None:
             key = next((k for k in numeric if higher.get(k.split(",")[0]) is True), None)
         if key is None:
-            raise SystemExit(f"task {task}: no default metric among {sorted(numeric)}; pass --metric {task}=NAME,FILTER")
+            raise SystemExit(f"task {task}: no default metric among {sorted(numeric)}; "
+                             f"pass --metric {task}=NAME,FILTER")
     name, _, filt = key.partition(",")
     stderr = row.get(f"{name}_stderr,{filt}")
     stderr = float(stderr) if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) else None
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", default=None, help="lm_eval --limit (examples per task; quicker, noisier trials)")
     ap.add_argument("--num-fewshot", default=None)
     ap.add_argument("--device", default=None, help="lm_eval --device (default: lm_eval's own, cuda when present)")
-    ap.add_argument("--lm-eval", default=None, help="the lm_eval command (default: lm_eval on PATH, else python -m lm_eval)")
+    ap.add_argument("--lm-eval", default=None,
+                    help="the lm_eval command (default: lm_eval on PATH, else python -m lm_eval)")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more lm_eval arguments, passed as they are")
     args = ap.parse_args(argv)
 

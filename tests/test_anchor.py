@@ -166,7 +166,8 @@ def test_direct_cli_needs_base_experts_and_out(prepared, tmp_path, capsys):
     base, experts, _ = prepared
     es = [str(e) for e in experts]
     out = tmp_path / "ta"
-    assert bmm("anchor", "--method", "ta", "--base", str(base), "--experts", *es, "--materialize", str(out)) in (0, None)
+    rc = bmm("anchor", "--method", "ta", "--base", str(base), "--experts", *es, "--materialize", str(out))
+    assert rc in (0, None)
     assert (out / "config.json").exists()
     assert bmm("anchor", "--method", "ta", "--base", str(base)) == 2
     assert "--materialize" in capsys.readouterr().err

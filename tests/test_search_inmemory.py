@@ -109,7 +109,8 @@ def test_search_eval_py_in_memory_end_to_end(family, tmp_path):
     assert res["in_memory"] and res["backend"] == "local" and res["trials"] == 8 and res["trials_failed"] == 1
     assert abs(res["best_params"]["s_0"] - 1.25) < 0.06, res["best_params"]
     recs = {r["trial"]: r for r in read_jsonl(work / "search-ta-free" / "trials.jsonl")}
-    assert recs[2]["status"] == "failed" and recs[2]["reason"].startswith("scorer failed: RuntimeError: scorer exploded")
+    assert recs[2]["status"] == "failed"
+    assert recs[2]["reason"].startswith("scorer failed: RuntimeError: scorer exploded")
     assert recs[3]["metrics"]["calls"] == 4  # one resident process: the scorer's module state persists
     assert all(set(r["seconds"]) >= {"solve", "write", "eval", "total"} for r in recs.values())
     # no checkpoint per trial: the trial directory stays empty; the best is a complete model at --out

@@ -42,8 +42,8 @@ def write_task(root: Path) -> Path:
     d.mkdir()
     with open(d / "data.jsonl", "w") as fh:
         for i in range(12):
-            fh.write(json.dumps({"question": f"w{i} w{i + 1} w{i + 2}", "choices": [f"w{i + 3}", f"w{40 + i}", f"w{70 - i}"],
-                                 "label": i % 3}) + "\n")
+            choices = [f"w{i + 3}", f"w{40 + i}", f"w{70 - i}"]
+            fh.write(json.dumps({"question": f"w{i} w{i + 1} w{i + 2}", "choices": choices, "label": i % 3}) + "\n")
     (d / "bmm_tiny.yaml").write_text(TASK.format(data=d / "data.jsonl"))
     return d
 

@@ -114,7 +114,8 @@ def test_dare_ties_threshold_is_kthvalue_of_dropped_vectors_and_merge_matches(ge
     N, K = flat.shape[1], int(k * flat.shape[1])
     thr = [torch.kthvalue(flat[t].abs(), N - K + 1).values.item() for t in range(T)]
     assert st.total == N and st.k_keep == K and st.thresholds == thr
-    reordered = ties_mod.TopK(**m.prepare(opts, lambda: iter(list(tensors.items())[::-1]), T))  # iteration order does not matter
+    # iteration order does not matter
+    reordered = ties_mod.TopK(**m.prepare(opts, lambda: iter(list(tensors.items())[::-1]), T))
     assert (reordered.thresholds, reordered.kept, reordered.majority) == (st.thresholds, st.kept, st.majority)
     # merge: TIES (majority rule) on the dropped vectors
     trimmed = torch.stack([flat[t] * (flat[t].abs() >= thr[t]) for t in range(T)])

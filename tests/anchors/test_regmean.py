@@ -55,7 +55,7 @@ def test_matches_direct_formula(gen, alpha):
 
 def test_dead_input_feature_keeps_the_base_weight(gen):
     T, d_out, d_in = 2, 4, 5
-    taus, base = randn(gen, T, d_out, d_in), randn(gen, d_out, d_in)
+    taus = randn(gen, T, d_out, d_in)
     xs = [randn(gen, 10, d_in) for _ in range(T)]
     for x in xs:
         x[:, 2] = 0.0  # feature 2 never active: Σ G̃ is singular

@@ -29,9 +29,9 @@ def test_closed_form_gradient_and_loss_match_autograd(gen, route, T, d_out, d_in
     (grad,) = torch.autograd.grad(loss, tau_m)
     obj = WudiObjective(taus, route)
     assert obj.route == route
-    g, l = obj.grad_and_loss(tau_m.detach())
+    g, loss_got = obj.grad_and_loss(tau_m.detach())
     torch.testing.assert_close(g, grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(l, loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_got, loss.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_auto_route_picks_the_cheaper_product():
