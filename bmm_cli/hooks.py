@@ -25,6 +25,7 @@ import shutil
 import signal
 import string
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -451,6 +452,16 @@ def _describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+GUARD = Path(__file__).with_name("hook_guard.py")
+
+
+def _guard(grace: float) -> list[str]:
+    """The :mod:`~bmm_cli.hook_guard` prefix: the hook's group dies with this process, even after ``kill -9``."""
+    if not sys.executable:
+        return []
+    return [sys.executable, "-I", str(GUARD), str(os.getpid()), str(grace)]
+
+
 def run_hook(
     command: str,
     *,
@@ -464,7 +475,8 @@ def run_hook(
     cancel: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> HookResult:
-    """Run ``command`` with ``bash -c`` in its own session and parse its score.
+    """Run ``command`` with ``bash -c`` in its own session and parse its score. The session's leader is
+    :mod:`~bmm_cli.hook_guard`, which stops the group when this process dies (even by ``kill -9``).
 
     ``env``: variables set on top of the current environment. ``timeout``: seconds (None: no limit); on expiry the
     whole process group gets SIGTERM, then SIGKILL after ``grace`` seconds. When the hook's main process exits,
@@ -485,7 +497,7 @@ def run_hook(
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [bash, "-c", command],
+            [*_guard(grace), bash, "-c", command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -300,3 +300,58 @@ def test_example_lm_eval_wrapper_reads_the_results_file(tmp_path):
     assert r.ok and r.score == pytest.approx((0.4 - 12.0) / 2)
     r = run_hook(render_command(base + " --tasks wikitext", fields), timeout=60)
     assert r.status == "failed" and "no default metric" in r.reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the hook's group when bmm dies
+
+
+def _spawn_bmm_like(tmp_path: Path, hook: str) -> tuple[subprocess.Popen, int]:
+    """A Python process that runs ``hook`` with run_hook (as a trial would) and prints the hook's pid."""
+    pidfile = tmp_path / "hook.pid"
+    code = ("import sys; from bmm_cli.hooks import run_hook; "
+            f"run_hook({hook!r}, env={{'BMM_RUN_ID': 'guard-test'}}, timeout=None, grace=0.5)")
+    env = {**os.environ, "PIDFILE": str(pidfile)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return proc, int(pidfile.read_text())
+
+
+def _wait_dead(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _dead(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _dead(pid)
+
+
+@pytest.mark.parametrize("hook", ['echo $$ > "$PIDFILE"; sleep 300',
+                                  'trap "" TERM; sleep 300 & echo $! > "$PIDFILE"; wait'])
+def test_kill_9_of_bmm_stops_the_hooks_group(tmp_path, hook):
+    """SIGKILL of the process running the hook: the guard stops the hook and its children (SIGKILL after the
+    grace period for a hook that ignores SIGTERM); nothing is left for the next run to reap."""
+    proc, pid = _spawn_bmm_like(tmp_path, hook)
+    assert not _dead(pid)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _wait_dead(pid)
+
+
+def test_leftover_hooks_of_a_run_are_found_by_their_run_id(tmp_path):
+    """A process of an earlier run that escaped its group (its own session) is stopped by kill_leftover_hooks."""
+    from bmm_cli.search.state import kill_leftover_hooks
+
+    env = {**os.environ, "BMM_RUN_ID": "leftover-test", "BMM_TRIAL": "3"}
+    other = subprocess.Popen(["sleep", "300"], env={**env, "BMM_RUN_ID": "another-run"}, start_new_session=True)
+    p = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
+    try:
+        assert kill_leftover_hooks("leftover-test", grace=0.5, trial=4) == 0
+        assert kill_leftover_hooks("leftover-test", grace=0.5, trial=3) == 1
+        p.wait(timeout=30)
+        assert other.poll() is None
+    finally:
+        for q in (p, other):
+            q.kill()
+            q.wait()
