@@ -226,6 +226,31 @@ def test_relative_lam_search_starts_at_the_default_merge_and_best_json_reproduce
         assert (first[k].double() - dflt[k].double()).abs().max() <= 1e-4 * step + 1e-7, k
 
 
+def test_trial_0_outside_the_range_is_named_and_is_no_edge_note(family, tmp_path, capsys):
+    """A default λ outside --lam: trial 0 uses the clipped value and the search says so up front (stderr and
+    ``first_clipped``); when trial 0 stays the best, no "widen the range" note fires for it."""
+    from conftest import ready_work
+
+    from bmm_cli.default_params import evidence_params
+    from bmm_cli.search import search
+    from bmm_cli.workdir import Sources
+
+    work = ready_work(family, "llama", tmp_path / "w")
+    lams = [v for row in evidence_params(Sources(work, "ta", "free"), scale=1.0, eps=None).lams for v in row.values()]
+    lo = 10 * max(lams)  # every default λ lies below the range
+    hook = f"{sys.executable} -c 'print(1.0)'"
+    res = search(work, "ta", "free", hook, out=tmp_path / "best", blocks=1, trials=1, device="cpu",
+                 lam=f"{lo}:{100 * lo}")
+    err = capsys.readouterr().err
+    assert res["best_trial"] == 0 and res["at_bounds"] == []
+    assert sorted(x.split("=")[0] for x in res["first_clipped"]) == [f"lam_0_{g}" for g in
+                                                                      ("attn_in", "attn_out", "mlp_in", "mlp_out")]
+    assert "trial 0 is not the default merge" in err and "edge of its range" not in err
+    res = search(work, "ta", "free", hook, out=tmp_path / "best2", blocks=1, trials=1, device="cpu",
+                 lam=f"{min(lams) / 2}:{2 * max(lams)}", force=True)
+    assert res["first_clipped"] == []
+
+
 def test_params_at_bounds():
     """The search says when its best trial sits on the edge of a range (the optimum may lie outside)."""
     from bmm_cli.search.command import params_at_bounds

@@ -121,27 +121,41 @@ def params_at_bounds(space: SearchSpace, params: dict) -> list[str]:
 
 
 def first_point(space: SearchSpace, src, *, default_scale: float, default_lam: float,
-                default_eps: float) -> dict[str, float]:
-    """The first trial: bmm's default merge as far as the space can express it. Each ``lam_<b>_<group>`` is the
-    geometric mean of the evidence λ (type-II maximum likelihood, :func:`bmm_cli.default_params.evidence_params`,
-    kept in the work dir) of the layers in block-group b, clipped to the λ range; s and ε as the defaults. In a
-    relative-λ space every factor is 1 (clipped to its range): exactly the default merge when 1 and s = 1 are in
-    range."""
+                default_eps: float) -> tuple[dict[str, float], list[str]]:
+    """The first trial, bmm's default merge as far as the space can express it, and the parameters it could not
+    express. Each ``lam_<b>_<group>`` is the geometric mean of the evidence λ (type-II maximum likelihood,
+    :func:`bmm_cli.default_params.evidence_params`, kept in the work dir) of the layers in block-group b, clipped
+    to the λ range; s and ε as the defaults. In a relative-λ space every factor is 1: exactly the default merge.
+    The second value names every parameter whose default lies outside its range (``"lam_0_mlp_out=3e-06 (range
+    0.0001:1, trial 0 uses 0.0001)"``): trial 0 is then not the default merge."""
     if space.lam_relative:  # factors of the default's own per-layer λ: 1 is the default merge itself
-        return space.default_point(default_scale=default_scale, default_lam=1.0, default_eps=default_eps)
-    point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
-    per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
-    layers = per_layer.num_groups
-    means = geometric_means(((block_group(layer, layers, space.num_groups), group), v)
-                            for layer, row in enumerate(per_layer.lams) for group, v in row.items())
-    lo, hi = space.lam_range
-    for name in point:
-        if name.startswith("lam_"):
-            _, b, group = name.split("_", 2)
-            v = means.get((int(b), group))
-            if v is not None:
-                point[name] = float(min(max(v, lo), hi))
-    return point
+        point = space.default_point(default_scale=default_scale, default_lam=1.0, default_eps=default_eps)
+        wanted = {name: 1.0 for name in point if name.startswith("lam_")}
+    else:
+        point = space.default_point(default_scale=default_scale, default_lam=default_lam, default_eps=default_eps)
+        per_layer = evidence_params(src, scale=default_scale, eps=default_eps if src.gram == "hybrid" else None)
+        layers = per_layer.num_groups
+        means = geometric_means(((block_group(layer, layers, space.num_groups), group), v)
+                                for layer, row in enumerate(per_layer.lams) for group, v in row.items())
+        wanted = {}
+        for name in point:
+            if name.startswith("lam_"):
+                _, b, group = name.split("_", 2)
+                v = means.get((int(b), group))
+                if v is not None:
+                    wanted[name] = float(v)
+    wanted.update({n: float(default_scale) for n in point if n.startswith("s_")})
+    if "eps" in point:
+        wanted["eps"] = float(default_eps)
+    clipped = []
+    for name, lo, hi, _ in space.specs():
+        if name not in wanted or lo >= hi:  # a parameter fixed by the user is no clipped default
+            continue
+        v = wanted[name]
+        point[name] = float(min(max(v, lo), hi))
+        if point[name] != v:
+            clipped.append(f"{name}={v:.3g} (range {lo:g}:{hi:g}, trial 0 uses {point[name]:.3g})")
+    return point, clipped
 
 
 def search(
@@ -175,7 +189,11 @@ def search(
     src.proj.plan.check_block_groups(blocks, f"--blocks {blocks}")
     if out is not None:
         check_not_input(Path(out), src.proj.inputs())
-    first = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM, default_eps=DEFAULT_EPS)
+    first, clipped = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM,
+                                 default_eps=DEFAULT_EPS)
+    if clipped:
+        info("search: trial 0 is not the default merge: the default lies outside the range for "
+             + ", ".join(clipped) + "; widen --scale/--lam/--epsilon to start from the default itself")
     lam_base = None
     if space.lam_relative:
         base = evidence_params(src, scale=DEFAULT_SCALE, eps=DEFAULT_EPS if gram == "hybrid" else None)
@@ -198,11 +216,14 @@ def search(
                              hook=sc.eval_cmd or None, solve_params=to_solve)
         finally:
             runner.close()
-    return _summary(res, space, runner, spec, to_solve, Path(work) / state_dir_name(anchor, gram) / "best.json")
+    return _summary(res, space, runner, spec, to_solve, Path(work) / state_dir_name(anchor, gram) / "best.json",
+                    clipped)
 
 
-def _summary(res, space: SearchSpace, runner, spec: WorkerSpec, to_solve, best_json: Path) -> dict:
-    """The search's result (what ``--json`` prints), with the checks of a finished search."""
+def _summary(res, space: SearchSpace, runner, spec: WorkerSpec, to_solve, best_json: Path,
+             clipped: list[str]) -> dict:
+    """The search's result (what ``--json`` prints), with the checks of a finished search. A parameter at the
+    edge of its range is worth a note only when a searched trial put it there, not trial 0's clipped default."""
     if res.best_trial is None:
         last = next((r for r in reversed(res.records) if r.get("reason")), None)
         raise InputError(
@@ -210,7 +231,7 @@ def _summary(res, space: SearchSpace, runner, spec: WorkerSpec, to_solve, best_j
             + (f" (trial {last['trial']}: {last['reason']})" if last else "")
             + f"; no model was kept and no best.json written; records in {best_json.parent / 'trials.jsonl'}"
         )
-    at_bounds = params_at_bounds(space, res.best_params or {})
+    at_bounds = params_at_bounds(space, res.best_params or {}) if res.best_trial != 0 else []
     if at_bounds:
         info("search: the best trial sits at the edge of its range for " + ", ".join(at_bounds)
              + ": the optimum may lie outside; widen --scale/--lam/--epsilon and rerun with --force")
@@ -230,6 +251,7 @@ def _summary(res, space: SearchSpace, runner, spec: WorkerSpec, to_solve, best_j
         "trials": len(res.records),
         "mean_overhead_s": round(sum(overhead) / len(overhead), 4) if overhead else None,
         "at_bounds": at_bounds,
+        "first_clipped": clipped,
         "best_json": str(best_json),
         "backend": runner.name,
         "in_memory": spec.in_memory,
