@@ -24,7 +24,7 @@ from . import __version__
 from .anchors import AnchorMethod, get_method
 from .arch import Block, ModuleRef, Plan, build_plan
 from .closed_form import GramStats, data_stats, free_stats
-from .errors import InputError
+from .errors import InputError, StateError
 from .params import Params
 from .stage import load_manifest
 from .store import DTYPES, Checkpoint, ShardReader
@@ -144,8 +144,9 @@ def load_project(work: Path) -> Project:
     es = [Checkpoint.open(p, role=f"expert {i + 1}") for i, p in enumerate(paths["experts"])]
     now = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
     if now != man["inputs"]:
-        raise InputError(f"{Path(work) / TASKVEC}: the base or an expert changed on disk since `bmm taskvec`; "
-                         "rerun it with --force")
+        raise StateError(f"{Path(work) / TASKVEC}: the base or an expert changed on disk since `bmm taskvec`; "
+                         "redo the work dir from the new checkpoints: `bmm merge --force` with the same options, or "
+                         "`bmm taskvec --force` and then each later stage with --force")
     plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root))
     return Project(Path(work), b, es, plan, man)
 

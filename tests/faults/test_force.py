@@ -63,3 +63,25 @@ def test_stage_commands_force_after_taskvec_changed(family, tmp_path, capsys):
         got = {p.name: p.read_bytes() for p in sorted((w / stage).glob("*.safetensors"))}
         want = {p.name: p.read_bytes() for p in sorted((fresh / stage).glob("*.safetensors"))}
         assert got == want and got, stage
+
+
+def test_later_stages_after_an_expert_is_resaved_in_place_exit_3(family, tmp_path, capsys):
+    """An expert re-saved after `bmm taskvec`: every later stage stops with exit 3 (the work dir disagrees with the
+    inputs) and names the commands that redo it; `--force` on the later stage alone cannot, `bmm merge --force` can."""
+    base, ex = family("llama")
+    e = tmp_path / "expert"
+    shutil.copytree(ex[0], e)
+    w = tmp_path / "w"
+    bmm_ok(["taskvec", "--base", base, "--experts", e, ex[1], "--work", w], capsys)
+    bmm_ok(["anchor", "--work", w, "--method", "ta", "--device", "cpu"], capsys)
+    bmm_ok(["gram", "--work", w, "--kind", "free", "--device", "cpu"], capsys)
+    sd = load_file(str(e / "model.safetensors"))
+    save_file({k: v * 1.01 for k, v in sd.items()}, str(e / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    for args in (["anchor", "--work", w, "--method", "ta", "--device", "cpu"],
+                 ["gram", "--work", w, "--kind", "free", "--device", "cpu"],
+                 ["solve", "--work", w, "--anchor", "ta", "--lam", "0.1", "--device", "cpu", "--out", out],
+                 ["solve", "--work", w, "--anchor", "ta", "--lam", "0.1", "--device", "cpu", "--out", out, "--force"]):
+        code, _, err = bmm_inproc(args, capsys)
+        assert code == 3 and "changed on disk since `bmm taskvec`" in err and "bmm merge --force" in err, (args, err)
+    assert not out.exists()
