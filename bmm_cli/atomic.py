@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,6 +49,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of an OSError, or of a safetensors ``SafetensorError`` (its Rust I/O error says ``os error N``)."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        m = re.search(r"\(os error (\d+)\)", str(exc))
+        return int(m.group(1)) if m else None
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success it is fsynced and renamed onto ``final``.
@@ -76,8 +87,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         if tmp_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
-        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-            raise disk_full(final, exc.errno) from exc
+        err = _errno_of(exc)
+        if err in _NO_SPACE:
+            raise disk_full(final, err) from exc
         raise
 
 

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -93,6 +94,34 @@ def test_disk_full_in_the_work_dir(ref, work_from, monkeypatch, capsys):
     monkeypatch.undo()
     bmm_ok(args, capsys)
     assert_stage_equal(work, ref.work, "gram-free")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KB tmpfs (root only): a full disk as the kernel reports it, no monkeypatch."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_from_safetensors_is_the_one_line_disk_error(family, small_fs, capsys):
+    """safetensors reports a full disk as SafetensorError ("No space left on device (os error 28)"), not OSError:
+    the stage still stops with the one-line disk message naming the file, and leaves no temp file."""
+    base, ex = family("llama")
+    work = small_fs / "w"
+    code, _, err = bmm_inproc(["taskvec", "--base", base, "--experts", *ex, "--work", work], capsys)
+    assert code == 1, err
+    _one_error_line(err)
+    assert "no space left" in err and str(work / "taskvec") in err, err
+    assert not tmp_files(small_fs)
 
 
 def test_disk_full_on_append_leaves_no_torn_record(tmp_path, monkeypatch):
