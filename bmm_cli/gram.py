@@ -33,27 +33,36 @@ def parse_calib(specs: list[str], experts: list[str]) -> dict[int, str]:
         info("bmm: one --calib file for all experts; the paper uses each expert's own task data")
         return {t: specs[0] for t in range(len(experts))}
     out: dict[int, str] = {}
-    names = {}
+    names: dict[str, int] = {}
     for t, e in enumerate(experts):
-        names[str(t + 1)] = t
-        names[e] = t
-        names[str(Path(e))] = t
-        names[Path(e).name] = t
+        for name in (str(t + 1), e, str(Path(e)), Path(e).name, str(_resolved(e)), _resolved(e).name):
+            names.setdefault(name, t)
     for spec in specs:
         who, sep, path = spec.partition("=")
         if not sep or not path:
             raise InputError(f"--calib {spec!r}: expected EXPERT=PATH (EXPERT: 1-based index, path or directory name)")
-        if who not in names:
+        t = names.get(who, names.get(str(_resolved(who))))
+        if t is None:
             raise InputError(f"--calib {spec!r}: {who!r} is not an expert (use 1..{len(experts)} or an expert's "
                              "directory name)")
-        out[names[who]] = path
+        out[t] = path
     missing = [str(t + 1) for t in range(len(experts)) if t not in out]
     if missing:
         raise InputError(f"--calib: no calibration file for expert(s) {', '.join(missing)}")
     for t, path in out.items():
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise InputError(f"--calib {t + 1}={path}: file not found")
+        if not Path(path).is_file():
+            raise InputError(f"--calib {t + 1}={path}: not a regular file (give a .jsonl, .json or .txt file)")
     return dict(sorted(out.items()))
+
+
+def _resolved(path: str) -> Path:
+    """The absolute, symlink-free form of an expert path (a ``BASE+ADAPTER`` spec or hub id resolves harmlessly)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(path)
 
 
 def gram(

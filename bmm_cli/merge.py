@@ -9,6 +9,7 @@ exit code 3) and then the work directory's lock itself, once the checks passed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,11 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if method.needs_external:
         Checkpoint.open(options.anchor.anchor_model, role="anchor model")
     if gram in ("data", "hybrid") or method.needs_data_grams:
-        check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
-                          max_len=cal.max_len)
+        files = parse_calib(cal.calib, experts)
+        check_calibration(b.root, files, experts, samples=cal.samples, max_len=cal.max_len)
+        # matched once, here, against the experts as given: the gram stage gets them by index
+        cal = dataclasses.replace(cal, calib=[f"{t + 1}={path}" for t, path in files.items()])
+        options = dataclasses.replace(options, calib=cal)
     unsolved = unsolved_note(b, plan, options.anchor.others)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
         check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,

@@ -389,3 +389,32 @@ def test_gram_data_tokenizer_failure_names_the_expert_and_calibration_file(famil
     assert line.startswith("bmm: error: ") and "expert 1" in line and str(tmp_path / "calib0.jsonl") in line, err
     assert "tokenizer" in line and "KeyError" in line
     assert not list((w / "gram-data").glob("*.safetensors"))
+
+
+def test_calib_names_match_the_experts_however_they_are_spelled(family, tmp_path, capsys, monkeypatch):
+    """`--calib` names an expert by the path as given (relative, through `..`), its directory name or a symlink's
+    name: the preflight and the gram stage agree, so the merge runs through (no exit 2 after taskvec)."""
+    base, ex = family("llama")
+    (tmp_path / "models").mkdir()
+    link = tmp_path / "models" / "second"
+    link.symlink_to(ex[1], target_is_directory=True)
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rel = os.path.relpath(ex[0], cwd)  # ../…/expert dir
+    files = [spec.split("=", 1)[1] for spec in write_calib_files(tmp_path, 2, 4)]
+    out = tmp_path / "out"
+    code, _, err = bmm_inproc(["merge", "--base", base, "--experts", rel, "../models/second", "--gram", "data",
+                               "--calib", f"{rel}={files[0]}", "--calib", f"second={files[1]}", "--samples", "4",
+                               "--max-len", "16", "--lam", "0.1", "--device", "cpu", "--out", out], capsys)
+    assert code == 0, err
+    assert (out / "config.json").exists()
+
+
+def test_calib_that_is_not_a_regular_file_says_so(family, tmp_path, capsys):
+    base, ex = family("llama")
+    code, _, err = bmm_inproc(["merge", "--base", base, "--experts", *ex[:2], "--gram", "data", "--calib",
+                               "1=/dev/null", "--calib", f"2={tmp_path / 'missing.jsonl'}", "--out",
+                               tmp_path / "out"], capsys)
+    assert code == 2 and "/dev/null: not a regular file" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.bmm-work").exists()
