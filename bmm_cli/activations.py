@@ -257,7 +257,7 @@ def _import_transformers():
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("data-assisted Grams need transformers: pip install 'bmm-cli[data]'") from exc
+        raise InputError("data-assisted Grams need transformers: from the bmm clone, pip install -e '.[data]'") from exc
     return transformers
 
 

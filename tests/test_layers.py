@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bmm_cli"
 
 # low to high; a pattern ending in ".*" covers a sub-package's modules
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["bmm_cli", "bmm_cli.hook_guard", "bmm_cli.errors", "bmm_cli.faults", "bmm_cli.progress", "bmm_cli.defaults"]),
+    ("base", ["bmm_cli", "bmm_cli.hook_guard", "bmm_cli.errors", "bmm_cli.faults", "bmm_cli.progress",
+              "bmm_cli.defaults"]),
     ("math", ["bmm_cli.closed_form", "bmm_cli.evidence", "bmm_cli.posterior", "bmm_cli.ensemble_metrics",
               "bmm_cli.spectrum", "bmm_cli.lowrank"]),
     ("params format", ["bmm_cli.params", "bmm_cli.arch"]),

@@ -117,7 +117,8 @@ def test_ray_missing_is_one_line_naming_the_extra(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip() == "bmm: error: --ray needs Ray, which is not installed: pip install 'bmm-cli[ray]'"
+    want = "bmm: error: --ray needs Ray, which is not installed: from the bmm clone, pip install -e '.[ray]'"
+    assert p.stderr.strip() == want
     assert not (tmp_path / "o").exists()
 
 

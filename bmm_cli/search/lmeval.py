@@ -15,7 +15,7 @@ from typing import Any
 
 from bmm_cli.errors import InputError
 
-EXTRA = "pip install 'bmm-cli[lm-eval]'"
+EXTRA = "from the bmm clone, pip install -e '.[lm-eval]'"
 
 
 def _import():

@@ -19,7 +19,7 @@ def plot_convergence(records: Sequence[Mapping], path: str | os.PathLike, *, min
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        info("convergence plot skipped: matplotlib is not installed (pip install 'bmm-cli[plot]')")
+        info("convergence plot skipped: matplotlib is not installed (from the bmm clone: pip install -e '.[plot]')")
         return None
     recs = sorted(records, key=lambda r: r["trial"])
     ok = [(r["trial"], r["score"]) for r in recs if r.get("status") == "ok" and r.get("score") is not None]

@@ -26,7 +26,7 @@ from .local import Runner
 from .state import kill_leftover_hooks
 from .trial import Outcome
 
-EXTRA = "pip install 'bmm-cli[ray]'"
+EXTRA = "from the bmm clone, pip install -e '.[ray]'"
 READY_TIMEOUT = 600.0  # seconds an actor may take to load its solver cache (and resident model)
 
 
