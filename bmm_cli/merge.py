@@ -1,4 +1,4 @@
-"""``bmm merge``: taskvec -> anchor -> gram -> solve in one command, reusing every finished stage.
+"""``bmm merge``: taskvec -> gram -> anchor -> solve in one command, reusing every finished stage.
 
 All inputs are checked before any heavy work, and before anything is created (the work directory and its lock come
 after): checkpoints (configs, keys, shapes, dtypes), the anchor and its options, the calibration files and the base
@@ -61,8 +61,11 @@ class MergeOptions(Options):
         gram = self.gram_kind()
         if gram not in GRAM_KINDS:
             raise InputError(f"--gram {gram!r}: choose {', '.join(GRAM_KINDS[:-1])} or {GRAM_KINDS[-1]}")
-        if (gram in ("data", "hybrid") or method.needs_data_grams) and not self.calib.calib:
-            raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
+        if not self.calib.calib and gram in ("data", "hybrid"):
+            raise InputError(f"--gram {gram} needs calibration texts: --calib 1=a.jsonl --calib 2=b.jsonl ...")
+        if not self.calib.calib and method.needs_data_grams:
+            raise InputError(f"--anchor {method.name} needs calibration texts (its merge uses the data Grams): "
+                             "--calib 1=a.jsonl --calib 2=b.jsonl ...")
         params = self.params.check(gram)
         if not self.scorer.given:
             if self.relative_lam:
@@ -96,7 +99,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
         options = MergeOptions.build(**flat)
     elif flat:
         raise TypeError(f"merge: give options or flat keywords, not both ({', '.join(flat)})")
-    out = Path(out)
+    out = Path(out).absolute()  # printed and recorded absolute, as `bmm search` does
     work = Path(options.work) if options.work is not None else default_work(out)
     # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
     method, gram, params = options.check()

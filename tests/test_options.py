@@ -145,3 +145,11 @@ def test_runners_come_from_one_table():
     RunnerOptions(parallel=2).check(in_memory=False)
     with pytest.raises(InputError, match="drop --gpus"):
         RunnerOptions(ray="auto", gpus=["0"]).check(in_memory=False)
+
+
+def test_missing_calibration_names_what_needs_it():
+    with pytest.raises(InputError, match="--gram data needs calibration texts") as exc:
+        MergeOptions.build(anchor="tsv", gram="data").check()
+    assert "tsv" not in str(exc.value)
+    with pytest.raises(InputError, match="--anchor regmean needs calibration texts"):
+        MergeOptions.build(anchor="regmean").check()
