@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bmm quick start: make a venv, install bmm into it, build three real tasks, fine-tune three small MiniLM experts,
 # merge, search, and print test accuracy. CPU only, offline except for the package registries (pip, apt).
-# Measured on a fresh clone on a busy 2-core machine: 38 min and 2.7 GB of disk (README.md, "Quick start").
+# Measured on a fresh clone on a busy 2-core machine: 38 min and 3.3 GB of disk (2.2 GB of it the .venv) (README.md, "Quick start").
 # Reruns reuse the venv ($BMM_VENV, default .venv), the data and experts ($BMM_BENCH_CACHE, default
 # ~/.cache/bmm-demo) and the merges.
 set -euo pipefail
