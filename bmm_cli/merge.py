@@ -20,6 +20,7 @@ from .anchor import anchor as run_anchor
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
+from .hub import preflight_remote
 from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions
 from .out_lock import output_lock
 from .progress import info
@@ -104,6 +105,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
     method, gram, params = options.check()
     o, cal = options.output, options.calib
+    preflight_remote(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)  # hub ids: from headers
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)
     pf = options.params.params_file
     plan.check_block_groups(params.num_groups, f"--blocks {options.params.blocks}" if pf is None else str(pf))

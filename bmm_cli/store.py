@@ -201,7 +201,7 @@ def read_header(path: Path, *, fix: str | None = None) -> tuple[dict[str, Any], 
 # reading
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return (
         len(parts) == 2
@@ -224,7 +224,7 @@ def resolve_model_dir(spec: str | os.PathLike, *, role: str = "model") -> Path:
                                  "convert to safetensors first, e.g. save_pretrained(..., safe_serialization=True)")
             raise InputError(f"{role} {path}: expected a model directory or a .safetensors file")
         return path.resolve()
-    if not _looks_like_hub_id(spec_s):
+    if not looks_like_hub_id(spec_s):
         raise InputError(f"{role} {spec_s}: no such file or directory (and not a hub id like org/name)")
     try:
         from huggingface_hub import snapshot_download
