@@ -67,7 +67,7 @@ def module_stats(work: Path) -> tuple[list[dict], object]:
     import torch
     from rich.progress import track
 
-    from bmm_cli.taskvec import load_project
+    from bmm_cli.workdir import load_project
 
     proj = load_project(work)
     layers = max(proj.plan.stack_layers.values())
@@ -174,7 +174,7 @@ def rule_lams(recs: list[dict], anchor: str, rule: str, lib: dict | None) -> dic
 
 
 def pooled(work: Path, lams: dict[str, float]) -> dict[str, float]:
-    from bmm_cli.evidence import params_per_layer
+    from bmm_cli.default_params import params_per_layer
 
     return params_per_layer(work, lams, 1.0)
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.lib_modules:  # bench/decoder_bench.py lam's per-module record of the same computation
                 lib = {anc: read_json(Path(a.lib_modules.replace("{anchor}", anc)))["modules"] for anc in anchors}
             else:
-                from bmm_cli.evidence import module_lams
+                from bmm_cli.default_params import module_lams
                 lib = module_lams(work, anchors, "free")
         recs, proj = module_stats(work)
         _log(f"statistics of {len(recs)} modules in {time.time() - t0:.0f} s")

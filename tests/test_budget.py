@@ -21,9 +21,11 @@ def _dir_bytes(p: Path) -> int:
 
 def test_estimate_within_10_percent_of_the_real_stages(family, tmp_path):
     from bmm_cli.anchor import anchor
+    from bmm_cli.factor_cache import prepare_trials
     from bmm_cli.gram import gram
-    from bmm_cli.solve import Sources, prepare_trials, solve
-    from bmm_cli.taskvec import load_project, taskvec
+    from bmm_cli.solve import solve
+    from bmm_cli.taskvec import taskvec
+    from bmm_cli.workdir import Sources, load_project
 
     base, experts = family("llama")
     work = tmp_path / "work"

@@ -17,7 +17,8 @@ from bench.evidence_study import (
     rule_lams,
 )
 from bmm_cli.anchor import anchor
-from bmm_cli.evidence import evidence_lam, module_lams, residual_energy, spectrum
+from bmm_cli.default_params import module_lams
+from bmm_cli.evidence import evidence_lam, residual_energy, spectrum
 from bmm_cli.gram import gram
 from bmm_cli.solve import solve
 from bmm_cli.taskvec import taskvec
