@@ -162,13 +162,13 @@ def mixed_dtypes(family, tmp_path):
 def no_solvable_module(family, tmp_path):
     import transformers as tf
 
-    cfg = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    cfg = tf.MambaConfig(vocab_size=100, hidden_size=32, state_size=4, num_hidden_layers=2)
     torch.manual_seed(0)
-    b = save(tf.T5ForConditionalGeneration(cfg), tmp_path / "t5-base")
+    b = save(tf.MambaForCausalLM(cfg), tmp_path / "mamba-base")
     es = []
     for t in range(2):
         torch.manual_seed(0)
-        es.append(save(perturb(tf.T5ForConditionalGeneration(cfg), t), tmp_path / f"t5-e{t}"))
+        es.append(save(perturb(tf.MambaForCausalLM(cfg), t), tmp_path / f"mamba-e{t}"))
     return b, es, [str(b), "no solvable module", "cannot merge this architecture"]
 
 
