@@ -96,8 +96,8 @@ def add_anchor(recs: list[dict], proj, work: Path, anchor: str) -> None:
     """Per module of ``recs``: the anchor's U0Q, the evidence's c = Σ_j Z_ji² and Ŝ (fp64)."""
     import torch
 
-    from bmm_cli.workdir import AnchorStage
     from bmm_cli.evidence import residual_energy
+    from bmm_cli.workdir import AnchorStage
 
     st = AnchorStage(work, anchor)
     cur = None

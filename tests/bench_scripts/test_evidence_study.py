@@ -49,7 +49,7 @@ def test_fp64_rule_is_the_evidence_of_the_raw_task_vectors(study):
     blk = proj.plan.blocks[0]
     ref = blk.modules[0]
     taus = proj.taus(blk, ref).double()
-    from bmm_cli.anchor import AnchorStage
+    from bmm_cli.workdir import AnchorStage
     u0 = AnchorStage(work, "ta").block(blk).get(ref.key).double()
     G = sum(u.T @ u for u in taus)
     B = sum(u @ u.T @ u for u in taus)
