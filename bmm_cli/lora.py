@@ -31,10 +31,10 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import atomic
 from .errors import InputError
-from .store import resolve_model_dir, save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -335,6 +335,11 @@ class LoraCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.meta
 
+    @property
+    def reopen_spec(self) -> str:
+        """``BASE+ADAPTER`` with absolute paths: what :meth:`bmm_cli.store.Checkpoint.open` reopens as this expert."""
+        return f"{self.base.root}+{self.root}"
+
     def config(self) -> dict:
         return self.base.config()
 
@@ -374,14 +379,16 @@ def open_expert(spec: str, base, *, role: str = "expert"):
     opened ``base`` (a ``BASE`` that is not the merge's base is refused); anything else -> None (open it as a model)."""
     base_spec, adapter = split_spec(spec)
     if base_spec is not None:
-        if resolve_model_dir(base_spec, role=f"{role} base") != Path(base.root).resolve():
+        local = Path(base_spec).expanduser()
+        same = local.resolve() == Path(base.root).resolve() if local.exists() else base_spec == base.spec
+        if not same:
             raise InputError(f"{role} {spec}: its base {base_spec} is not the merge's base {base.root}; "
                              "every expert must be a fine-tune of the same base")
         if not is_adapter(adapter):
             raise InputError(f"{role} {spec}: {adapter} is not a PEFT adapter directory (no {CONFIG_NAME})")
     elif not is_adapter(adapter):
         return None
-    return LoraCheckpoint.open(base, adapter, spec=spec)
+    return LoraCheckpoint.open(base, Path(adapter).resolve(), spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +492,8 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_tensors(tmp / WEIGHTS_NAME, tensors)
+        clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic.write_with(tmp / WEIGHTS_NAME, lambda p: save_file(clean, str(p)))
         atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
         tmp.chmod(0o777 & ~atomic._umask())
         atomic.replace_dir(tmp, out)

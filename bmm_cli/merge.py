@@ -16,18 +16,20 @@ from typing import Any
 
 from .activations import check_calibration
 from .anchor import anchor as run_anchor
+from .anchor import vocab_cut
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
-from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions
+from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions, VocabOptions
 from .out_lock import output_lock
 from .progress import info
 from .search import search as run_search
 from .search.options import RunnerOptions, ScorerOptions, SearchOptions, SpaceOptions, TrialOptions
 from .solve import solve as run_solve
+from .solve import vocab_output
 from .stage import work_lock
 from .store import Checkpoint
-from .taskvec import open_inputs
+from .taskvec import check_data_experts, open_inputs
 from .taskvec import taskvec as run_taskvec
 from .workdir import GRAM_KINDS
 from .writer import check_output_dir
@@ -41,6 +43,7 @@ class MergeOptions(Options):
     params: ParamsOptions = field(default_factory=ParamsOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    vocab: VocabOptions = field(default_factory=VocabOptions)
     scorer: ScorerOptions = field(default_factory=ScorerOptions)
     optimizer: TrialOptions = field(default_factory=lambda: TrialOptions(trials=30))
     runner: RunnerOptions = field(default_factory=RunnerOptions)
@@ -56,6 +59,7 @@ class MergeOptions(Options):
         """Every option that needs no input file; returns ``(anchor method, gram kind, params)``."""
         method = self.anchor.check()
         self.output.check()
+        self.vocab.check()
         self.calib.check()
         gram = self.gram_kind()
         if gram not in GRAM_KINDS:
@@ -71,6 +75,9 @@ class MergeOptions(Options):
         if self.params.given:
             raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
                              "(or drop --eval to merge with them)")
+        if self.vocab.given:
+            raise InputError("bmm merge --eval writes the base's tokenizer and chat template: drop --tokenizer / "
+                             "--chat-template, or run bmm solve --params best.json --tokenizer ... after the search")
         self.optimizer.check()
         self.scorer.check()
         self.runner.check(in_memory=self.scorer.in_memory)
@@ -100,12 +107,20 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
     method, gram, params = options.check()
     o, cal = options.output, options.calib
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch,
+                              tokenizer=options.vocab.tokenizer)
+    if not options.scorer.given:
+        vocab_output(b, es, plan, options.vocab.tokenizer, options.vocab.chat_template, say=False)
+    elif (cut := vocab_cut(b, es, plan)) is not None and any(
+            cut[1] != b.meta[k].shape[a] for k, a in cut[0].items()):
+        raise InputError(f"{b.root}: the base has padding rows past its tokenizer and experts added tokens; "
+                         "bmm merge --eval cannot write that vocabulary: search with bmm search, then bmm solve")
     pf = options.params.params_file
     plan.check_block_groups(params.num_groups, f"--blocks {options.params.blocks}" if pf is None else str(pf))
     if method.needs_external:
         Checkpoint.open(options.anchor.anchor_model, role="anchor model")
     if gram in ("data", "hybrid") or method.needs_data_grams:
+        check_data_experts(es)
         check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
                           max_len=cal.max_len)
     unsolved = unsolved_note(b, plan, options.anchor.others)
@@ -151,7 +166,8 @@ def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram
     if not options.scorer.given:
         res = run_solve(work, method.name, gram, out=out, params_file=p.params_file, lam=p.lam, scale=p.scale,
                         epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
-                        max_shard_size=o.max_shard_size, force=o.force)
+                        max_shard_size=o.max_shard_size, force=o.force, tokenizer=options.vocab.tokenizer,
+                        chat_template=options.vocab.chat_template)
     else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
         res = run_search(work, method.name, gram, out=out, options=options.search_options())
     res["work"] = str(work)
