@@ -111,6 +111,14 @@ def plan(
         for g, ids in r["block_groups"].items():
             span = f"{ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else "-"
             lines.append(f"block-group {g}: {span}")
+        for i, lo in r["lora"].items():
+            lines.append(f"lora         expert {i}: rank {'/'.join(map(str, lo['ranks']))} on "
+                         f"{lo['solvable_modules']} of {r['modules']} solvable modules (zero task vector elsewhere)"
+                         + (f", {len(lo['other_tensors'])} other tensors" if lo["other_tensors"] else ""))
+        if r["vocabulary"]:
+            v = r["vocabulary"]
+            lines.append(f"vocabulary   experts added {len(v['added_by_experts'])} tokens after the base's "
+                         f"{v['base_tokens']}: merged on the shared rows; see --tokenizer")
         if r["unknown"]:
             lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
                          "(merged by the anchor's rule for other tensors):")

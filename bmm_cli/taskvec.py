@@ -128,6 +128,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
 def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
     """What ``bmm plan`` prints: solvable modules per block and group, others, unknown keys, sizes."""
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=True)
+    _, tplan = token_plan(b, es, plan, "base")
     groups: dict[str, int] = {}
     tv_bytes = 0
     for m in plan.modules:
@@ -148,4 +149,15 @@ def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
         "others": plan.others,
         "unknown": plan.unknown,
         "taskvec_bytes_fp32": tv_bytes,
+        "lora": {str(i + 1): _lora_summary(e, plan) for i, e in enumerate(es) if isinstance(e, lora.LoraCheckpoint)},
+        "vocabulary": None if tplan is None else {"base_tokens": tplan.shared,
+                                                  "added_by_experts": tplan.dropped},
     }
+
+
+def _lora_summary(e, plan: Plan) -> dict:
+    """What a LoRA expert changes: its adapted solvable modules (the rest get a zero task vector from it)."""
+    ad = e.adapter
+    solvable = {m.key for m in plan.modules}
+    return {"adapter": str(e.root), "ranks": sorted({m.rank for m in ad.modules.values()}),
+            "solvable_modules": len(set(ad.modules) & solvable), "other_tensors": sorted(ad.touched() - solvable)}

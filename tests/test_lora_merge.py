@@ -101,6 +101,11 @@ def test_plan_and_refusals(lora_family, tmp_path):
     base, (plain, rs, dense), _ = lora_family
     r = json.loads(bmm("plan", "--base", base, "-e", plain, "-e", f"{base}+{rs}", "--json").stdout)
     assert r["experts"] == [str(plain.resolve()), str(rs.resolve())] and not r["unknown"]
+    assert r["lora"]["1"] == {"adapter": str(plain.resolve()), "ranks": [4], "solvable_modules": 15,
+                              "other_tensors": []}
+    assert r["lora"]["2"]["solvable_modules"] == 9 and r["lora"]["2"]["other_tensors"] == ["lm_head.weight"]
+    human = bmm("plan", "--base", base, "-e", plain, rs).stdout
+    assert "expert 1: rank 4 on 15 of 21 solvable modules" in human
     p = bmm("merge", "--base", plain, "-e", dense, "--out", tmp_path / "o", check=False)
     assert p.returncode == 2 and "is a PEFT LoRA adapter" in p.stderr
     p = bmm("merge", "--base", base, "-e", f"{dense}+{plain}", "--out", tmp_path / "o", check=False)

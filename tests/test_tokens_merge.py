@@ -80,6 +80,8 @@ def test_base_and_expert_vocabularies(fam, tmp_path):
 
 def test_refusals_come_before_any_work(fam, tmp_path):
     _, base, (e2, e5) = fam
+    r = json.loads(bmm("plan", "--base", base, "-e", e2, e5, "--json").stdout)
+    assert r["vocabulary"] == {"base_tokens": 100, "added_by_experts": sorted(s for s, _ in ADDED[5])}
     out = tmp_path / "o"
     for args, msg in [(("--tokenizer", "7"), "expert number 1..2"), (("--tokenizer", "nope"), "--tokenizer 'nope'"),
                       (("--chat-template", "3"), "expert number 1..2"),
