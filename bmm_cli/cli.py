@@ -353,6 +353,10 @@ def merge(
                                "--out."),
     tokenizer: str = TOKENIZER_OPT,
     chat_template: str = CHAT_TEMPLATE_OPT,
+    out_format: str = typer.Option(MD["out_format"], "--out-format", help="model (a full model) or peft (every "
+                                   "expert a LoRA adapter: the merge as one LoRA adapter on the base)."),
+    rank: Optional[int] = typer.Option(MD["rank"], "--rank", min=1, help="With --out-format peft: the adapter's "
+                                       "rank (default: exact, the experts' ranks added up at most)."),
     eval_cmd: Optional[str] = typer.Option(MD["eval_cmd"], "--eval", help="Search s and λ with this evaluation "
                                            "command (as bmm search --eval) and write the best trial's model to "
                                            "--out."),
@@ -383,7 +387,7 @@ def merge(
         lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
         trials=trials, initial=initial, trial_dir=trial_dir, relative_lam=relative_lam,
         gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch,
-        tokenizer=tokenizer, chat_template=chat_template)
+        tokenizer=tokenizer, chat_template=chat_template, out_format=out_format, rank=rank)
     # merge checks every input first and only then creates and locks the work directory
     res = run(base, experts, out, options=options)
     _emit(res, as_json, lambda r: r["model"])

@@ -436,7 +436,8 @@ def compress(left: torch.Tensor, right: torch.Tensor, rank: int | None, *,
 
 def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: int | None = None,
                        base_model: str | None = None, modules_to_save: Mapping[str, torch.Tensor] | None = None,
-                       dtype: torch.dtype = torch.float32, force: bool = False) -> dict:
+                       dtype: torch.dtype = torch.float32, force: bool = False,
+                       files: Mapping[str, str] | None = None) -> dict:
     """Write the merge as one PEFT LoRA adapter on the base; returns ``{"rank": r, "modules": {key: {"rank",
     "energy"}}}``.
 
@@ -445,6 +446,7 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
     ``B·A`` = the update (exact when each update's rank is at most ``rank``; else its truncated SVD, ``energy`` < 1).
     ``modules_to_save``: full tensors (base key -> tensor) of whole modules the merge changed otherwise
     (e.g. ``lm_head.weight``): the module name (the key without its last part) is listed in ``modules_to_save``.
+    ``files``: more text files (name -> content) for the directory (a model card, a recipe).
     The directory appears complete or not at all."""
     out = Path(out)
     if rank is not None and rank < 1:
@@ -495,6 +497,8 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         atomic.write_with(tmp / WEIGHTS_NAME, lambda p: save_file(clean, str(p)))
         atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            atomic.write_text(tmp / name, text)
         tmp.chmod(0o777 & ~atomic._umask())
         atomic.replace_dir(tmp, out)
     finally:

@@ -25,8 +25,8 @@ from .out_lock import output_lock
 from .progress import info
 from .search import search as run_search
 from .search.options import RunnerOptions, ScorerOptions, SearchOptions, SpaceOptions, TrialOptions
+from .solve import check_adapter_experts, solve_adapter, vocab_output
 from .solve import solve as run_solve
-from .solve import vocab_output
 from .stage import work_lock
 from .store import Checkpoint
 from .taskvec import check_data_experts, open_inputs
@@ -51,6 +51,8 @@ class MergeOptions(Options):
     work: str | Path | None = None
     allow_dtype_mismatch: bool = False
     relative_lam: bool = False
+    out_format: str = "model"  # model | peft (every expert a LoRA adapter: the merge as one adapter)
+    rank: int | None = None  # --out-format peft: the adapter's rank (None: exact, Σ r_t at most)
 
     def gram_kind(self) -> str:
         return self.gram or ("hybrid" if self.calib.calib else "free")
@@ -67,6 +69,7 @@ class MergeOptions(Options):
         if (gram in ("data", "hybrid") or method.needs_data_grams) and not self.calib.calib:
             raise InputError(f"--gram {gram} / --anchor {method.name} need calibration texts: --calib 1=a.jsonl ...")
         params = self.params.check(gram)
+        self._check_format(gram)
         if not self.scorer.given:
             if self.relative_lam:
                 raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: "
@@ -82,6 +85,15 @@ class MergeOptions(Options):
         self.scorer.check()
         self.runner.check(in_memory=self.scorer.in_memory)
         return method, gram, params
+
+    def _check_format(self, gram: str) -> None:
+        if self.out_format not in ("model", "peft"):
+            raise InputError(f"--out-format {self.out_format!r}: choose model or peft")
+        if self.rank is not None and (self.out_format != "peft" or isinstance(self.rank, bool) or self.rank < 1):
+            raise InputError(f"--rank {self.rank}: an integer >= 1, with --out-format peft")
+        if self.out_format == "peft" and (gram != "free" or self.scorer.given or self.vocab.given):
+            raise InputError("--out-format peft writes the data-free solve as an adapter: drop --calib/--gram, "
+                             "--eval and --tokenizer/--chat-template")
 
     def search_options(self) -> SearchOptions:
         """The search ``merge`` runs: its scorer, trials and runner, over the block-groups of ``--blocks``."""
@@ -109,7 +121,9 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     o, cal = options.output, options.calib
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch,
                               tokenizer=options.vocab.tokenizer)
-    if not options.scorer.given:
+    if options.out_format == "peft":
+        check_adapter_experts(es)
+    elif not options.scorer.given:
         vocab_output(b, es, plan, options.vocab.tokenizer, options.vocab.chat_template, say=False)
     elif (cut := vocab_cut(b, es, plan)) is not None and any(
             cut[1] != b.meta[k].shape[a] for k, a in cut[0].items()):
@@ -163,7 +177,12 @@ def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram
                                           batch_size=cal.batch_size, device=o.device, force=o.force)
     stages["anchor"] = run_anchor(work, method.name, a.anchor_opts, others=a.others, external=a.anchor_model,
                                   device=o.device, force=o.force)
-    if not options.scorer.given:
+    if options.out_format == "peft":
+        res = solve_adapter(work, method.name, out=out, rank=options.rank, params_file=p.params_file, lam=p.lam,
+                            scale=p.scale, epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
+                            force=True)  # check_output_dir above decided whether out may be replaced
+        res["model"] = res["adapter"]
+    elif not options.scorer.given:
         res = run_solve(work, method.name, gram, out=out, params_file=p.params_file, lam=p.lam, scale=p.scale,
                         epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
                         max_shard_size=o.max_shard_size, force=o.force, tokenizer=options.vocab.tokenizer,

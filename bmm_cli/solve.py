@@ -20,16 +20,17 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, tokens
+from . import atomic, lora, tokens
 from .arch import Block, Plan
 from .closed_form import solve_direct
 from .default_params import EVIDENCE_RULE, solve_params
 from .device import resolve_device
+from .errors import InputError
 from .factor_cache import add_block, current_factors
 from .params import Params
 from .progress import info, track
 from .stage import Stage
-from .store import Checkpoint, parse_dtype
+from .store import MARKER_NAME, Checkpoint, parse_dtype
 from .taskvec import token_plan
 from .trial_solver import TrialSolver
 from .workdir import Sources, from_linear
@@ -86,6 +87,82 @@ def solve(
             "device": str(dev), "modules": stats["modules"],
             "path": "cached eigenbasis (the search's)" if factors is not None else "direct (fp64 Cholesky)",
             "max_relative_change": round(stats["max_rel_change"], 6), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def solve_adapter(
+    work: Path,
+    anchor: str,
+    *,
+    out: Path,
+    rank: int | None = None,
+    params_file: str | Path | None = None,
+    lam: float | None = None,
+    scale: float | None = None,
+    epsilon: float | None = None,
+    blocks: int = 1,
+    device: str = "auto",
+    dtype: str | None = None,
+    force: bool = False,
+) -> dict:
+    """The data-free merge of LoRA experts written as one PEFT LoRA adapter on the base (``--out-format peft``).
+
+    Each module's update ``ΔW = s·U`` is cut to the span of the experts' stacked A factors (``Q``, Σr_t columns:
+    :mod:`bmm_cli.lowrank`): exact for anchors whose rows stay in it (TA, TSV, ISO, zero); otherwise, and above
+    ``rank``, :func:`bmm_cli.lora.compress` keeps the best rank-``rank`` part and the result reports the energy kept
+    per module. Changed "other" tensors (``modules_to_save``, embedding LoRA) go to ``modules_to_save``; a changed
+    bias of an adapted module goes to ``lora_B.bias``."""
+    t0 = time.perf_counter()
+    src = Sources(work, anchor, "free")
+    proj = src.proj
+    check_adapter_experts(proj.experts)
+    params = solve_params(src, params_file, lam=lam, scale=scale, eps=epsilon, blocks=blocks)
+    dev = resolve_device(device)
+    out_dt = parse_dtype(dtype) if dtype else torch.float32
+    factors = current_factors(src)
+    r = src.anchor.others()
+    changed = {k: r.get(k) for k in proj.plan.others
+               if not torch.equal(r.get(k).float(), proj.base.get(k).float())}
+    updates, exact = [], 0
+    for blk in track(proj.plan.blocks, f"solve (free, anchor {src.anchor.method.name}) -> adapter"):
+        for ref, W in _solve_block(src, params, blk, dev, factors):
+            d = W.double() - proj.base_linear(ref).double()
+            bias_key = ref.key.removesuffix("weight") + "bias"
+            bias = changed.pop(bias_key) - proj.base.get(bias_key).float() if bias_key in changed else None
+            if not bool(d.any()) and bias is None:
+                continue
+            fs = [f for f in (e.factors(ref.key) for e in proj.experts) if f is not None]
+            left = right = None
+            if fs:
+                Q = torch.linalg.qr(torch.cat([a.double() for _, a in fs]).mT).Q
+                left = d @ Q
+                if float(torch.linalg.norm(d - left @ Q.mT)) <= 1e-6 * float(torch.linalg.norm(d)):
+                    right, exact = Q.mT, exact + 1
+            u = (lora.ModuleUpdate(ref.key, left, right, conv1d=ref.conv1d, bias=bias) if right is not None
+                 else lora.ModuleUpdate.dense(ref.key, d, conv1d=ref.conv1d, bias=bias))
+            updates.append(u)
+        proj.base.close()
+    saved = {k.rsplit(".", 1)[0] for k in changed}  # modules_to_save holds whole modules: every tensor of each
+    changed.update({k: r.get(k) for k in proj.plan.others if k.rsplit(".", 1)[0] in saved and k not in changed})
+    recipe = src.recipe(params, out_format="peft", rank=rank)
+    card = model_card({"title": f"BMM merge as a LoRA adapter (free, anchor {src.anchor.method.name})", **recipe})
+    res = lora.write_peft_adapter(out, updates, rank=rank, base_model=proj.base.spec, modules_to_save=changed,
+                                  dtype=out_dt, force=force,
+                                  files={MARKER_NAME: json.dumps(recipe, indent=2) + "\n", "README.md": card})
+    energies = {k: v["energy"] for k, v in res["modules"].items()}
+    low = min(energies, key=energies.get) if energies else None
+    info(f"bmm: adapter rank {res['rank']}, {len(updates)} modules ({exact} exactly in the span of the experts' A); "
+         + (f"energy kept >= {energies[low]:.6f} ({low})" if low else "no module changed"))
+    return {"adapter": str(out), "anchor": src.anchor.method.name, "rank": res["rank"], "params": params.flat(),
+            "modules": res["modules"], "modules_to_save": sorted(changed),
+            "min_energy": energies[low] if low else 1.0, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def check_adapter_experts(experts: list) -> None:
+    """``--out-format peft`` writes an adapter on the base: every expert must be a LoRA adapter of it."""
+    for i, e in enumerate(experts):
+        if not isinstance(e, lora.LoraCheckpoint):
+            raise InputError(f"--out-format peft: expert {i + 1} ({e.root}) is a full model, not a LoRA adapter; "
+                             "an adapter output needs every expert to be a LoRA adapter (or write a full model)")
 
 
 @dataclass

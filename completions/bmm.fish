@@ -84,6 +84,8 @@ complete -c bmm -n '__fish_seen_subcommand_from merge' -l allow-dtype-mismatch -
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l force -d 'Redo stages whose inputs changed; replace a foreign --out'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l tokenizer -x -d 'Output vocabulary when experts added tokens - base (drop them), union (every added token, rows from the experts that added it) or an expert (number or path)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l chat-template -x -d 'auto (the experts template when they agree, else the bases), base, an expert (number or path) or a template file'
+complete -c bmm -n '__fish_seen_subcommand_from merge' -l out-format -r -F -d 'model (a full model) or peft (every expert a LoRA adapter - the merge as one LoRA adapter on the base)'
+complete -c bmm -n '__fish_seen_subcommand_from merge' -l rank -x -d 'With --out-format peft - the adapters rank (default - exact, the experts ranks added up at most)'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l eval -x -d 'Search s and λ with this evaluation command (as bmm search --eval) and write the best trials model to --out'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l eval-py -x -d 'In-memory trials - MODULE -FUNCTION or path/file.py -FUNCTION, called as FUNCTION(model, tokenizer, trial) -> float | dict on the resident base, updated in place per trial'
 complete -c bmm -n '__fish_seen_subcommand_from merge' -l lm-eval -x -d 'In-memory trials scored by lm-evaluation-harness tasks (comma-separated) - the mean of their primary metrics'

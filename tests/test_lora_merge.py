@@ -116,3 +116,35 @@ def test_plan_and_refusals(lora_family, tmp_path):
             "--out", tmp_path / "o", check=False)
     assert p.returncode == 2 and "LoRA" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.bmm-work").exists()
+
+
+def test_lora_experts_merged_to_one_adapter(lora_family, tmp_path):
+    import transformers as tf
+
+    base, (plain, rs, dense), _ = lora_family
+    common = ["--base", base, "-e", plain, rs, "--anchor", "ta", "--work", tmp_path / "w"]
+    bmm("merge", *common, "--out", tmp_path / "full")
+    r = json.loads(bmm("merge", *common, "--out-format", "peft", "--out", tmp_path / "ad", "--json").stdout)
+    assert r["rank"] <= 4 + 2 and r["min_energy"] == pytest.approx(1.0, abs=1e-9)
+    assert r["modules_to_save"] == ["lm_head.weight"]
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m.eval()(input_ids=ids).logits
+
+    want = logits(tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full")))
+    ad = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "ad"))
+    torch.testing.assert_close(logits(ad), want, rtol=1e-4, atol=1e-5)
+    assert "base_model_relation: merge" in (tmp_path / "ad" / "README.md").read_text()
+    # above --rank the update is cut by SVD and the energy kept is reported per module
+    r2 = json.loads(bmm("merge", *common, "--out-format", "peft", "--rank", "2", "--out", tmp_path / "ad",
+                        "--json").stdout)  # a bmm output: replaced without --force
+    assert r2["rank"] == 2 and 0 < r2["min_energy"] < 1
+    assert r2["modules"]["model.layers.0.self_attn.k_proj.weight"]["energy"] == pytest.approx(1.0)
+    p = bmm("merge", "--base", base, "-e", plain, dense, "--out-format", "peft", "--out", tmp_path / "x",
+            check=False)
+    assert p.returncode == 2 and "expert 2" in p.stderr and "not a LoRA adapter" in p.stderr
+    p = bmm("merge", "--base", base, "-e", plain, rs, "--rank", "2", "--out", tmp_path / "x", check=False)
+    assert p.returncode == 2 and "--out-format peft" in p.stderr
+    assert not (tmp_path / "x").exists()
