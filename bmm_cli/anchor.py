@@ -24,7 +24,8 @@ from .errors import InputError
 from .progress import info, track
 from .stage import Stage, load_manifest
 from .store import DTYPES, Checkpoint, ShardReader, parse_dtype
-from .taskvec import open_inputs
+from .taskvec import open_inputs, vocab_of
+from .tokens import base_rows, cut_rows, read_vocab
 from .workdir import ANCHOR_OTHERS as OTHERS
 from .workdir import Project, from_linear, load_project, task_gram_reader, to_linear
 from .workdir import anchor_stage as stage_name
@@ -37,7 +38,29 @@ def _data_gram_reader(work: Path):
     return task_gram_reader(work)
 
 
-def _iter_all(proj: Project) -> Iterator[tuple[str, torch.Tensor]]:
+def vocab_cut(base: Checkpoint, experts: list, plan) -> tuple[dict[str, int], int] | None:
+    """Experts that appended tokens: the vocabulary tensors (key -> token axis) and the number of shared rows (the
+    base tokenizer's tokens), the rows the anchor merges; None when every expert has the base's rows."""
+    layout = vocab_of(base, experts, plan)
+    if layout is None or not layout.resized:
+        return None
+    vocab = read_vocab(base.root)
+    if vocab is None:
+        raise InputError(f"{base.root}: no tokenizer.json, so the experts' extra embedding rows cannot be matched to "
+                         "tokens (save the base's fast tokenizer next to it)")
+    return layout.keys, min(vocab.size, layout.base_rows)
+
+
+def other_taus(base: Checkpoint, experts: list, key: str, cut) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, [T, ...] task vectors) of an "other" tensor; a vocabulary tensor cut to its shared rows."""
+    if cut is None or key not in cut[0]:
+        return Project.other_taus_of(base, experts, key)
+    axis, n = cut[0][key], cut[1]
+    b = cut_rows(base.get(key), axis, n).float()
+    return b, torch.stack([cut_rows(e.get(key), axis, n).float() - b for e in experts])
+
+
+def _iter_all(proj: Project, cut=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, taus) of every floating tensor, in base order; solvable ones from the taskvec shards."""
     refs = {m.key: (blk, m) for blk in proj.plan.blocks for m in blk.modules}
     readers: dict[str, ShardReader] = {}
@@ -51,7 +74,7 @@ def _iter_all(proj: Project) -> Iterator[tuple[str, torch.Tensor]]:
                 readers[blk.shard] = proj.reader(blk)
             yield key, proj.taus(blk, ref, readers[blk.shard])
         else:
-            yield key, proj.other_taus(key)[1]
+            yield key, other_taus(proj.base, proj.experts, key, cut)[1]
 
 
 def other_value(method: AnchorMethod, rule: str, key: str, base: torch.Tensor, taus: torch.Tensor, opts, state):
@@ -96,12 +119,13 @@ def anchor(
         grams = _data_gram_reader(work)
     stage = Stage(work, stage_name(m.name), inputs=inputs, options={**options_dict(o), "others": others},
                   force=force)
+    cut = vocab_cut(proj.base, proj.experts, proj.plan)
     state = None
     if m.needs_global_pass:
         state = stage.manifest.get("state")
         if state is None:
             info(f"bmm: {m.name}: global pass over all tensors")
-            state = m.prepare(o, lambda: _iter_all(proj), proj.num_tasks, dev)
+            state = m.prepare(o, lambda: _iter_all(proj, cut), proj.num_tasks, dev)
             try:
                 json.dumps(state)
             except TypeError:
@@ -114,8 +138,8 @@ def anchor(
     if not stage.done(OTHERS):
         tensors = {}
         for key in track(proj.plan.others, f"anchor {m.name}: other tensors"):
-            base, taus = proj.other_taus(key)
-            tensors[key] = _other_full(m, o, state, others, key, base, taus, ext)
+            base, taus = other_taus(proj.base, proj.experts, key, cut)
+            tensors[key] = _other_full(m, o, state, others, key, base, taus, ext, cut)
         stage.write(OTHERS, tensors)
     stage.finish(method=m.name, options=options_dict(o))
     res = {"stage": stage.name, "dir": str(stage.dir), "method": m.name, "options": options_dict(o),
@@ -144,10 +168,13 @@ def _module_u0(m: AnchorMethod, o, state, dev, ref, taus: torch.Tensor, base: to
     return m.module(inp, o, state, dev).float().cpu().contiguous()
 
 
-def _other_full(m: AnchorMethod, o, state, others: str, key: str, base: torch.Tensor, taus: torch.Tensor, ext):
-    """The merged full value of one "other" tensor (what the stage's others shard stores)."""
+def _other_full(m: AnchorMethod, o, state, others: str, key: str, base: torch.Tensor, taus: torch.Tensor, ext,
+                cut=None):
+    """The merged full value of one "other" tensor (what the stage's others shard stores; a vocabulary tensor of
+    resized experts: its shared rows)."""
     if ext is not None and base.is_floating_point():
-        return ext.get(key).float()
+        v = ext.get(key).float()
+        return cut_rows(v, cut[0][key], cut[1]) if cut is not None and key in cut[0] else v
     return other_value(m, others, key, base, taus, o, state)
 
 
@@ -176,7 +203,10 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
     r = stage.read(OTHERS)
     for key in proj.plan.others:
         if not writer.shard_done(key):
-            writer.add(key, r.get(key))
+            v = r.get(key)
+            if v.shape != proj.base.meta[key].shape:  # shared rows of a vocabulary tensor: the base's padding rows
+                v = base_rows(v, proj.base.get(key), vocab_of(proj.base, proj.experts, proj.plan).keys[key])
+            writer.add(key, v)
     return _close_model(writer, proj.base, proj.experts, recipe)
 
 
@@ -253,12 +283,13 @@ def anchor_direct(
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
     ext = _open_external(external, b) if m.needs_external else None
     refs = {r.key: r for r in plan.modules}
+    cut = vocab_cut(b, es, plan)
 
     def taus_of(key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, [T, ...] task vectors) of one tensor; solvable modules in [d_out, d_in] as the taskvec stage."""
         ref = refs.get(key)
         if ref is None:
-            return Project.other_taus_of(b, es, key)
+            return other_taus(b, es, key, cut)
         w0 = to_linear(ref, b.get(key).float())
         taus = torch.empty((len(es),) + tuple(w0.shape), dtype=torch.float32)
         for t, e in enumerate(es):  # W_t − W_pre straight into the stack: no per-expert temporaries
@@ -291,7 +322,8 @@ def anchor_direct(
             u0 = _module_u0(m, o, state, dev, ref, taus, base_v, None, ext)
             writer.add(key, from_linear(ref, base_v + u0))
         else:
-            writer.add(key, _other_full(m, o, state, others, key, base_v, taus, ext))
+            v = _other_full(m, o, state, others, key, base_v, taus, ext, cut)
+            writer.add(key, base_rows(v, b.get(key), cut[0][key]) if cut is not None and key in cut[0] else v)
     out = _close_model(writer, b, es, recipe)
     return {"model": str(out), "method": m.name, "options": options_dict(o), "blocks": len(plan.blocks),
             "streamed": True, "seconds": round(time.perf_counter() - t0, 3)}

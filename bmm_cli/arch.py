@@ -281,9 +281,9 @@ def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "
             refs = [ref]
         if not refs:
             others.append(key)
-            if (len(shape) == 2 and _BLOCKISH.search(key) and key.endswith("weight")
-                    and not _KNOWN_OTHER.search(key)):
-                unknown.append(key)
+            if ((len(shape) == 2 and _BLOCKISH.search(key) and key.endswith("weight")
+                    and not _KNOWN_OTHER.search(key)) or (not fused and fused_experts(key, tuple(shape), hidden))):
+                unknown.append(key)  # fused 3-D experts too, while they are not split: not solved, said so
             continue
         blk = blocks.setdefault((refs[0].stack, refs[0].layer), Block(0, refs[0].stack, refs[0].layer))
         blk.modules.extend(refs)

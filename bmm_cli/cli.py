@@ -22,7 +22,7 @@ from .anchors import METHODS
 from .defaults import DEFAULT_EPS, DEFAULT_SCALE
 from .errors import BmmError, InputError
 from .merge import MergeOptions
-from .options import CalibOptions, OutputOptions, ParamsOptions, default
+from .options import CalibOptions, OutputOptions, ParamsOptions, VocabOptions, default
 from .progress import set_quiet
 from .search.options import RunnerOptions, ScorerOptions, SearchOptions
 from .workdir import GRAM_KINDS, GRAM_STATS
@@ -71,7 +71,8 @@ JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON sum
 WORK_OPT = typer.Option(..., "--work", "-w", help="Work directory holding the stages.")
 FORCE_OPT = typer.Option(False, "--force", help="Redo the stage when its inputs or options changed.")
 BASE_OPT = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id.")
-EXPERTS_OPT = typer.Option(..., "--experts", "-e", help="Fine-tuned experts (repeat or list after one flag).")
+EXPERTS_OPT = typer.Option(..., "--experts", "-e", help="Fine-tuned experts: models, PEFT LoRA adapter dirs or "
+                           "BASE+ADAPTER (repeat or list after one flag).")
 
 
 @app.command()
@@ -110,6 +111,14 @@ def plan(
         for g, ids in r["block_groups"].items():
             span = f"{ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else "-"
             lines.append(f"block-group {g}: {span}")
+        for i, lo in r["lora"].items():
+            lines.append(f"lora         expert {i}: rank {'/'.join(map(str, lo['ranks']))} on "
+                         f"{lo['solvable_modules']} of {r['modules']} solvable modules (zero task vector elsewhere)"
+                         + (f", {len(lo['other_tensors'])} other tensors" if lo["other_tensors"] else ""))
+        if r["vocabulary"]:
+            v = r["vocabulary"]
+            lines.append(f"vocabulary   experts added {len(v['added_by_experts'])} tokens after the base's "
+                         f"{v['base_tokens']}: merged on the shared rows; see --tokenizer")
         if r["unknown"]:
             lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
                          "(merged by the anchor's rule for other tensors):")
@@ -250,6 +259,14 @@ BLOCKS_OPT = typer.Option(default(ParamsOptions, "blocks"), "--blocks", min=1,
                           help="Block-groups (with --lam/--scale).")
 
 
+TOKENIZER_OPT = typer.Option(default(VocabOptions, "tokenizer"), "--tokenizer",
+                             help="Output vocabulary when experts added tokens: base (drop them), union (every added "
+                                  "token, rows from the experts that added it) or an expert (number or path).")
+CHAT_TEMPLATE_OPT = typer.Option(default(VocabOptions, "chat_template"), "--chat-template",
+                                 help="auto (the experts' template when they agree, else the base's), base, an "
+                                      "expert (number or path) or a template file.")
+
+
 @app.command()
 def solve(
     work: Path = WORK_OPT,
@@ -265,6 +282,8 @@ def solve(
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
     force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a bmm output."),
+    tokenizer: str = TOKENIZER_OPT,
+    chat_template: str = CHAT_TEMPLATE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Stage 4: the closed-form MAP merge U = (B + λU0)(G + λI)^-1, W = W_pre + s·U, written as a model."""
@@ -276,8 +295,10 @@ def solve(
 
     params = ParamsOptions(params_file=params_file, lam=lam, scale=scale, epsilon=epsilon, blocks=blocks)
     output = OutputOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    vocab = VocabOptions(tokenizer=tokenizer, chat_template=chat_template)
+    vocab.check()
     with output_lock(out), work_lock(work, create=False):
-        res = run(work, anchor.value, gram.value, out=out, **asdict(params), **asdict(output))
+        res = run(work, anchor.value, gram.value, out=out, **asdict(params), **asdict(output), **asdict(vocab))
     _emit(res, as_json, lambda r: r["model"])
 
 
@@ -330,6 +351,12 @@ def merge(
                                               help="Accept experts in another dtype."),
     force: bool = typer.Option(MD["force"], "--force", help="Redo stages whose inputs changed; replace a foreign "
                                "--out."),
+    tokenizer: str = TOKENIZER_OPT,
+    chat_template: str = CHAT_TEMPLATE_OPT,
+    out_format: str = typer.Option(MD["out_format"], "--out-format", help="model (a full model) or peft (every "
+                                   "expert a LoRA adapter: the merge as one LoRA adapter on the base)."),
+    rank: Optional[int] = typer.Option(MD["rank"], "--rank", min=1, help="With --out-format peft: the adapter's "
+                                       "rank (default: exact, the experts' ranks added up at most)."),
     eval_cmd: Optional[str] = typer.Option(MD["eval_cmd"], "--eval", help="Search s and λ with this evaluation "
                                            "command (as bmm search --eval) and write the best trial's model to "
                                            "--out."),
@@ -359,7 +386,8 @@ def merge(
         eval_cmd=eval_cmd, eval_py=eval_py, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
         lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
         trials=trials, initial=initial, trial_dir=trial_dir, relative_lam=relative_lam,
-        gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch)
+        gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch,
+        tokenizer=tokenizer, chat_template=chat_template, out_format=out_format, rank=rank)
     # merge checks every input first and only then creates and locks the work directory
     res = run(base, experts, out, options=options)
     _emit(res, as_json, lambda r: r["model"])

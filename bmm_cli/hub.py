@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .arch import build_plan
 from .errors import InputError
+from .lora import is_adapter
 from .preflight import check_experts
 from .progress import info
 from .store import HUB_PATTERNS, Checkpoint, TensorMeta, looks_like_hub_id
+from .tokens import vocab_axis
 
 
 class HeaderCheckpoint(Checkpoint):
@@ -51,13 +53,17 @@ def needs_download(spec: str) -> bool:
     return False
 
 
-def header_checkpoint(spec: str, *, role: str) -> HeaderCheckpoint:
-    """``spec``'s config.json and safetensors headers from the hub, nothing else."""
+def header_checkpoint(spec: str, *, role: str) -> HeaderCheckpoint | None:
+    """``spec``'s config.json and safetensors headers from the hub, nothing else; None for a repo that holds no
+    ``model.safetensors[.index.json]`` (a PEFT adapter, say: it is checked once downloaded)."""
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
         md = HfApi().get_safetensors_metadata(spec)
         cfg_path = hf_hub_download(spec, "config.json")
+    except NotASafetensorsRepoError:
+        return None
     except Exception as exc:  # hub errors come in many classes (404, auth, network, not a safetensors repo)
         raise InputError(f"{role} {spec}: cannot read its headers from the hub ({exc.__class__.__name__}); "
                          "check the id, your network and HF_TOKEN") from None
@@ -72,17 +78,36 @@ def header_checkpoint(spec: str, *, role: str) -> HeaderCheckpoint:
     return HeaderCheckpoint(spec, meta, config if isinstance(config, dict) else {})
 
 
+def _token_rows(base: Checkpoint, key: str, shape: tuple[int, ...]) -> bool:
+    """Whether an expert's ``key`` differs from the base's only in its token rows (appended tokens: the full
+    vocabulary checks of :mod:`bmm_cli.tokens` run once the files are read)."""
+    if key not in base.meta or base.meta[key].shape == tuple(shape):
+        return False
+    try:
+        axis = vocab_axis(key, base.meta[key].shape, shape)
+    except InputError:
+        return False
+    vocab = base.config().get("vocab_size")
+    return axis is not None and vocab is not None and base.meta[key].shape[axis] == vocab
+
+
 def preflight_remote(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False) -> bool:
     """When any input is a hub id still to download: check all inputs against each other from headers (remote) and
     local files, and build the plan, before anything is fetched. Returns whether it checked anything."""
     specs = [str(base), *(str(e) for e in experts)]
+    if any("+" in s or is_adapter(s) for s in specs[1:]):  # LoRA experts: checked against the base when read
+        return False
     remote = [needs_download(s) for s in specs]
     if not any(remote):
         return False
     roles = ["base"] + [f"expert {i + 1}" for i in range(len(experts))]
     cks = [header_checkpoint(s, role=r) if rem else Checkpoint.open(s, role=r)
            for s, r, rem in zip(specs, roles, remote)]
-    check_experts(cks[0], cks[1:], allow_dtype_mismatch=allow_dtype_mismatch)
+    if any(c is None for c in cks):  # an adapter repo: its own checks run once it is downloaded
+        return False
+    b = cks[0]
+    resized = {k for e in cks[1:] for k, m in e.meta.items() if _token_rows(b, k, m.shape)}
+    check_experts(b, cks[1:], allow_dtype_mismatch=allow_dtype_mismatch, vocab_keys=resized)  # tokens: once read
     build_plan(((k, m.shape) for k, m in cks[0].meta.items()), source=str(cks[0].root))
     names = ", ".join(s for s, rem in zip(specs, remote) if rem)
     info(f"bmm: {names}: checked from config.json and the safetensors headers; downloading")

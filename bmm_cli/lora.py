@@ -31,10 +31,10 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import atomic
 from .errors import InputError
-from .store import resolve_model_dir, save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -335,6 +335,11 @@ class LoraCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.meta
 
+    @property
+    def reopen_spec(self) -> str:
+        """``BASE+ADAPTER`` with absolute paths: what :meth:`bmm_cli.store.Checkpoint.open` reopens as this expert."""
+        return f"{self.base.root}+{self.root}"
+
     def config(self) -> dict:
         return self.base.config()
 
@@ -374,14 +379,16 @@ def open_expert(spec: str, base, *, role: str = "expert"):
     opened ``base`` (a ``BASE`` that is not the merge's base is refused); anything else -> None (open it as a model)."""
     base_spec, adapter = split_spec(spec)
     if base_spec is not None:
-        if resolve_model_dir(base_spec, role=f"{role} base") != Path(base.root).resolve():
+        local = Path(base_spec).expanduser()
+        same = local.resolve() == Path(base.root).resolve() if local.exists() else base_spec == base.spec
+        if not same:
             raise InputError(f"{role} {spec}: its base {base_spec} is not the merge's base {base.root}; "
                              "every expert must be a fine-tune of the same base")
         if not is_adapter(adapter):
             raise InputError(f"{role} {spec}: {adapter} is not a PEFT adapter directory (no {CONFIG_NAME})")
     elif not is_adapter(adapter):
         return None
-    return LoraCheckpoint.open(base, adapter, spec=spec)
+    return LoraCheckpoint.open(base, Path(adapter).resolve(), spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -429,7 +436,8 @@ def compress(left: torch.Tensor, right: torch.Tensor, rank: int | None, *,
 
 def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: int | None = None,
                        base_model: str | None = None, modules_to_save: Mapping[str, torch.Tensor] | None = None,
-                       dtype: torch.dtype = torch.float32, force: bool = False) -> dict:
+                       dtype: torch.dtype = torch.float32, force: bool = False,
+                       files: Mapping[str, str] | None = None) -> dict:
     """Write the merge as one PEFT LoRA adapter on the base; returns ``{"rank": r, "modules": {key: {"rank",
     "energy"}}}``.
 
@@ -438,6 +446,7 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
     ``B·A`` = the update (exact when each update's rank is at most ``rank``; else its truncated SVD, ``energy`` < 1).
     ``modules_to_save``: full tensors (base key -> tensor) of whole modules the merge changed otherwise
     (e.g. ``lm_head.weight``): the module name (the key without its last part) is listed in ``modules_to_save``.
+    ``files``: more text files (name -> content) for the directory (a model card, a recipe).
     The directory appears complete or not at all."""
     out = Path(out)
     if rank is not None and rank < 1:
@@ -485,8 +494,11 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_tensors(tmp / WEIGHTS_NAME, tensors)
+        clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        atomic.write_with(tmp / WEIGHTS_NAME, lambda p: save_file(clean, str(p)))
         atomic.write_text(tmp / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            atomic.write_text(tmp / name, text)
         tmp.chmod(0o777 & ~atomic._umask())
         atomic.replace_dir(tmp, out)
     finally:

@@ -17,19 +17,20 @@ from typing import Any
 
 from .activations import check_calibration
 from .anchor import anchor as run_anchor
+from .anchor import vocab_cut
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
-from .hub import preflight_remote
-from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions
+from .options import AnchorOptions, CalibOptions, Options, OutputOptions, ParamsOptions, VocabOptions
 from .out_lock import output_lock
 from .progress import info
 from .search import search as run_search
 from .search.options import RunnerOptions, ScorerOptions, SearchOptions, SpaceOptions, TrialOptions
+from .solve import check_adapter_experts, solve_adapter, vocab_output
 from .solve import solve as run_solve
 from .stage import work_lock
 from .store import Checkpoint
-from .taskvec import open_inputs
+from .taskvec import check_data_experts, open_inputs
 from .taskvec import taskvec as run_taskvec
 from .workdir import GRAM_KINDS
 from .writer import check_output_dir
@@ -43,6 +44,7 @@ class MergeOptions(Options):
     params: ParamsOptions = field(default_factory=ParamsOptions)
     calib: CalibOptions = field(default_factory=CalibOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    vocab: VocabOptions = field(default_factory=VocabOptions)
     scorer: ScorerOptions = field(default_factory=ScorerOptions)
     optimizer: TrialOptions = field(default_factory=lambda: TrialOptions(trials=30))
     runner: RunnerOptions = field(default_factory=RunnerOptions)
@@ -50,6 +52,8 @@ class MergeOptions(Options):
     work: str | Path | None = None
     allow_dtype_mismatch: bool = False
     relative_lam: bool = False
+    out_format: str = "model"  # model | peft (every expert a LoRA adapter: the merge as one adapter)
+    rank: int | None = None  # --out-format peft: the adapter's rank (None: exact, Σ r_t at most)
 
     def gram_kind(self) -> str:
         return self.gram or ("hybrid" if self.calib.calib else "free")
@@ -58,6 +62,7 @@ class MergeOptions(Options):
         """Every option that needs no input file; returns ``(anchor method, gram kind, params)``."""
         method = self.anchor.check()
         self.output.check()
+        self.vocab.check()
         self.calib.check()
         gram = self.gram_kind()
         if gram not in GRAM_KINDS:
@@ -68,6 +73,7 @@ class MergeOptions(Options):
             raise InputError(f"--anchor {method.name} needs calibration texts (its merge uses the data Grams): "
                              "--calib 1=a.jsonl --calib 2=b.jsonl ...")
         params = self.params.check(gram)
+        self._check_format(gram)
         if not self.scorer.given:
             if self.relative_lam:
                 raise InputError("--relative-lam shapes the search of --eval; without --eval there is no search: "
@@ -76,10 +82,22 @@ class MergeOptions(Options):
         if self.params.given:
             raise InputError("bmm merge --eval searches s and λ itself: drop --params/--lam/--scale/--epsilon "
                              "(or drop --eval to merge with them)")
+        if self.vocab.given:
+            raise InputError("bmm merge --eval writes the base's tokenizer and chat template: drop --tokenizer / "
+                             "--chat-template, or run bmm solve --params best.json --tokenizer ... after the search")
         self.optimizer.check()
         self.scorer.check()
         self.runner.check(in_memory=self.scorer.in_memory)
         return method, gram, params
+
+    def _check_format(self, gram: str) -> None:
+        if self.out_format not in ("model", "peft"):
+            raise InputError(f"--out-format {self.out_format!r}: choose model or peft")
+        if self.rank is not None and (self.out_format != "peft" or isinstance(self.rank, bool) or self.rank < 1):
+            raise InputError(f"--rank {self.rank}: an integer >= 1, with --out-format peft")
+        if self.out_format == "peft" and (gram != "free" or self.scorer.given or self.vocab.given):
+            raise InputError("--out-format peft writes the data-free solve as an adapter: drop --calib/--gram, "
+                             "--eval and --tokenizer/--chat-template")
 
     def search_options(self) -> SearchOptions:
         """The search ``merge`` runs: its scorer, trials and runner, over the block-groups of ``--blocks``."""
@@ -105,13 +123,22 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     # ---- preflight: every option and input that can be checked without heavy work; nothing is created ----------
     method, gram, params = options.check()
     o, cal = options.output, options.calib
-    preflight_remote(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)  # hub ids: from headers
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch,
+                              tokenizer=options.vocab.tokenizer)
+    if options.out_format == "peft":
+        check_adapter_experts(es)
+    elif not options.scorer.given:
+        vocab_output(b, es, plan, options.vocab.tokenizer, options.vocab.chat_template, say=False)
+    elif (cut := vocab_cut(b, es, plan)) is not None and any(
+            cut[1] != b.meta[k].shape[a] for k, a in cut[0].items()):
+        raise InputError(f"{b.root}: the base has padding rows past its tokenizer and experts added tokens; "
+                         "bmm merge --eval cannot write that vocabulary: search with bmm search, then bmm solve")
     pf = options.params.params_file
     plan.check_block_groups(params.num_groups, f"--blocks {options.params.blocks}" if pf is None else str(pf))
     if method.needs_external:
         Checkpoint.open(options.anchor.anchor_model, role="anchor model")
     if gram in ("data", "hybrid") or method.needs_data_grams:
+        check_data_experts(es)
         files = parse_calib(cal.calib, experts)
         check_calibration(b.root, files, experts, samples=cal.samples, max_len=cal.max_len)
         # matched once, here, against the experts as given: the gram stage gets them by index
@@ -157,10 +184,16 @@ def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram
                                           batch_size=cal.batch_size, device=o.device, force=o.force)
     stages["anchor"] = run_anchor(work, method.name, a.anchor_opts, others=a.others, external=a.anchor_model,
                                   device=o.device, force=o.force)
-    if not options.scorer.given:
+    if options.out_format == "peft":
+        res = solve_adapter(work, method.name, out=out, rank=options.rank, params_file=p.params_file, lam=p.lam,
+                            scale=p.scale, epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
+                            force=True)  # check_output_dir above decided whether out may be replaced
+        res["model"] = res["adapter"]
+    elif not options.scorer.given:
         res = run_solve(work, method.name, gram, out=out, params_file=p.params_file, lam=p.lam, scale=p.scale,
                         epsilon=p.epsilon, blocks=p.blocks, device=o.device, dtype=o.dtype,
-                        max_shard_size=o.max_shard_size, force=o.force)
+                        max_shard_size=o.max_shard_size, force=o.force, tokenizer=options.vocab.tokenizer,
+                        chat_template=options.vocab.chat_template)
     else:  # `bmm merge --eval CMD [--trials K]`: the search picks (s, λ) and writes its best trial to `out`
         res = run_search(work, method.name, gram, out=out, options=options.search_options())
     res["work"] = str(work)

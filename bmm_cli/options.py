@@ -67,6 +67,29 @@ class OutputOptions:
 
 
 @dataclass
+class VocabOptions:
+    """The written model's vocabulary and chat template: ``--tokenizer base|union|EXPERT`` (experts that appended
+    tokens), ``--chat-template auto|base|EXPERT|FILE`` (EXPERT: a 1-based number or the expert as given)."""
+
+    tokenizer: str = "base"
+    chat_template: str = "auto"
+
+    @property
+    def given(self) -> bool:
+        return (self.tokenizer, self.chat_template) != ("base", "auto")
+
+    def check(self) -> None:
+        """The spelling (what needs the models, an expert's tokens or template, is checked with them)."""
+        t = str(self.tokenizer)
+        if t not in ("base", "union") and not (t.isdigit() and int(t) >= 1) and not Path(t).exists():
+            raise InputError(f"--tokenizer {t!r}: use base, union, an expert number (1, 2, ...) or an expert's path")
+        c = str(self.chat_template)
+        if c not in ("auto", "base") and not (c.isdigit() and int(c) >= 1) and not Path(c).exists():
+            raise InputError(f"--chat-template {c!r}: use auto, base, an expert number, an expert's path or a "
+                             "template file")
+
+
+@dataclass
 class AnchorOptions:
     """The anchor merge (the prior mean): method, its ``KEY=VALUE`` options, the external model, the others rule."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 from .errors import InputError
 from .progress import info
 from .store import Checkpoint
@@ -11,8 +13,10 @@ _finite_ok: set[tuple[str, int, int, str]] = set()  # (file, size, mtime_ns, key
 _EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight")
 
 
-def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mismatch: bool = False) -> None:
-    """Every expert must have the base's keys, shapes and dtypes."""
+def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mismatch: bool = False,
+                  vocab_keys: Collection[str] = ()) -> None:
+    """Every expert must have the base's keys, shapes and dtypes; ``vocab_keys`` (embedding, lm_head) may have other
+    token rows (experts that appended tokens: :mod:`bmm_cli.tokens` checks their vocabularies)."""
     if not experts:
         raise InputError("no experts given: pass --experts E1 E2 ...")
     seen: dict[str, int] = {}
@@ -48,7 +52,7 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
         e_vocab = e.config().get("vocab_size")
         for k, bm in base.meta.items():
             em = e.meta[k]
-            if em.shape != bm.shape:
+            if em.shape != bm.shape and k not in vocab_keys:
                 # a vocabulary resize changes the rows of the embeddings / lm_head only (columns: the width)
                 rows_only = len(em.shape) == len(bm.shape) == 2 and em.shape[1] == bm.shape[1]
                 vocab_differs = bool(base_vocab and e_vocab and base_vocab != e_vocab)

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import atomic
+from . import atomic, lora
 from .errors import BmmError, InputError, NumericError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -271,6 +271,18 @@ class Checkpoint:
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, spec: str | os.PathLike, *, role: str = "model") -> "Checkpoint":
+        """Open ``spec``: a model directory, a .safetensors file, a hub id, or ``BASE+ADAPTER`` (a PEFT LoRA adapter
+        on its base, seen as the full fine-tuned model: a :class:`~bmm_cli.lora.LoraCheckpoint`). A bare adapter
+        directory is refused here: it is an expert of ``--base`` (:func:`~bmm_cli.lora.open_expert`)."""
+        base_spec, rest = lora.split_spec(str(spec))
+        if base_spec is not None:
+            if not lora.is_adapter(rest):
+                raise InputError(f"{role} {spec}: {rest} is not a PEFT adapter directory (no {lora.CONFIG_NAME})")
+            return lora.LoraCheckpoint.open(cls.open(base_spec, role=f"{role} base"), Path(rest).resolve(),
+                                            spec=str(spec))
+        if lora.is_adapter(spec):
+            raise InputError(f"{role} {spec}: is a PEFT LoRA adapter ({lora.CONFIG_NAME}), not a model; give it as "
+                             "an expert (-e ADAPTER or -e BASE+ADAPTER)")
         root = resolve_model_dir(spec, role=role)
         index = root / INDEX_NAME
         if index.exists() and (root / SINGLE_NAME).exists():

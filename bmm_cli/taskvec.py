@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from . import lora, tokens
 from .arch import Plan, build_plan
+from .errors import InputError
+from .hub import preflight_remote
 from .preflight import check_experts, check_finite
 from .progress import track
 from .stage import Stage
@@ -21,13 +24,68 @@ from .store import DTYPE_NAMES, Checkpoint, parse_dtype
 from .workdir import TASKVEC, to_linear, tv_key
 
 
-def open_inputs(base: str, experts: list[str], *,
-                allow_dtype_mismatch: bool = False) -> tuple[Checkpoint, list[Checkpoint], Plan]:
-    """Open and preflight base + experts; build the module plan."""
+def open_expert(spec: str, base: Checkpoint, role: str):
+    """An expert: a model (directory, file, hub id), or a PEFT LoRA adapter (``ADAPTER`` or ``BASE+ADAPTER``) on
+    ``base`` (:class:`~bmm_cli.lora.LoraCheckpoint`, whose task vector is ``scale·B·A``)."""
+    return lora.open_expert(spec, base, role=role) or Checkpoint.open(spec, role=role)
+
+
+def reopen_spec(e) -> str:
+    """What later stages reopen an expert from (a LoRA expert as ``BASE+ADAPTER``, absolute paths)."""
+    return e.reopen_spec if isinstance(e, lora.LoraCheckpoint) else str(e.root)
+
+
+def task_vector(e, key: str, w0: torch.Tensor) -> torch.Tensor:
+    """``W_t − W_pre`` of one tensor in checkpoint orientation (fp32): a LoRA expert's own ``ΔW`` (zero where the
+    adapter leaves the tensor alone), else the difference of the stored weights."""
+    if isinstance(e, lora.LoraCheckpoint):
+        d = e.task_vector(key)
+        return torch.zeros_like(w0) if d is None else d.float()
+    return e.get(key).float() - w0
+
+
+def check_data_experts(experts: list) -> None:
+    """Data Grams run each expert as a model on its calibration texts: refuse LoRA experts (one line)."""
+    for i, e in enumerate(experts):
+        if isinstance(e, lora.LoraCheckpoint):
+            raise InputError(f"expert {i + 1} ({e.root}) is a LoRA adapter: data Grams (--calib, --gram data/hybrid, "
+                             "--anchor regmean) run each expert as a model; merge the adapter into its base first "
+                             "(peft merge_and_unload) or use the data-free solve")
+
+
+def vocab_of(b: Checkpoint, es: list, plan: Plan) -> tokens.VocabLayout | None:
+    """The vocabulary tensors of a merge and each model's token rows (:func:`bmm_cli.tokens.vocab_layout`)."""
+    cfg = b.config()
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return tokens.vocab_layout(b.meta, [e.meta for e in es], plan.others, size)
+
+
+def token_plan(b: Checkpoint, es: list, plan: Plan, mode: str = "base") -> tuple[tokens.VocabLayout | None,
+                                                                                  tokens.TokenPlan | None]:
+    """The vocabulary layout and the output's token plan for ``--tokenizer mode`` (checked; refusals name the
+    token)."""
+    layout = vocab_of(b, es, plan)
+    mode = tokens.expert_choice(mode, [e.spec for e in es], [e.root for e in es], "--tokenizer")
+    if layout is None or (mode == "base" and not layout.resized):
+        return layout, tokens.merge_plan(b.root, None, [], mode)
+    return layout, tokens.merge_plan(b.root, layout, [e.root for e in es], mode)
+
+
+def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False,
+                tokenizer: str = "base") -> tuple[Checkpoint, list[Checkpoint], Plan]:
+    """Open and preflight base + experts (with the output vocabulary ``--tokenizer``); build the module plan. Hub
+    ids still to download are first checked from their headers (:func:`bmm_cli.hub.preflight_remote`)."""
+    preflight_remote(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
     b = Checkpoint.open(base, role="base")
-    es = [Checkpoint.open(e, role=f"expert {i + 1}") for i, e in enumerate(experts)]
-    check_experts(b, es, allow_dtype_mismatch=allow_dtype_mismatch)
+    es = [open_expert(e, b, f"expert {i + 1}") for i, e in enumerate(experts)]
     plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root))
+    try:
+        layout = vocab_of(b, es, plan)
+    except InputError:
+        layout = None  # the shape check below names the tensor
+    check_experts(b, es, allow_dtype_mismatch=allow_dtype_mismatch,
+                  vocab_keys=layout.keys if layout is not None and layout.resized else ())
+    token_plan(b, es, plan, tokenizer)
     check_finite([b, *es], plan.others)  # solvable tensors are checked as taskvec reads them
     return b, es, plan
 
@@ -41,7 +99,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
     inputs = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
     stage = Stage(work, TASKVEC, inputs=inputs, options={"dtype": DTYPE_NAMES[store_dtype]}, force=force)
     stage.set("plan", plan.to_json())
-    stage.set("paths", {"base": str(b.root), "experts": [str(e.root) for e in es]})
+    stage.set("paths", {"base": str(b.root), "experts": [reopen_spec(e) for e in es]})
     todo = [blk for blk in plan.blocks if not stage.done(blk.shard)]
     skipped = len(plan.blocks) - len(todo)
     for blk in track(todo, f"taskvec ({len(es)} experts)", total=len(todo)):
@@ -49,7 +107,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
         for ref in blk.modules:
             w0 = b.get(ref.key).float()
             for t, e in enumerate(es):
-                u = e.get(ref.key).float() - w0
+                u = task_vector(e, ref.key, w0)
                 tensors[tv_key(ref.key, t)] = to_linear(ref, u).to(store_dtype).contiguous()
             del w0
         stage.write(blk.shard, tensors, {"stack": blk.stack, "layer": blk.layer})
@@ -73,6 +131,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
 def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
     """What ``bmm plan`` prints: solvable modules per block and group, others, unknown keys, sizes."""
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=True)
+    _, tplan = token_plan(b, es, plan, "base")
     groups: dict[str, int] = {}
     tv_bytes = 0
     for m in plan.modules:
@@ -93,4 +152,15 @@ def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
         "others": plan.others,
         "unknown": plan.unknown,
         "taskvec_bytes_fp32": tv_bytes,
+        "lora": {str(i + 1): _lora_summary(e, plan) for i, e in enumerate(es) if isinstance(e, lora.LoraCheckpoint)},
+        "vocabulary": None if tplan is None else {"base_tokens": tplan.shared,
+                                                  "added_by_experts": tplan.dropped},
     }
+
+
+def _lora_summary(e, plan: Plan) -> dict:
+    """What a LoRA expert changes: its adapted solvable modules (the rest get a zero task vector from it)."""
+    ad = e.adapter
+    solvable = {m.key for m in plan.modules}
+    return {"adapter": str(e.root), "ranks": sorted({m.rank for m in ad.modules.values()}),
+            "solvable_modules": len(set(ad.modules) & solvable), "other_tensors": sorted(ad.touched() - solvable)}

@@ -341,3 +341,105 @@ def plan_for_models(base_dir: str | Path, base_rows: int, expert_dirs: Sequence[
 def shared_rows(plan: TokenPlan, t: torch.Tensor, axis: int = 0) -> torch.Tensor:
     """The shared-token rows of a vocabulary tensor (what the task-vector math merges)."""
     return t.narrow(axis, 0, plan.shared)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline's view: which tensors are vocabulary-sized, and the rows the task-vector math merges
+# ---------------------------------------------------------------------------------------------------------
+
+EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.weight", "final_logits_bias")
+
+
+@dataclass
+class VocabLayout:
+    """The vocabulary-sized tensors of a merge (key -> token axis) and each model's number of token rows."""
+
+    keys: dict[str, int]
+    base_rows: int
+    expert_rows: list[int]
+
+    @property
+    def resized(self) -> bool:
+        return any(r != self.base_rows for r in self.expert_rows)
+
+
+def _rows_only(key: str, b: tuple[int, ...], e: tuple[int, ...]) -> int | None:
+    """The token axis when ``e`` differs from ``b`` along exactly one axis of a tensor named like a vocabulary
+    tensor (embedding, lm_head, their biases), else None."""
+    if len(b) != len(e) or not any(h in key for h in EMBED_HINTS):
+        return None
+    diff = [a for a, (x, y) in enumerate(zip(b, e)) if x != y]
+    return diff[0] if len(diff) == 1 else None
+
+
+def vocab_layout(base_meta, expert_metas, others: Sequence[str], vocab_size: int | None) -> VocabLayout | None:
+    """The vocabulary tensors among ``others`` (keys -> TensorMeta maps of base and experts): the tensors whose
+    rows differ between base and an expert, or, when no expert was resized, the embedding-named tensors with
+    ``vocab_size`` rows (an expert may have put its added tokens in the base's padding rows). None: none."""
+    keys: dict[str, int] = {}
+    rows: list[dict[int, int]] = [{} for _ in expert_metas]
+    for key in others:
+        b = tuple(base_meta[key].shape)
+        for i, em in enumerate(expert_metas):
+            e = tuple(em[key].shape) if key in em else b
+            if e == b:
+                continue
+            axis = _rows_only(key, b, e)
+            if axis is None:
+                return None  # not a vocabulary difference: the shape check names it
+            if keys.setdefault(key, axis) != axis:
+                raise InputError(f"{key}: the experts resize it along different axes")
+            rows[i][e[axis]] = 1
+    if not keys:
+        if not vocab_size:
+            return None
+        for key in others:
+            b = tuple(base_meta[key].shape)
+            if any(h in key for h in EMBED_HINTS) and vocab_size in b and len(b) <= 2:
+                keys[key] = b.index(vocab_size)
+        return VocabLayout(keys, int(vocab_size), [int(vocab_size)] * len(expert_metas)) if keys else None
+    first = next(iter(keys))
+    base_rows = int(base_meta[first].shape[keys[first]])
+    expert_rows = []
+    for i, em in enumerate(expert_metas):
+        got = {int(em[k].shape[a]) if k in em else base_rows for k, a in keys.items()}
+        if len(got) != 1:
+            raise InputError(f"expert {i + 1}: its vocabulary tensors ({', '.join(keys)}) have different numbers of "
+                             f"token rows ({sorted(got)})")
+        expert_rows.append(got.pop())
+    return VocabLayout(keys, base_rows, expert_rows)
+
+
+def expert_choice(choice: str, expert_specs: Sequence[str], expert_dirs: Sequence[str | Path], flag: str) -> str:
+    """``--tokenizer`` / ``--chat-template`` value naming an expert by path -> its 1-based number; else as given."""
+    if choice.isdigit():
+        return choice
+    for i, (spec, d) in enumerate(zip(expert_specs, expert_dirs)):
+        if choice == str(spec) or (Path(choice).exists() and Path(choice).resolve() == Path(d).resolve()):
+            return str(i + 1)
+    return choice
+
+
+def merge_plan(base_dir: str | Path, layout: VocabLayout | None, expert_dirs: Sequence[str | Path],
+               mode: str = "base") -> TokenPlan | None:
+    """The token plan of a merge (None: the base's vocabulary, nothing to assemble)."""
+    if layout is None:
+        if mode != "base":
+            raise InputError(f"--tokenizer {mode}: no embedding tensor of the vocabulary found to resize")
+        return None
+    return plan_for_models(base_dir, layout.base_rows, expert_dirs, layout.expert_rows, mode)
+
+
+def cut_rows(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """The first ``n`` token rows of a vocabulary tensor."""
+    return t.narrow(axis, 0, n) if t.shape[axis] > n else t
+
+
+def base_rows(merged_shared: torch.Tensor, base: torch.Tensor, axis: int) -> torch.Tensor:
+    """A vocabulary tensor in the base's shape: its first rows merged, the rest (padding rows) the base's."""
+    if merged_shared.shape[axis] == base.shape[axis]:
+        return merged_shared
+    out = base.to(merged_shared.dtype).clone()
+    out.narrow(axis, 0, merged_shared.shape[axis]).copy_(merged_shared)
+    return out
+

@@ -10,11 +10,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -322,7 +323,9 @@ class ModelWriter:
         for st in self.streams.values():
             st.abort()
 
-    def close(self, *, recipe: dict, card: str) -> Path:
+    def close(self, *, recipe: dict, card: str, finish: Callable[[Path], None] | None = None) -> Path:
+        """Complete the output: index, files copied from the base, model card, marker; ``finish(dir)`` may then
+        change files of the directory (tokenizer, config) before it is swapped in under its final name."""
         if self.current:
             info(f"bmm: {self.out} is up to date (same inputs, parameters and layout); nothing rewritten")
             return self.out
@@ -345,6 +348,9 @@ class ModelWriter:
                     if name == "config.json":
                         data = config_with_dtype(data, self.float_dtype(), source=src)
                     atomic.write_bytes(self.staging / name, data)
+        copy_sentence_transformers(self.copy_from, self.staging)
+        if finish is not None:
+            finish(self.staging)
         atomic.write_text(self.staging / "README.md", card)
         atomic.write_json(self.staging / MARKER_NAME, {**recipe, "output_plan": self.plan_hash})
         self._progress_path.unlink(missing_ok=True)
@@ -428,12 +434,54 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
+ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def copy_sentence_transformers(src: Path | None, dst: Path) -> list[str]:
+    """A sentence-transformers base's own files (``modules.json``, its config files and the module folders it
+    lists, e.g. ``1_Pooling/``), copied into ``dst`` so the merged model keeps its pooling; returns what was copied."""
+    if src is None or not (Path(src) / "modules.json").is_file():
+        return []
+    src = Path(src)
+    try:
+        modules = json.loads((src / "modules.json").read_text())
+        dirs = [m.get("path") for m in modules if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        raise InputError(f"{src / 'modules.json'}: not a sentence-transformers module list") from None
+    copied = []
+    for name in ST_FILES:
+        if (src / name).is_file():
+            atomic.write_bytes(dst / name, (src / name).read_bytes())
+            copied.append(name)
+    for d in dirs:
+        if not d or not (src / d).is_dir() or Path(d).is_absolute() or ".." in Path(d).parts:
+            continue
+        for f in sorted((src / d).rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(src)
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_bytes(dst / rel, f.read_bytes())
+                copied.append(str(rel))
+    return copied
+
+
+_HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def parent_name(path: str) -> str:
+    """How the model card names a parent: a hub id for a hub cache snapshot, else the path as given."""
+    m = _HUB_CACHE.search(str(path))
+    return f"{m.group(1)}/{m.group(2)}" if m else str(path)
+
+
 def model_card(recipe: dict) -> str:
-    """A short README.md for a merged model."""
+    """A short README.md for a merged model: front matter with every parent (``base_model:`` the base and the
+    experts, ``base_model_relation: merge``, the Hub's convention for merges), the recipe below."""
     lines = ["---", "tags:", "- merge", "- bmm", "- bayesian-model-merging"]
-    base = recipe.get("base")
-    if base:
-        lines += [f"base_model: {json.dumps(str(base))}"]
+    parents = [recipe.get("base"), *(recipe.get("experts") or [])]
+    parents = list(dict.fromkeys(parent_name(p) for p in parents if p))
+    if parents:
+        lines += ["base_model:"] + [f"- {json.dumps(p)}" for p in parents] + ["base_model_relation: merge"]
     lines += ["---", "", f"# {recipe.get('title', 'Merged model')}", "",
               "Merged with [bmm](https://arxiv.org/abs/2605.12843) (Bayesian Model Merging).", ""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, ensure_ascii=False), "```", ""]
@@ -442,5 +490,5 @@ def model_card(recipe: dict) -> str:
 
 __all__ = [
     "ModelWriter", "plan_shards", "parse_size", "check_not_input", "check_output_dir", "recover_output",
-    "swap_in_dir", "config_with_dtype", "model_card",
+    "swap_in_dir", "config_with_dtype", "model_card", "copy_sentence_transformers", "parent_name",
 ]

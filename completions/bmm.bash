@@ -68,8 +68,10 @@ _bmm() {
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
+                --tokenizer) return;;
+                --chat-template) return;;
             esac
-            COMPREPLY=( $(compgen -W "--work -w --anchor -a --gram --out -o --params --lam --scale --epsilon --blocks --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--work -w --anchor -a --gram --out -o --params --lam --scale --epsilon --blocks --device --dtype --max-shard-size --force --tokenizer --chat-template --json --help" -- "$cur") ); return;;
         merge)
             case "$prev" in
                 --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
@@ -92,6 +94,10 @@ _bmm() {
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
+                --tokenizer) return;;
+                --chat-template) return;;
+                --out-format) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --rank) return;;
                 --eval) return;;
                 --eval-py) return;;
                 --lm-eval) return;;
@@ -102,7 +108,7 @@ _bmm() {
                 --initial) return;;
                 --trial-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --minimize --timeout --trials --initial --trial-dir --relative-lam --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --tokenizer --chat-template --out-format --rank --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --minimize --timeout --trials --initial --trial-dir --relative-lam --json --help" -- "$cur") ); return;;
         search)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

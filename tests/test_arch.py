@@ -109,6 +109,7 @@ def test_fused_experts_are_one_module_per_slice():
             ("model.layers.0.mlp.router.weight", (E, H)), ("model.layers.0.self_attn.q_proj.weight", (H, H))]
     off = build_plan(keys)
     assert "model.layers.0.mlp.experts.gate_up_proj" in off.others and len(off.modules) == 1
+    assert off.unknown == ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
     plan = build_plan(keys, fused=True, hidden=H)
     gu = [m for m in plan.modules if m.tensor == "model.layers.0.mlp.experts.gate_up_proj"]
     assert [m.key for m in gu] == [f"model.layers.0.mlp.experts.gate_up_proj[{e}]" for e in range(E)]
