@@ -12,7 +12,7 @@ bytes a stage wrote are the growth of the work directory (its ``block-NNN`` shar
 
     taskvec, anchor ta / ties / tsv, gram (free), evidence λ (what ``bmm solve`` runs by default: tsv anchor,
     free Gram), solve (``bmm solve`` with the evidence λ computed above), search cache (the factor cache a
-    ``bmm search`` builds before its first trial: ``bmm_cli.solve.prepare_trials``).
+    ``bmm search`` builds before its first trial: ``bmm_cli.factor_cache.prepare_trials``).
 
 The evidence and the search cache run one fp64 eigh per module (six 4096² and one 14336² per layer). On a small
 CPU that is hours per layer, so by default (``--eigh project``) those two rows come from timing the per-module
@@ -152,14 +152,16 @@ def snapshot(work: Path) -> dict[str, int]:
 PY_EVIDENCE = """
 import sys, torch
 from pathlib import Path
-from bmm_cli.solve import Sources, evidence_params
+from bmm_cli.default_params import evidence_params
+from bmm_cli.workdir import Sources
 evidence_params(Sources(Path(sys.argv[1]), sys.argv[2], "free"), scale=1.0, eps=None)
 """
 
 PY_CACHE = """
 import sys, torch
 from pathlib import Path
-from bmm_cli.solve import Sources, prepare_trials
+from bmm_cli.factor_cache import prepare_trials
+from bmm_cli.workdir import Sources
 prepare_trials(Sources(Path(sys.argv[1]), sys.argv[2], "free"), device=torch.device(sys.argv[3]))
 """
 

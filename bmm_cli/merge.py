@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import budget
 from .activations import check_calibration
 from .anchor import anchor as run_anchor
 from .errors import InputError
@@ -109,6 +110,8 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
         check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
                           max_len=cal.max_len)
     unsolved = unsolved_note(b, plan, options.anchor.others)
+    budget.check_disk(budget.for_merge(plan, b.meta, len(es), anchor=method.name, gram=gram,
+                                       search=options.scorer.given, out_dtype=o.dtype), work, out)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
         check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
                                                      **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})
