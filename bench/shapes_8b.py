@@ -21,7 +21,8 @@ at the sizes in ``--probe-sizes``, fitted as ``a·n³`` and evaluated at 4096 an
 shapes' (fp32 Q, Λ, B̂Q, U0Q per module) and the probe's peak RSS at the largest size, scaled by ``n²``.
 ``--eigh run`` runs both stages for real instead.
 
-    nice -n 10 python bench/shapes_8b.py --configs 2x3,2x5 --root /path/with/space --json bench/results/shapes_8b_cpu.json
+    nice -n 10 python bench/shapes_8b.py --configs 2x3,2x5 --root /path/with/space \
+        --json bench/results/shapes_8b_cpu.json
 
 ``--device cuda`` runs every stage (and the probe) on the GPU. Everything under ``--root`` is deleted afterwards
 (``--keep`` keeps it).
@@ -241,7 +242,8 @@ def dtype_study(base: Path, experts: list[Path], work: Path) -> dict:
     fb = safe_open(str(base / "model.safetensors"), "pt")
     fes = [safe_open(str(e / "model.safetensors"), "pt") for e in experts]
     gram = sorted((work / "gram-free").glob("block-*.safetensors"))
-    anc = sorted((work / "anchor-tsv").glob("block-*.safetensors")) or sorted((work / "anchor-ta").glob("block-*.safetensors"))
+    anc = (sorted((work / "anchor-tsv").glob("block-*.safetensors"))
+           or sorted((work / "anchor-ta").glob("block-*.safetensors")))
     fg = safe_open(str(gram[0]), "pt") if gram else None
     fa = safe_open(str(anc[0]), "pt") if anc else None
     for name in block_shapes():
@@ -325,14 +327,16 @@ def probe_rows(rows: list[dict], route: str) -> list[dict]:
             continue  # rank-deficient shapes are cheaper for the spectrum route: project from full rank
         x = r[route]  # CPU seconds of the one-thread run: what the work costs, whatever the load beside it
         out.append({"n": r["n"], "d_out": r["d_out"], "eigh_s": x["eig_cpu_s"],
-                    "gemm_s": x["total_cpu_s"] - x["eig_cpu_s"], "lam_s": x["max_s"], "peak_rss": r["peak_rss"], "load1_before": r["load1_before"],
+                    "gemm_s": x["total_cpu_s"] - x["eig_cpu_s"], "lam_s": x["max_s"], "peak_rss": r["peak_rss"],
+                    "load1_before": r["load1_before"],
                     "route": route, "rep": r["rep"]})
     return out
 
 
 def project_eigh(probe: list[dict], experts: int) -> dict:
     """Seconds / bytes / RSS per layer of the evidence and the search cache, from the probe: the eigh as a·n³
-    (a from the largest probe size, median over repetitions), the two GEMMs [d_out, n]·[n, n] as b·d_out·n² (b likewise)."""
+    (a from the largest probe size, median over repetitions), the two GEMMs [d_out, n]·[n, n] as b·d_out·n²
+    (b likewise)."""
     n_top = max(r["n"] for r in probe)
     tops = [r for r in probe if r["n"] == n_top]  # the largest size, median over its repetitions
     a = statistics.median(r["eigh_s"] / r["n"] ** 3 for r in tops)
@@ -356,7 +360,8 @@ from bmm_cli import evidence, spectrum
 n, d_out, T, dev, order = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 g = torch.Generator().manual_seed(n + d_out)
 r = 16
-taus = (torch.randn(T, d_out, r, generator=g, dtype=torch.float64) @ torch.randn(T, r, n, generator=g, dtype=torch.float64)
+taus = (torch.randn(T, d_out, r, generator=g, dtype=torch.float64)
+        @ torch.randn(T, r, n, generator=g, dtype=torch.float64)
         / r ** 0.5 * 0.84 + 0.55 * torch.randn(T, d_out, n, generator=g, dtype=torch.float64)).to(dev)
 G, B, m = spectrum.free_gram(taus)
 u0 = taus.mean(0)
@@ -409,8 +414,9 @@ def spectrum_table(rows: list[dict], device: str) -> str:
              f"{rows[0]['eigh_fp64'].get('threads', '?') if rows else '?'} thread(s))"), "",
              ("Synthetic data-free statistics (rank-16 + noise task vectors, fp64), one module; seconds include the "
              "B̂Q/U0Q GEMMs and the λ maximisation both routes need. Alternating order per repetition."), "",
-             ("| n (d_in) | d_out | T | rep | eigh fp64 s | spectrum s | speed-up | CPU-time speed-up | eig only speed-up "
-              "| λ fp64 | λ spectrum | exact zeros | load |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             ("| n (d_in) | d_out | T | rep | eigh fp64 s | spectrum s | speed-up | CPU-time speed-up "
+              "| eig only speed-up | λ fp64 | λ spectrum | exact zeros | load |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["eigh_fp64"], r["spectrum"]
         lines.append(f"| {r['n']} | {r['d_out']} | {r['T']} | {r['rep']} | {a['total_s']:.1f} | {b['total_s']:.1f} | "
@@ -518,7 +524,8 @@ def table(res: dict) -> str:
     st = res["configs"][0].get("dtype_study") if res["configs"] else None
     if st:
         lines += ["## bf16 storage (layer 0, synthetic task vectors)", "",
-                  "| tensor | bf16-exact | Sterbenz | nonzero | τ bf16 err | B̂ bf16 err | Ĝ bf16 err | anchor bf16 err |",
+                  "| tensor | bf16-exact | Sterbenz | nonzero | τ bf16 err | B̂ bf16 err | Ĝ bf16 err "
+                  "| anchor bf16 err |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, r in st.items():
             lines.append(f"| {k} | {r['bf16_exact_fraction']:.4f} | {r['sterbenz_fraction']:.4f} | "

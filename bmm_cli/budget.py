@@ -19,6 +19,7 @@ parent) and raises the one-line :class:`~bmm_cli.errors.InputError` the CLI prin
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,9 +67,9 @@ class Estimate:
     def work(self) -> int:
         return sum(self.stages.values())
 
-    def lines(self) -> list[str]:
-        """``stage  size`` lines for ``bmm plan``, the work total and the output last."""
-        w = max([len(k) for k in self.stages] + [10])
+    def lines(self, width: int = 10) -> list[str]:
+        """``stage  size`` lines for ``bmm plan``, the work total and the output last (names padded to ``width``)."""
+        w = max([len(k) for k in self.stages] + [width])
         rows = [f"{k:<{w}}  {fmt_bytes(v):>9}" for k, v in self.stages.items()]
         rows.append(f"{'work total':<{w}}  {fmt_bytes(self.work):>9}")
         if self.out:
@@ -103,8 +104,8 @@ def estimate(modules: Sequence[Module], num_tasks: int, *, others: Sequence[tupl
     """Bytes each stage writes for these solvable ``modules``, ``num_tasks`` experts and the other tensors
     ``others`` ((key, numel) pairs, merged into the anchor stages). ``gram``: free, data or hybrid (both).
     ``evidence``: the default λ's JSON, for the first of ``anchors`` (the one the solve uses).
-    ``search``: add the factor cache a search builds (first anchor). ``out_numel_bytes``: the merged model's tensor bytes
-    (Σ numel × output dtype bytes), reported as ``out``."""
+    ``search``: add the factor cache a search builds (first anchor). ``out_numel_bytes``: the merged model's tensor
+    bytes (Σ numel × output dtype bytes), reported as ``out``."""
     if num_tasks < 1:
         raise InputError(f"{num_tasks} experts: need at least one")
     if gram not in ("free", "data", "hybrid"):
@@ -192,14 +193,69 @@ def check_free(path: str | os.PathLike, need: int, *, what: str = "the work dire
     return free
 
 
+def _complete(stage_dir: Path) -> bool:
+    try:
+        return bool(json.loads((stage_dir / "stage.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def missing(est: Estimate, work: str | os.PathLike) -> int:
     """Bytes still to be written to ``work``: per stage, the estimate less what its directory already holds
-    (a resumed run needs only the rest)."""
+    (a resumed run needs only the rest; a stage its manifest marks complete needs nothing)."""
     work = Path(work)
     need = 0
     for name, b in est.stages.items():
         p = work / name
+        if p.is_dir() and _complete(p):
+            continue
         have = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir()
                 else p.stat().st_size if p.is_file() else 0)
         need += max(0, b - have)
     return need
+
+
+# bytes per element of the safetensors dtype names a checkpoint's header uses
+ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def output_bytes(meta, dtype: str | None = None) -> int:
+    """Tensor bytes of the merged model: every float tensor in ``dtype`` (None: its own dtype), others as they are."""
+    total = 0
+    for m in meta.values():
+        own = ST_BYTES.get(str(m.dtype).upper(), 4)
+        is_float = str(m.dtype).upper().startswith(("F", "BF"))
+        total += int(m.numel) * (dtype_bytes(dtype) if dtype is not None and is_float else own)
+    return total
+
+
+def for_merge(plan, meta, num_tasks: int, *, anchor: str, gram: str, search: bool = False,
+              out_dtype: str | None = None, factor_dtype: str = "float32") -> Estimate:
+    """What ``bmm merge`` writes: task vectors (float32), the anchor, the Gram stage(s), the evidence λ, the factor
+    cache when it searches, and the merged model (``out``)."""
+    mods, others, _ = plan_modules(plan, meta)
+    return estimate(mods, num_tasks, others=others, anchors=(anchor,), gram=gram, search=search,
+                    factor_dtype=factor_dtype, out_numel_bytes=output_bytes(meta, out_dtype))
+
+
+def only(est: Estimate, prefixes: Sequence[str], *, out: bool = True) -> Estimate:
+    """The stages of ``est`` whose names start with one of ``prefixes`` (what one stage command writes)."""
+    return Estimate({k: v for k, v in est.stages.items() if k.startswith(tuple(prefixes))}, est.out if out else 0)
+
+
+def check_disk(est: Estimate, work: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+    """Refuse (one-line :class:`InputError`) when ``work``'s file system cannot hold what ``est`` still has to write
+    there (:func:`missing`), or ``out``'s the merged model (both together when they share a file system).
+    Returns ``{"need": bytes, "free": bytes}`` of the work directory's file system."""
+    need = missing(est, work)
+    if out is None or not est.out:
+        return {"need": need, "free": check_free(work, need)}
+    wdir, _ = free_bytes(work)
+    odir, _ = free_bytes(out)
+    if os.stat(wdir).st_dev == os.stat(odir).st_dev:
+        free = check_free(work, need + est.out, what="the work directory and the output (one file system)")
+        return {"need": need + est.out, "free": free}
+    check_free(out, est.out, what="the merged model", option="--out")
+    return {"need": need, "free": check_free(work, need)}
+

@@ -91,12 +91,33 @@ def plan(
     base: str = BASE_OPT,
     experts: List[str] = EXPERTS_OPT,
     blocks: int = typer.Option(1, "--blocks", min=1, help="Number of block-groups to show."),
+    anchor: str = typer.Option(MergeOptions.flat_defaults()["anchor"], "--anchor", "-a",
+                               help="Anchor of the merge whose disk is estimated."),
+    gram: str = typer.Option("free", "--gram", help="Gram kind of the merge whose disk is estimated: free, data, "
+                             "hybrid."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: the base's)."),
+    work: Optional[Path] = typer.Option(None, "--work", "-w", help="Check that this work directory's file system "
+                                        "can hold the stages (refused in one line when it cannot)."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor."""
+    """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor,
+    and the disk each stage of a merge will write."""
+    from . import budget
+    from .arch import build_plan
+    from .store import Checkpoint
     from .taskvec import plan_summary
 
+    if anchor not in METHODS:
+        raise InputError(f"--anchor {anchor!r}: choose one of {', '.join(METHODS)}")
     res = plan_summary(base, experts, num_groups=blocks)
+    b = Checkpoint.open(base, role="base")
+    est = budget.for_merge(build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root)), b.meta,
+                           len(experts), anchor=anchor, gram=gram, search=True, out_dtype=dtype)
+    cache = budget.only(est, ("factors-",), out=False)
+    merge_est = budget.Estimate({k: v for k, v in est.stages.items() if k not in cache.stages}, est.out)
+    res["disk"] = {**merge_est.to_json(), "search_cache": cache.to_json()["stages"], "anchor": anchor, "gram": gram}
+    if work is not None:
+        res["disk"].update(budget.check_disk(merge_est, work), work=str(work))
 
     def human(r: dict) -> str:
         lines = [
@@ -106,7 +127,6 @@ def plan(
             f"solvable     {r['modules']} modules, {r['solvable_parameters'] / 1e6:.1f}M parameters: "
             + ", ".join(f"{g} {n}" for g, n in r["modules_per_group"].items()),
             f"others       {len(r['others'])} tensors merged by the anchor's rule",
-            f"taskvec disk {r['taskvec_bytes_fp32'] / 1e9:.2f} GB (float32)",
         ]
         for g, ids in r["block_groups"].items():
             span = f"{ids[0]} .. {ids[-1]} ({len(ids)} blocks)" if ids else "-"
@@ -123,6 +143,15 @@ def plan(
             lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
                          "(merged by the anchor's rule for other tensors):")
             lines += [f"  {k}" for k in r["unknown"]]
+        d = r["disk"]
+        lines.append(f"disk of `bmm merge --anchor {d['anchor']} --gram {d['gram']}` (work directory per stage, "
+                     "then the output; --work puts the stages on another disk):")
+        w = max(len(k) for k in est.stages)
+        lines += [f"  {x}" for x in merge_est.lines(w)]
+        lines += [f"  {x}  (only with bmm search / merge --eval)" for x in cache.lines(w)[:-1]]
+        if "free" in d:
+            lines.append(f"  {d['work']}: {budget.fmt_bytes(d['free'])} free, {budget.fmt_bytes(d['need'])} "
+                         "still to write")
         return "\n".join(lines)
 
     _emit(res, as_json, human)
@@ -211,6 +240,12 @@ def anchor(
     if base or experts:
         raise InputError("bmm anchor: --base/--experts are read from the work dir's taskvec stage; drop them or "
                          "drop --work to merge straight from the checkpoints")
+    from . import budget
+    from .workdir import load_project
+
+    proj = load_project(work)  # the disk the stage (and --materialize) needs, checked before any work
+    est = budget.for_merge(proj.plan, proj.base.meta, proj.num_tasks, anchor=method.value, gram="free", out_dtype=dtype)
+    budget.check_disk(budget.only(est, (f"anchor-{method.value}",), out=materialize is not None), work, materialize)
     with _out_lock(materialize), work_lock(work, create=False):
         res = run(work, method.value, opts, materialize=materialize, others=others.value, external=external,
                   device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)

@@ -24,6 +24,7 @@ from .evidence import (
     default_num_obs,
     evidence_lam,
     fill_degenerate,
+    free_spectra,
     has_evidence,
     residual_energy,
     spectrum_from_factors,
@@ -46,8 +47,10 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
     Needs the task vectors, the anchor and the Gram stages; the data kind also reads the per-task Grams and the
     calibration token counts the Gram stage recorded. Ĝ, B̂ and Ŝ are computed here in fp64 from the task vectors
     (and per-task Grams): the stage's fp32 copies carry rounding noise in Ĝ's null space that the evidence would
-    fit as signal in rank-deficient modules (``T·d_out < d_in``). ``n_obs_scale`` multiplies N (for studies of how
-    much the tokens are worth: correlated tokens carry fewer than N independent observations)."""
+    fit as signal in rank-deficient modules (``T·d_out < d_in``). The data-free kind never forms Ĝ there: it
+    decomposes the smaller ``[T·d_out]²`` side (:func:`~bmm_cli.evidence.free_spectra`). ``n_obs_scale``
+    multiplies N (for studies of how much the tokens are worth: correlated tokens carry fewer than N independent
+    observations)."""
     anchors = [anchor] if isinstance(anchor, str) else list(anchor)
     src = Sources(work, anchors[0], gram)
     stages = [src.anchor] + [AnchorStage(work, a) for a in anchors[1:]]
@@ -69,6 +72,13 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
         tg = task_grams(blk) if task_grams is not None else None
         for ref in blk.modules:
             taus = proj.taus(blk, ref, reader).to(torch.float64)
+            if kinds == ("free",):  # straight from the task vectors, the smaller side's eigh (evidence.free_spectra)
+                u0s = [None if st.zero else a.get(ref.key) for st, a in zip(stages, ablk)]
+                n = default_num_obs("free", T, taus.shape[1]) * n_obs_scale
+                for name, sp in zip(anchors, free_spectra(taus, u0s, n, key=ref.key)):
+                    if has_evidence(sp):
+                        out[name][ref.key] = evidence_lam(sp, lam_range)
+                continue
             grams_k = {k: (tg(ref.key).to(torch.float64) if k == "data" else None) for k in kinds}
             stats = {k: (free_stats(taus, key=ref.key) if k == "free" else data_stats(taus, grams_k[k], key=ref.key))
                      for k in kinds}

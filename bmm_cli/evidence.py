@@ -86,6 +86,77 @@ def spectrum(G_hat: Tensor, B_hat: Tensor, u0: Tensor | None, S_hat: float, n_ob
     return spectrum_from_factors(lam, BQ, U0Q, S_hat, n_obs, key=key)
 
 
+def _eigh(A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric fp64 ``A`` computed in ``dtype`` (scaled to unit max first), returned in fp64."""
+    scale = float(A.abs().max())
+    if scale == 0.0:
+        return A.new_zeros(A.shape[0]), torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    lam, Q = torch.linalg.eigh((A / scale).to(dtype))
+    return lam.to(torch.float64) * scale, Q.to(torch.float64)
+
+
+def free_spectra(taus: Tensor, u0s: Sequence[Tensor | None], n_obs: float, *, key: str = "<module>",
+                 eig_dtype: torch.dtype = torch.float64) -> list[Spectrum]:
+    """The evidence :class:`Spectrum` of the data-free Gram for each anchor in ``u0s`` (None: a zero anchor),
+    straight from the task vectors ``[T, d_out, d_in]`` with one eigen-decomposition of the smaller side; the same
+    as ``spectrum(*free_stats(taus), u0, residual_energy(taus, None, u0, m), n_obs)`` for each.
+
+    With ``X`` the stacked task vectors ``[T·d_out, d_in]``, ``D_t = U_t - U0``, ``m = ‖X‖²/d_in``, ``Ĝ = XᵀX/m``
+    and ``M = B̂ - U0Ĝ = Σ_t D_t G_t/m``:
+
+    * ``T·d_out < d_in`` (k/v and down projections): Ĝ has rank ≤ ``T·d_out`` and shares its nonzero spectrum
+      with ``K = XXᵀ/m = WΣWᵀ``; M's rows lie in X's row space, ``M = CX`` with ``C = [D_1U_1ᵀ … D_TU_Tᵀ]/m``, so
+      ``tr(M(Ĝ+λ)⁻¹Mᵀ) = m·Σ_j σ_j‖Cw_j‖²/(σ_j+λ)``: Λ = σ and ``c_j = m·σ_j·‖Cw_j‖²``, padded with exact zeros to
+      ``d_in`` (Ĝ's null space, where M has no component), and ``Ŝ = m·‖C‖²``;
+    * otherwise ``Ĝ = QΛQᵀ`` itself, ``c = ‖MQ‖²`` per column and ``Ŝ = Σ_t⟨D_tG_t, D_t⟩/m``.
+
+    Everything is fp64 except the eigensolver, which runs in ``eig_dtype`` on the matrix scaled to unit max (fp32
+    is not accurate enough where ``T·d_out`` is close to ``d_in``: its rounding of K's small eigenvalues moves the
+    maximum). The numerical rank is decided as in :func:`spectrum_from_factors` (eigenvalues ≤
+    ``d_in·ε₆₄·Λ_max`` are zeros). Cost: one fp64 eigh of size ``min(T·d_out, d_in)`` and GEMMs of
+    ``O(T·d_out·d_in·min(T·d_out, d_in))``; no ``[d_in, d_in]`` matrix where ``T·d_out < d_in``."""
+    if taus.dim() != 3:
+        raise InputError(f"{key}: task vectors must be [T, d_out, d_in], got {tuple(taus.shape)}")
+    U = _f64(taus)
+    T, d_out, d_in = U.shape
+    X = U.reshape(T * d_out, d_in)
+    m = float(X.square().sum()) / d_in if d_in else 0.0
+    u0s = [_f64(u0) for u0 in u0s]
+    if m <= 0:
+        return [_checked(Spectrum(U.new_zeros(d_in), U.new_zeros(d_in), 0.0, float(n_obs), key)) for _ in u0s]
+    out = []
+    if T * d_out < d_in:
+        K = (X @ X.mT) / m
+        sig, W = _eigh(0.5 * (K + K.mT), eig_dtype)
+        del K
+        sig = sig.clamp_min(0.0)
+        pad = U.new_zeros(d_in - T * d_out)
+        lam = torch.cat([sig, pad])
+        for u0 in u0s:
+            C = torch.cat([(u if u0 is None else u - u0) @ u.mT for u in U], 1) / m
+            out.append((lam, torch.cat([m * sig * (C @ W).square().sum(0), pad]), m * float(C.square().sum())))
+    else:
+        Gs = [u.mT @ u for u in U]
+        lam, Q = _eigh(0.5 * (sum(Gs) + sum(Gs).mT) / m, eig_dtype)
+        lam = lam.clamp_min(0.0)
+        for u0 in u0s:
+            M = U.new_zeros(d_out, d_in)
+            S = 0.0
+            for u, Gt in zip(U, Gs):
+                d = u if u0 is None else u - u0
+                Et = d @ Gt
+                M += Et
+                S += float((Et * d).sum())
+                del Et, d
+            out.append((lam, ((M / m) @ Q).square().sum(0), S / m))
+    res = []
+    for lam, c, S in out:
+        keep = lam > d_in * torch.finfo(torch.float64).eps * float(lam.max())  # spectrum_from_factors' rank rule
+        res.append(_checked(Spectrum(torch.where(keep, lam, 0.0), torch.where(keep, c, 0.0), max(S, 0.0),
+                                     float(n_obs), key)))
+    return res
+
+
 def _checked(sp: Spectrum) -> Spectrum:
     if not (math.isfinite(sp.S) and sp.S >= 0):
         raise NumericError(f"{sp.key}: residual energy Ŝ = {sp.S} must be a finite number ≥ 0")

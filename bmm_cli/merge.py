@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import budget
 from .activations import check_calibration
 from .anchor import anchor as run_anchor
 from .anchor import vocab_cut
@@ -145,6 +146,8 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
         cal = dataclasses.replace(cal, calib=[f"{t + 1}={path}" for t, path in files.items()])
         options = dataclasses.replace(options, calib=cal)
     unsolved = unsolved_note(b, plan, options.anchor.others)
+    budget.check_disk(budget.for_merge(plan, b.meta, len(es), anchor=method.name, gram=gram,
+                                       search=options.scorer.given, out_dtype=o.dtype), work, out)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
         check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
                                                      **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})

@@ -1,4 +1,4 @@
-"""Symmetric eigen-decomposition of Ĝ from an fp32 eigh refined in fp64, with the rank decided in fp64 (evidence λ, factor cache).
+"""Symmetric eigen-decomposition of Ĝ: an fp32 eigh refined in fp64, the rank decided in fp64 (evidence λ, factors).
 
 The evidence (:mod:`bmm_cli.evidence`) and the factor cache need ``Ĝ = QΛQᵀ``. :func:`eigh` gets
 fp64-accurate eigenpairs from an fp32 ``eigh`` (about 0.4× the CPU time of the fp64 one with MKL, one thread):

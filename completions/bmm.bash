@@ -17,8 +17,12 @@ _bmm() {
                 --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --blocks) return;;
+                --anchor|-a) return;;
+                --gram) return;;
+                --dtype) return;;
+                --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --blocks --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --blocks --anchor -a --gram --dtype --work -w --json --help" -- "$cur") ); return;;
         taskvec)
             case "$prev" in
                 --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

@@ -127,3 +127,105 @@ def test_lines_and_json():
     assert est.to_json() == {"stages": {"taskvec": 3_000_000_000, "gram-free": 1_500_000}, "work": 3_001_500_000,
                              "out": 2_000_000_000}
     assert budget.fmt_bytes(999) == "999 B" and budget.fmt_bytes(1.5e12) == "1.5 TB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the estimate in `bmm plan`, and the refusal of merge / search / anchor before any work
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    """One in-process ``bmm`` run: (exit code, stdout, stderr)."""
+    from bmm_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def _small_tmpfs(path: Path, size: str):
+    """Mount a tmpfs of ``size`` at ``path``; None where this machine does not allow it."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return None
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
+                       capture_output=True)
+    return path if r.returncode == 0 else None
+
+
+def test_plan_prints_the_disk_per_stage(family, capsys):
+    import json
+
+    base, experts = family("llama")
+    rc, out, _ = _cli(["plan", "-b", base, "-e", *experts, "--json"], capsys)
+    assert rc == 0
+    disk = json.loads(out)["disk"]
+    assert set(disk["stages"]) == {"taskvec", "anchor-tsv", "gram-free", "evidence-tsv-free.json"}
+    assert disk["work"] == sum(disk["stages"].values()) and disk["out"] > 0
+    assert list(disk["search_cache"]) == ["factors-tsv-free"]
+    rc, out, _ = _cli(["plan", "-b", base, "-e", *experts, "--anchor", "ta", "--gram", "free"], capsys)
+    lines = out.splitlines()
+    i = next(j for j, x in enumerate(lines) if x.startswith("disk of `bmm merge --anchor ta --gram free`"))
+    assert [x.split()[0] for x in lines[i + 1:i + 8]] == ["taskvec", "anchor-ta", "gram-free", "evidence-ta-free.json",
+                                                         "work", "output", "factors-ta-free"]
+    assert "--work" in lines[i]
+
+
+def test_merge_on_a_full_disk_is_refused_before_any_work(family, tmp_path, capsys, monkeypatch):
+    """A real small tmpfs where the machine allows one, else the work directory's statvfs faked: one line, exit 2,
+    nothing created (neither the work directory nor the output)."""
+    base, experts = family("llama")
+    mnt = _small_tmpfs(tmp_path / "small", "64k")
+    try:
+        if mnt is None:
+            _fake_statvfs(monkeypatch, free_blocks=16)  # 64 kB
+            mnt = tmp_path / "small"
+        work, out = mnt / "work", tmp_path / "out"
+        rc, _, err = _cli(["merge", "-b", base, "-e", *experts, "-o", out, "--work", work, "--lam", "0.1",
+                           "--device", "cpu"], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"bmm: error: {work}: the work directory") and "use --work on a disk" in err
+        assert not work.exists() and not out.exists() and list(mnt.iterdir()) == []
+    finally:
+        if mnt is not None and os.path.ismount(mnt):
+            subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_plan_refuses_a_small_work_disk_and_passes_a_large_one(family, tmp_path, capsys, monkeypatch):
+    base, experts = family("llama")
+    seen = _fake_statvfs(monkeypatch, free_blocks=10)
+    rc, _, err = _cli(["plan", "-b", base, "-e", *experts, "--work", tmp_path / "w"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "40960 bytes) free" in err and seen
+    _fake_statvfs(monkeypatch, free_blocks=1 << 30)
+    rc, out, _ = _cli(["plan", "-b", base, "-e", *experts, "--work", tmp_path / "w"], capsys)
+    assert rc == 0 and f"{tmp_path / 'w'}: 4.4 TB free" in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_search_and_anchor_check_what_they_still_write(family, tmp_path, capsys, monkeypatch):
+    """In a work dir with every stage but the search's: the factor cache is what is missing; a finished anchor stage
+    needs nothing, a new one its own bytes."""
+    from conftest import ready_work
+
+    from bmm_cli.workdir import load_project
+
+    work = ready_work(family, "llama", tmp_path / "w", method="ta")
+    def files():  # the work dir's lock file is every command's, refused or not
+        return sorted(str(p) for p in work.rglob("*") if p.name != ".bmm.lock")
+
+    before = files()
+    proj = load_project(work)
+    est = budget.for_merge(proj.plan, proj.base.meta, proj.num_tasks, anchor="ta", gram="free", search=True)
+    assert budget.missing(budget.only(est, ("taskvec", "anchor-", "gram-")), work) == 0  # complete stages
+    assert budget.missing(est, work) == est.stages["factors-ta-free"] + est.stages["evidence-ta-free.json"]
+    _fake_statvfs(monkeypatch, free_blocks=1)
+    rc, _, err = _cli(["search", "-w", work, "-a", "ta", "--gram", "free", "--eval", "echo 1", "--trials", "1",
+                       "-o", tmp_path / "best", "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "use --work on a disk" in err, err
+    rc, _, err = _cli(["anchor", "-w", work, "-m", "tsv", "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "use --work on a disk" in err, err
+    assert files() == before and not (tmp_path / "best").exists()
+    rc, _, err = _cli(["anchor", "-w", work, "-m", "ta", "--device", "cpu"], capsys)  # finished: nothing to write
+    assert rc == 0, err

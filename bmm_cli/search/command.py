@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bmm_cli import budget
 from bmm_cli.default_params import evidence_params
 from bmm_cli.defaults import DEFAULT_EPS, DEFAULT_LAM, DEFAULT_SCALE
 from bmm_cli.errors import InputError
@@ -189,6 +190,10 @@ def search(
     src.proj.plan.check_block_groups(blocks, f"--blocks {blocks}")
     if out is not None:
         check_not_input(Path(out), src.proj.inputs())
+    est = budget.for_merge(src.proj.plan, src.proj.base.meta, src.proj.num_tasks, anchor=anchor, gram=gram,
+                           search=True, out_dtype=options.output.dtype,
+                           factor_dtype=str(merger_kwargs.get("factor_dtype", "float32")))
+    budget.check_disk(budget.only(est, ("evidence-", "factors-"), out=out is not None), work, out)
     first, clipped = first_point(space, src, default_scale=DEFAULT_SCALE, default_lam=DEFAULT_LAM,
                                  default_eps=DEFAULT_EPS)
     if clipped:
