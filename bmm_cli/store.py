@@ -48,10 +48,13 @@ COPY_PATTERNS = (
     "spiece.model",
     "sentencepiece.bpe.model",
     "preprocessor_config.json",
+    "processor_config.json",
     "chat_template.jinja",
     "chat_template.json",
 )
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# files of any name copied too: a model's own code (``trust_remote_code``) and tiktoken vocabularies
+COPY_GLOBS = ("*.py", "*.tiktoken")
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
 
 DTYPES = {
     "F64": torch.float64,
@@ -468,5 +471,5 @@ class ShardReader:
 __all__ = [
     "Checkpoint", "TensorMeta", "ShardReader", "save_tensors", "read_header", "parse_dtype", "resolve_model_dir",
     "residency", "BadTensorError", "all_finite",
-    "DTYPES", "DTYPE_NAMES", "MARKER_NAME", "INDEX_NAME", "SINGLE_NAME", "COPY_PATTERNS",
+    "DTYPES", "DTYPE_NAMES", "MARKER_NAME", "INDEX_NAME", "SINGLE_NAME", "COPY_PATTERNS", "COPY_GLOBS",
 ]

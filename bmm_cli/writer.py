@@ -22,7 +22,7 @@ import torch
 from . import atomic, faults
 from .errors import InputError, NumericError
 from .progress import info
-from .store import COPY_PATTERNS, DTYPE_NAMES, INDEX_NAME, MARKER_NAME, SINGLE_NAME, all_finite, read_header
+from .store import COPY_GLOBS, COPY_PATTERNS, DTYPE_NAMES, INDEX_NAME, MARKER_NAME, SINGLE_NAME, all_finite, read_header
 
 
 def parse_size(text: str | int) -> int:
@@ -348,6 +348,8 @@ class ModelWriter:
                     if name == "config.json":
                         data = config_with_dtype(data, self.float_dtype(), source=src)
                     atomic.write_bytes(self.staging / name, data)
+            for src in sorted({p for g in COPY_GLOBS for p in self.copy_from.glob(g) if p.is_file()}):
+                atomic.write_bytes(self.staging / src.name, src.read_bytes())
         copy_sentence_transformers(self.copy_from, self.staging)
         if finish is not None:
             finish(self.staging)
