@@ -570,7 +570,7 @@ def sample(
     force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a bmm sample output."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Posterior sampling (paper App. B): S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules."""
+    """Posterior sampling (paper Appendix B): S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules."""
     from .out_lock import output_lock
     from .sample import sample as run
     from .stage import work_lock

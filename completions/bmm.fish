@@ -8,7 +8,7 @@ complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor 
 complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor gram solve merge search sample' -a solve -d 'Stage 4 - the closed-form MAP merge U = (B + λU0)(G + λI)^-1, W = W_pre + s·U, written as a model'
 complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor gram solve merge search sample' -a merge -d 'Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model; with --eval, --eval-py or --lm-eval, a search (as bmm search) replaces the single solve'
 complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor gram solve merge search sample' -a search -d 'Stage 5 - Bayesian optimization (GP + expected improvement) of s and λ per block-group, scored by --eval, --eval-py or --lm-eval; locally or on a Ray cluster (--ray)'
-complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor gram solve merge search sample' -a sample -d 'Posterior sampling (paper App'
+complete -c bmm -n 'not __fish_seen_subcommand_from version plan taskvec anchor gram solve merge search sample' -a sample -d 'Posterior sampling (paper Appendix B) - S merged models with U ~ N(U_MAP, r^2/β (G + λI)^-1) on chosen modules'
 complete -c bmm -n '__fish_seen_subcommand_from version' -l json -d 'Print a machine-readable JSON summary on stdout'
 complete -c bmm -n '__fish_seen_subcommand_from plan' -l base -s b -r -F -d 'Base (pretrained) model - directory, .safetensors file or hub id'
 complete -c bmm -n '__fish_seen_subcommand_from plan' -l experts -s e -r -F -d 'Fine-tuned experts - models, PEFT LoRA adapter dirs or BASE+ADAPTER (repeat or list after one flag)'
