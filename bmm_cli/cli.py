@@ -139,6 +139,10 @@ def plan(
             v = r["vocabulary"]
             lines.append(f"vocabulary   experts added {len(v['added_by_experts'])} tokens after the base's "
                          f"{v['base_tokens']}: merged on the shared rows; see --tokenizer")
+        for i, d in r["dtype_mismatches"].items():
+            lines.append(f"DTYPE        expert {i}: {d['tensors']} tensors stored as {d['expert_dtype']} where the "
+                         f"base has {d['base_dtype']} (e.g. {d['example']}); merge refuses this without "
+                         "--allow-dtype-mismatch")
         if r["unknown"]:
             lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
                          "(merged by the anchor's rule for other tensors):")

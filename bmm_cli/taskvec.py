@@ -155,7 +155,20 @@ def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
         "lora": {str(i + 1): _lora_summary(e, plan) for i, e in enumerate(es) if isinstance(e, lora.LoraCheckpoint)},
         "vocabulary": None if tplan is None else {"base_tokens": tplan.shared,
                                                   "added_by_experts": tplan.dropped},
+        "dtype_mismatches": {str(i + 1): d for i, e in enumerate(es) if (d := _dtype_mismatch(b, e))},
     }
+
+
+def _dtype_mismatch(b: Checkpoint, e) -> dict | None:
+    """The tensors an expert stores in another dtype than the base (``bmm merge`` refuses them unless
+    ``--allow-dtype-mismatch``); None when there are none (LoRA experts are read in the base's dtype)."""
+    if isinstance(e, lora.LoraCheckpoint):
+        return None
+    keys = [k for k, m in b.meta.items() if k in e.meta and e.meta[k].dtype != m.dtype]
+    if not keys:
+        return None
+    return {"tensors": len(keys), "example": keys[0], "expert_dtype": e.meta[keys[0]].dtype,
+            "base_dtype": b.meta[keys[0]].dtype}
 
 
 def _lora_summary(e, plan: Plan) -> dict:
