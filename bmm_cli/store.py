@@ -386,7 +386,7 @@ class Checkpoint:
         except KeyError:
             raise InputError(f"{self.root}: no tensor {key!r}") from None
         try:
-            t = self._handle(m.file).get_tensor(key)
+            t = self._handle(m.file).get_tensor(m.key)  # its name in the file (a keymap view renames it)
         except InputError:
             raise
         except Exception as exc:

@@ -17,6 +17,7 @@ from . import lora, tokens
 from .arch import Plan, build_plan
 from .errors import InputError
 from .hub import preflight_remote
+from .keymap import match_base
 from .preflight import check_experts, check_finite
 from .progress import track
 from .stage import Stage
@@ -25,9 +26,10 @@ from .workdir import TASKVEC, to_linear, tv_key
 
 
 def open_expert(spec: str, base: Checkpoint, role: str):
-    """An expert: a model (directory, file, hub id), or a PEFT LoRA adapter (``ADAPTER`` or ``BASE+ADAPTER``) on
-    ``base`` (:class:`~bmm_cli.lora.LoraCheckpoint`, whose task vector is ``scale·B·A``)."""
-    return lora.open_expert(spec, base, role=role) or Checkpoint.open(spec, role=role)
+    """An expert: a model (directory, file, hub id; a task model around the base's backbone is read through
+    :func:`~bmm_cli.keymap.match_base`), or a PEFT LoRA adapter (``ADAPTER`` or ``BASE+ADAPTER``) on ``base``
+    (:class:`~bmm_cli.lora.LoraCheckpoint`, whose task vector is ``scale·B·A``)."""
+    return lora.open_expert(spec, base, role=role) or match_base(Checkpoint.open(spec, role=role), base, role)
 
 
 def reopen_spec(e) -> str:

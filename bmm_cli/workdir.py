@@ -25,6 +25,7 @@ from .anchors import AnchorMethod, get_method
 from .arch import Block, ModuleRef, Plan, build_plan
 from .closed_form import GramStats, data_stats, free_stats
 from .errors import InputError, StateError
+from .keymap import match_base
 from .params import Params
 from .stage import load_manifest
 from .store import DTYPES, Checkpoint, ShardReader
@@ -141,7 +142,8 @@ def load_project(work: Path) -> Project:
     man = load_manifest(work, TASKVEC, need="bmm taskvec --base B --experts E1 E2 ... --work DIR")
     paths = man.get("paths", {})
     b = Checkpoint.open(paths["base"], role="base")
-    es = [Checkpoint.open(p, role=f"expert {i + 1}") for i, p in enumerate(paths["experts"])]
+    es = [match_base(Checkpoint.open(p, role=f"expert {i + 1}"), b, f"expert {i + 1}", quiet=True)
+          for i, p in enumerate(paths["experts"])]
     now = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
     if now != man["inputs"]:
         raise StateError(f"{Path(work) / TASKVEC}: the base or an expert changed on disk since `bmm taskvec`; "

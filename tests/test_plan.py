@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import tiny_model
-from faults._util import perturb, save
+from conftest import perturb, save, tiny_model
 
 
 def _plan(*args):
