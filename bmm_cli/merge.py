@@ -134,7 +134,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if method.needs_external:
         Checkpoint.open(options.anchor.anchor_model, role="anchor model")
     if gram in ("data", "hybrid") or method.needs_data_grams:
-        check_data_experts(es)
+        check_data_experts(es, plan)
         check_calibration(b.root, parse_calib(cal.calib, experts), experts, samples=cal.samples,
                           max_len=cal.max_len)
     unsolved = unsolved_note(b, plan, options.anchor.others)
