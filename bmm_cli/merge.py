@@ -139,7 +139,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if method.needs_external:
         Checkpoint.open(options.anchor.anchor_model, role="anchor model")
     if gram in ("data", "hybrid") or method.needs_data_grams:
-        check_data_experts(es)
+        check_data_experts(es, plan)
         files = parse_calib(cal.calib, experts)
         check_calibration(b.root, files, experts, samples=cal.samples, max_len=cal.max_len)
         # matched once, here, against the experts as given: the gram stage gets them by index

@@ -46,8 +46,13 @@ def task_vector(e, key: str, w0: torch.Tensor) -> torch.Tensor:
     return e.get(key).float() - w0
 
 
-def check_data_experts(experts: list) -> None:
-    """Data Grams run each expert as a model on its calibration texts: refuse LoRA experts (one line)."""
+def check_data_experts(experts: list, plan: Plan | None = None) -> None:
+    """Data Grams run each expert as a model on its calibration texts and hook its solvable modules: refuse LoRA
+    experts and MoE expert FFNs (transformers holds the experts fused in memory: no module to hook), one line."""
+    moe = next((m for m in plan.modules if m.expert is not None), None) if plan is not None else None
+    if moe is not None:
+        raise InputError(f"{moe.key}: data Grams (--calib, --gram data/hybrid, --anchor regmean) cannot hook MoE "
+                         "expert FFNs (transformers runs them fused); merge this model with the data-free solve")
     for i, e in enumerate(experts):
         if isinstance(e, lora.LoraCheckpoint):
             raise InputError(f"expert {i + 1} ({e.root}) is a LoRA adapter: data Grams (--calib, --gram data/hybrid, "

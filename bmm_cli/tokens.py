@@ -321,7 +321,8 @@ def write_chat_template(out: str | Path, template: str | None) -> None:
 def plan_for_models(base_dir: str | Path, base_rows: int, expert_dirs: Sequence[str | Path],
                     expert_rows: Sequence[int], mode: str = "base") -> TokenPlan | None:
     """The token plan of a merge, or None when nothing needs one (every expert has the base's rows and ``mode``
-    is base). ``*_rows``: the embedding rows of each model. Refuses resized experts without a tokenizer.json."""
+    is base). ``*_rows``: the embedding rows of each model. Refuses resized experts without a tokenizer.json (an
+    expert with the base's rows and no tokenizer.json counts as having the base's tokens)."""
     if mode == "base" and all(r == base_rows for r in expert_rows):
         return None
     base = read_vocab(base_dir)
@@ -331,6 +332,8 @@ def plan_for_models(base_dir: str | Path, base_rows: int, expert_dirs: Sequence[
     vocabs = []
     for i, d in enumerate(expert_dirs):
         v = read_vocab(d)
+        if v is None and expert_rows[i] == base_rows:  # the base's rows: the base's tokens, nothing added
+            v = Vocab(Path(d) / "tokenizer.json", dict(base.tokens), {})
         if v is None:
             raise InputError(f"expert {i + 1} ({d}): no tokenizer.json, but its embedding has {expert_rows[i]} rows "
                              f"and the base's {base_rows}; save the expert's fast tokenizer next to it")

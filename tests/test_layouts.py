@@ -151,3 +151,16 @@ def test_gpt_oss_fused_experts_split_per_expert(tmp_path):
 
         w = read_module(ref, f.get_tensor)
     assert ref.group == "mlp_out" and w.shape == (cfg.intermediate_size, cfg.hidden_size)  # [d_in, d_out]
+
+
+def test_data_grams_are_refused_for_moe_experts_up_front(layouts, tmp_path):
+    """transformers holds MoE experts fused in memory, so the data Grams' hooks have no module to attach to."""
+    base, experts = layouts("mixtral")
+    calib = tmp_path / "c.jsonl"
+    calib.write_text('{"text": "a b c"}\n')
+    out = tmp_path / "merged"
+    p = subprocess.run([sys.executable, "-m", "bmm_cli.cli", "merge", "--base", str(base), "--experts",
+                        *map(str, experts), "--calib", f"1={calib}", f"2={calib}", "--out", str(out)],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 2 and "MoE expert FFNs" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "merged.bmm-work").exists()

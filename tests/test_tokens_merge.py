@@ -109,3 +109,13 @@ def test_chat_template_file_and_auto_fallback(fam, tmp_path):
     assert (tmp_path / "f" / "chat_template.jinja").read_text() == t.read_text()
     cfg = json.loads((tmp_path / "f" / "tokenizer_config.json").read_text())
     assert "chat_template" not in cfg
+
+
+def test_anchor_model_of_resized_experts_keeps_the_base_vocabulary(fam, tmp_path):
+    tied, base, (e2, e5) = fam
+    bmm("anchor", "--method", "ta", "--base", base, "--experts", e2, e5, "--others", "mean",
+        "--materialize", tmp_path / "a")
+    _loads_and_generates(tmp_path / "a", 100)
+    b, x2, x5 = (_get(d, "model.embed_tokens.weight") for d in (base, e2, e5))
+    torch.testing.assert_close(_get(tmp_path / "a", "model.embed_tokens.weight"),
+                               b + ((x2[:100] - b) + (x5[:100] - b)) / 2, rtol=1e-5, atol=1e-6)

@@ -125,7 +125,8 @@ def vocab_resized(family, tmp_path):
     m = tiny_model("llama", 0)
     m.resize_token_embeddings(120)
     e = save(perturb(m, 5), tmp_path / "e")
-    return base, [ex[0], e], [str(e / "model.safetensors"), "vocab", "120", "base's vocabulary"]
+    # appended rows are merged by the token plan, which needs the expert's tokenizer to match rows to tokens
+    return base, [ex[0], e], [f"expert 2 ({e})", "no tokenizer.json", "120 rows", "base's 100"]
 
 
 def tied_vs_untied_llama(family, tmp_path):
