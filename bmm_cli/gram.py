@@ -21,6 +21,7 @@ from .errors import InputError
 from .progress import info, track
 from .stage import Stage
 from .store import DTYPES, ShardReader, parse_dtype
+from .taskvec import check_data_experts
 from .workdir import GRAM_STATS, Project, gram_stage, load_project, task_shard
 
 
@@ -103,6 +104,7 @@ def gram(
 
 def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len, batch_size, seed, dev, model_dtype,
                force, t0) -> dict:
+    check_data_experts(proj.experts, proj.plan)  # LoRA experts and MoE expert FFNs: refused before any work
     expert_paths = [str(e.root) for e in proj.experts]
     files = parse_calib(calib, proj.manifest["paths"]["experts"])
     texts = {t: read_calibration(p, samples, seed) for t, p in files.items()}

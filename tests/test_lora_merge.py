@@ -116,6 +116,10 @@ def test_plan_and_refusals(lora_family, tmp_path):
             "--out", tmp_path / "o", check=False)
     assert p.returncode == 2 and "LoRA" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.bmm-work").exists()
+    w = tmp_path / "w"  # the gram stage on its own refuses them too, before any work
+    bmm("taskvec", "--base", base, "-e", plain, "-e", dense, "--work", w)
+    p = bmm("gram", "--work", w, "--kind", "data", "--calib", f"1={calib}", f"2={calib}", check=False)
+    assert p.returncode == 2 and "LoRA" in p.stderr and not (w / "gram-data").exists()
 
 
 def test_lora_experts_merged_to_one_adapter(lora_family, tmp_path):
