@@ -22,7 +22,17 @@ import torch
 from . import atomic, faults
 from .errors import InputError, NumericError
 from .progress import info
-from .store import COPY_GLOBS, COPY_PATTERNS, DTYPE_NAMES, INDEX_NAME, MARKER_NAME, SINGLE_NAME, all_finite, read_header
+from .store import (
+    COPY_GLOBS,
+    COPY_PATTERNS,
+    DTYPE_NAMES,
+    INDEX_NAME,
+    MARKER_NAME,
+    SINGLE_NAME,
+    all_finite,
+    looks_like_hub_id,
+    read_header,
+)
 
 
 def parse_size(text: str | int) -> int:
@@ -470,18 +480,21 @@ def copy_sentence_transformers(src: Path | None, dst: Path) -> list[str]:
 _HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/?$")
 
 
-def parent_name(path: str) -> str:
-    """How the model card names a parent: a hub id for a hub cache snapshot, else the path as given."""
+def parent_name(path: str) -> str | None:
+    """How the model card's ``base_model:`` names a parent: its hub id (a hub cache snapshot, or an id as given);
+    None for a local directory, which the Hub could not resolve (the recipe below the front matter names it)."""
     m = _HUB_CACHE.search(str(path))
-    return f"{m.group(1)}/{m.group(2)}" if m else str(path)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    return str(path) if looks_like_hub_id(str(path)) and not Path(str(path)).exists() else None
 
 
 def model_card(recipe: dict) -> str:
-    """A short README.md for a merged model: front matter with every parent (``base_model:`` the base and the
-    experts, ``base_model_relation: merge``, the Hub's convention for merges), the recipe below."""
+    """A short README.md for a merged model: front matter with every parent on the Hub (``base_model:`` the base
+    and the experts, ``base_model_relation: merge``, the Hub's convention for merges), the recipe below."""
     lines = ["---", "tags:", "- merge", "- bmm", "- bayesian-model-merging"]
     parents = [recipe.get("base"), *(recipe.get("experts") or [])]
-    parents = list(dict.fromkeys(parent_name(p) for p in parents if p))
+    parents = [p for p in dict.fromkeys(parent_name(p) for p in parents if p) if p]
     if parents:
         lines += ["base_model:"] + [f"- {json.dumps(p)}" for p in parents] + ["base_model_relation: merge"]
     lines += ["---", "", f"# {recipe.get('title', 'Merged model')}", "",

@@ -140,7 +140,7 @@ def test_lora_experts_merged_to_one_adapter(lora_family, tmp_path):
     want = logits(tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full")))
     ad = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(str(base)), str(tmp_path / "ad"))
     torch.testing.assert_close(logits(ad), want, rtol=1e-4, atol=1e-5)
-    assert "base_model_relation: merge" in (tmp_path / "ad" / "README.md").read_text()
+    assert "- bmm" in (tmp_path / "ad" / "README.md").read_text()  # the card (local parents: in its recipe)
     # above --rank the update is cut by SVD and the energy kept is reported per module
     r2 = json.loads(bmm("merge", *common, "--out-format", "peft", "--rank", "2", "--out", tmp_path / "ad",
                         "--json").stdout)  # a bmm output: replaced without --force

@@ -22,9 +22,10 @@ def test_card_lists_every_parent_with_the_merge_relation():
     card = model_card({"base": hub, "experts": ["/data/ft-a", "org2/ft-b", "/data/ft-a"], "title": "t"})
     fm = _front_matter(card)
     i = fm.index("base_model:")
-    assert fm[i + 1:i + 4] == ['- "org/base-7b"', '- "/data/ft-a"', '- "org2/ft-b"']
-    assert fm[i + 4] == "base_model_relation: merge"
-    assert parent_name("/x/models--a--b/snapshots/c/") == "a/b" and parent_name("/x/y") == "/x/y"
+    assert fm[i + 1:i + 3] == ['- "org/base-7b"', '- "org2/ft-b"']  # a local directory is no Hub parent
+    assert fm[i + 3] == "base_model_relation: merge"
+    assert parent_name("/x/models--a--b/snapshots/c/") == "a/b" and parent_name("/x/y") is None
+    assert "base_model" not in model_card({"base": "/data/base", "experts": ["/data/ft-a"]})
 
 
 def test_merge_copies_sentence_transformers_files_and_names_parents(tmp_path):
@@ -44,7 +45,6 @@ def test_merge_copies_sentence_transformers_files_and_names_parents(tmp_path):
     for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                  "1_Pooling/config.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
-    fm = _front_matter((out / "README.md").read_text())
-    i = fm.index("base_model:")
-    assert fm[i + 1:i + 4] == [f"- {json.dumps(str(p.resolve()))}" for p in (base, *experts)]
-    assert "base_model_relation: merge" in fm
+    card = (out / "README.md").read_text()
+    assert "base_model" not in "\n".join(_front_matter(card))  # local parents: named in the recipe only
+    assert all(str(p.resolve()) in card for p in (base, *experts))
