@@ -104,8 +104,9 @@ def test_fused_experts_are_one_module_per_slice():
 
     from bmm_cli.arch import assemble_fused, read_module
 
-    E, H, I = 3, 8, 5
-    keys = [("model.layers.0.mlp.experts.gate_up_proj", (E, H, 2 * I)), ("model.layers.0.mlp.experts.down_proj", (E, I, H)),
+    E, H, F = 3, 8, 5
+    keys = [("model.layers.0.mlp.experts.gate_up_proj", (E, H, 2 * F)),
+            ("model.layers.0.mlp.experts.down_proj", (E, F, H)),
             ("model.layers.0.mlp.router.weight", (E, H)), ("model.layers.0.self_attn.q_proj.weight", (H, H))]
     off = build_plan(keys)
     assert "model.layers.0.mlp.experts.gate_up_proj" in off.others and len(off.modules) == 1
@@ -117,9 +118,9 @@ def test_fused_experts_are_one_module_per_slice():
     assert {m.group for m in plan.modules if m.tensor and "down" in m.tensor} == {"mlp_out"}
     assert "model.layers.0.mlp.router.weight" in plan.others
     # transformers' in-memory layout [E, d_out, d_in] is recognised from the hidden size
-    mem = build_plan([("model.layers.0.mlp.experts.gate_up_proj", (E, 2 * I, H))], fused=True, hidden=H)
+    mem = build_plan([("model.layers.0.mlp.experts.gate_up_proj", (E, 2 * F, H))], fused=True, hidden=H)
     assert not any(m.conv1d for m in mem.modules)
-    w = torch.randn(E, H, 2 * I)
+    w = torch.randn(E, H, 2 * F)
     parts = {m.key: read_module(m, {m.tensor: w}.__getitem__) for m in gu}
     assert torch.equal(parts[gu[1].key], w[1]) and torch.equal(assemble_fused(gu, parts), w)
     with pytest.raises(InputError, match="incomplete"):

@@ -115,8 +115,8 @@ def test_conv1d_bias_and_modules_to_save(tmp_path):
     sd["transformer.ln_f.weight"] = head
     want = tf.GPT2LMHeadModel.from_pretrained(str(base_dir))
     want.load_state_dict(sd)
-    write_peft_adapter(tmp_path / "ad", ups, rank=4, modules_to_save={"transformer.ln_f.weight": head,
-                                                                    "transformer.ln_f.bias": sd["transformer.ln_f.bias"]})
+    saved = {"transformer.ln_f.weight": head, "transformer.ln_f.bias": sd["transformer.ln_f.bias"]}
+    write_peft_adapter(tmp_path / "ad", ups, rank=4, modules_to_save=saved)
     got = peft.PeftModel.from_pretrained(tf.GPT2LMHeadModel.from_pretrained(str(base_dir)), str(tmp_path / "ad"))
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
