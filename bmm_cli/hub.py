@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .arch import build_plan
+from .budget import check_free, fmt_bytes
 from .errors import InputError
 from .lora import is_adapter
 from .preflight import check_experts
@@ -110,5 +111,11 @@ def preflight_remote(base: str, experts: list[str], *, allow_dtype_mismatch: boo
     check_experts(b, cks[1:], allow_dtype_mismatch=allow_dtype_mismatch, vocab_keys=resized)  # tokens: once read
     build_plan(((k, m.shape) for k, m in cks[0].meta.items()), source=str(cks[0].root))
     names = ", ".join(s for s, rem in zip(specs, remote) if rem)
-    info(f"bmm: {names}: checked from config.json and the safetensors headers; downloading")
+    need = sum(m.nbytes for c, rem in zip(cks, remote) if rem for m in c.meta.values())
+    from huggingface_hub import constants
+
+    check_free(constants.HF_HUB_CACHE, need, what=f"the download of {names}",
+               option="HF_HOME (or HF_HUB_CACHE)")
+    info(f"bmm: {names}: checked from config.json and the safetensors headers; downloading "
+         f"{fmt_bytes(need)}")
     return True
