@@ -229,7 +229,7 @@ def vocab_output(base: Checkpoint, experts: list, plan: Plan, tokenizer: str = "
     choice = tokens.expert_choice(chat_template, [e.spec for e in experts], [e.root for e in experts],
                                   "--chat-template")
     template, note = tokens.choose_chat_template(choice, base.root, [e.root for e in experts])
-    if say:
+    if say and template is not None:  # nothing to tell when no model has a template
         info(f"bmm: {note}")
         if tplan is not None and (tplan.added or tplan.dropped):
             what = (f"{len(tplan.dropped)} token(s) the experts added are dropped: {', '.join(tplan.dropped[:8])}"
