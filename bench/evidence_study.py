@@ -189,26 +189,29 @@ def parse_rule(rule: str) -> tuple[str, str]:
     return rule, "1"
 
 
-def implied_n(rec: dict, anchor: str, factor: float, iters: int = 40) -> float | None:
-    """The N at which the module's evidence λ is ``factor`` × its λ at N = T·d_out (bisection in log N; the evidence λ
-    falls as N grows). None for a module without evidence, or when no N in [1e-6·N, N] reaches it (λ range)."""
-    from bmm_cli.evidence import evidence_lam, has_evidence
+def implied_n(rec: dict, anchor: str, factor: float) -> float | None:
+    """The N at which the module's evidence λ is ``factor`` × its λ at N = T·d_out. The evidence
+    f(λ) = -½[N log R(λ) + Σ log(1 + Λ_i/λ)] is stationary where N·R'(λ)/R(λ) = Σ Λ_i/(λ(λ + Λ_i)), with
+    R' = Σ c_i/(λ + Λ_i)², so N = R(λ)/R'(λ) · Σ Λ_i/(λ(λ + Λ_i)) at λ = factor·λ_ev (closed form). None for a
+    module without evidence or whose λ sits at the edge of the evidence's λ range."""
+    import torch
 
-    n0 = float(rec["T"] * rec["d_out"])
-    sp = module_spectrum(rec, anchor, n0)
+    from bmm_cli.evidence import LAM_RANGE, evidence_lam, has_evidence
+
+    sp = module_spectrum(rec, anchor, float(rec["T"] * rec["d_out"]))
     if not has_evidence(sp):
         return None
-    target = factor * evidence_lam(sp)
-    lo, hi = math.log(n0 * 1e-6), math.log(n0)
-    if module_lam(rec, anchor, math.exp(lo)) < target:
+    lam0 = evidence_lam(sp)
+    if not (LAM_RANGE[0] * 1.01 < lam0 < LAM_RANGE[1] / 1.01):
         return None
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if module_lam(rec, anchor, math.exp(mid)) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return math.exp(0.5 * (lo + hi))
+    lam = torch.tensor(factor * lam0, dtype=torch.float64)
+    den = lam + sp.lam
+    R = sp.S - float((sp.c / den).sum())
+    dR = float((sp.c / den.square()).sum())
+    occ = float((sp.lam / (lam * den)).sum())
+    if R <= 0 or dR <= 0:
+        return None
+    return R / dR * occ
 
 
 def diagnose(recs: list[dict], anchors: list[str], factors: list[float]) -> dict:
