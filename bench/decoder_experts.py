@@ -1,6 +1,7 @@
 """Decoder benchmark data and experts: SmolLM2-135M base, one fully fine-tuned expert per text domain.
 
-    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 32] [--batch 8] [--results FILE] [--data-only]
+    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 32] [--batch 8] [--results FILE] \\
+        [--data-only]
 
 Every transformer-block parameter is trained (all linear weights and norms; the tied 49k×576 token embedding,
 which is also the LM head, stays frozen: it is shared by every expert, so merging leaves it as the base's).

@@ -86,10 +86,33 @@ def module_stats(work: Path) -> tuple[list[dict], object]:
                 B += u @ Gt
             m = float(torch.diagonal(G).sum()) / d_in
             lam, Q = torch.linalg.eigh(0.5 * (G + G.T) / m)
-            recs.append({"key": ref.key, "blk": blk, "ref": ref, "layer": b, "group": ref.group, "T": T,
+            ranks = [effective_ranks(u) for u in taus]
+            recs.append({"row_pr": sum(x[0] for x in ranks), "row_erank": sum(x[1] for x in ranks),
+                         "key": ref.key, "blk": blk, "ref": ref, "layer": b, "group": ref.group, "T": T,
                          "d_out": d_out, "d_in": d_in, "m": m, "lam": lam.clamp_min(0.0), "Q": Q.float(),
                          "BQ": ((B / m) @ Q).float(), "w0": proj.base_linear(ref).float(), "anchors": {}})
     return recs, proj
+
+
+def spectral_ranks(ev) -> tuple[float, float]:
+    """(participation ratio (Σe)²/Σe², entropy rank exp(-Σ p log p), p = e/Σe) of a non-negative spectrum ``ev``."""
+    import torch
+
+    ev = ev.clamp_min(0.0)
+    tot = float(ev.sum())
+    if tot <= 0:
+        return 0.0, 0.0
+    p = ev / tot
+    nz = p[p > 0]
+    return tot ** 2 / float(ev.square().sum()), math.exp(-float((nz * torch.log(nz)).sum()))
+
+
+def effective_ranks(u) -> tuple[float, float]:
+    """:func:`spectral_ranks` of the squared singular values of one task vector ``u`` (its rows' effective count)."""
+    import torch
+
+    g = u @ u.T if u.shape[0] <= u.shape[1] else u.T @ u
+    return spectral_ranks(torch.linalg.eigvalsh(0.5 * (g + g.T)))
 
 
 def add_anchor(recs: list[dict], proj, work: Path, anchor: str) -> None:
@@ -126,24 +149,32 @@ def n_obs(rec: dict, rule: str) -> float:
     return float(base)
 
 
-def module_lam(rec: dict, anchor: str, N: float) -> float:
-    from bmm_cli.evidence import Spectrum, evidence_lam
+def module_spectrum(rec: dict, anchor: str, N: float):
+    """The module's evidence spectrum, exactly as the library builds it (fp64 rank decision included)."""
+    from bmm_cli.evidence import spectrum_from_factors
 
     a = rec["anchors"][anchor]
-    return evidence_lam(Spectrum(rec["lam"], a["c"], a["S"], N, rec["key"]))
+    return spectrum_from_factors(rec["lam"], rec["BQ"], a["U0Q"], a["S"], N, key=rec["key"])
+
+
+def module_lam(rec: dict, anchor: str, N: float) -> float | None:
+    """The evidence λ, or None for a module without evidence (the library leaves it out of the per-layer means)."""
+    from bmm_cli.evidence import evidence_lam, has_evidence
+
+    sp = module_spectrum(rec, anchor, N)
+    return evidence_lam(sp) if has_evidence(sp) else None
 
 
 def marginal_weights(rec: dict, anchor: str, N: float):
     """p(λ_k | data) on a log grid (flat prior in log λ), from the profiled evidence."""
     import torch
 
-    from bmm_cli.evidence import Spectrum, log_evidence
+    from bmm_cli.evidence import log_evidence
 
     global GRID
     if GRID is None:
         GRID = torch.logspace(-6, 2, 97, dtype=torch.float64)
-    a = rec["anchors"][anchor]
-    f = log_evidence(GRID, Spectrum(rec["lam"], a["c"], a["S"], N, rec["key"]))
+    f = log_evidence(GRID, module_spectrum(rec, anchor, N))
     return torch.softmax(f, 0)
 
 
@@ -158,6 +189,67 @@ def parse_rule(rule: str) -> tuple[str, str]:
     return rule, "1"
 
 
+def implied_n(rec: dict, anchor: str, factor: float) -> float | None:
+    """The N at which the module's evidence λ is ``factor`` × its λ at N = T·d_out. The evidence
+    f(λ) = -½[N log R(λ) + Σ log(1 + Λ_i/λ)] is stationary where N·R'(λ)/R(λ) = Σ Λ_i/(λ(λ + Λ_i)), with
+    R' = Σ c_i/(λ + Λ_i)², so N = R(λ)/R'(λ) · Σ Λ_i/(λ(λ + Λ_i)) at λ = factor·λ_ev (closed form). None for a
+    module without evidence or whose λ sits at the edge of the evidence's λ range."""
+    import torch
+
+    from bmm_cli.evidence import LAM_RANGE, evidence_lam, has_evidence
+
+    sp = module_spectrum(rec, anchor, float(rec["T"] * rec["d_out"]))
+    if not has_evidence(sp):
+        return None
+    lam0 = evidence_lam(sp)
+    if not (LAM_RANGE[0] * 1.01 < lam0 < LAM_RANGE[1] / 1.01):
+        return None
+    lam = torch.tensor(factor * lam0, dtype=torch.float64)
+    den = lam + sp.lam
+    R = sp.S - float((sp.c / den).sum())
+    dR = float((sp.c / den.square()).sum())
+    occ = float((sp.lam / (lam * den)).sum())
+    if R <= 0 or dR <= 0:
+        return None
+    return R / dR * occ
+
+
+def diagnose(recs: list[dict], anchors: list[str], factors: list[float]) -> dict:
+    """Per anchor and factor: the N that makes the evidence λ that many times larger, against N = T·d_out and the
+    measured effective ranks (participation ratio / entropy rank of Ĝ's spectrum, and the sum over tasks of each
+    task vector's own effective rank): medians over modules of each count / (T·d_out), and per-group medians."""
+    import statistics
+
+    def med(xs):
+        return round(statistics.median(xs), 5) if xs else None
+
+    ranks = {}
+    for r in recs:
+        n0 = r["T"] * r["d_out"]
+        pr, er = spectral_ranks(r["lam"])
+        r["ratios"] = {"gram_pr": pr / n0, "gram_erank": er / n0, "rows_pr": r["row_pr"] / n0,
+                       "rows_erank": r["row_erank"] / n0}
+    for k in recs[0]["ratios"]:
+        ranks[k] = {"all": med([r["ratios"][k] for r in recs])}
+        for g in sorted({r["group"] for r in recs}):
+            ranks[k][g] = med([r["ratios"][k] for r in recs if r["group"] == g])
+    out = {"rank_over_n": ranks, "implied_n_over_n": {}}
+    for anc in anchors:
+        out["implied_n_over_n"][anc] = {}
+        for f in factors:
+            vals = {}
+            for r in recs:
+                n = implied_n(r, anc, f)
+                if n is not None:
+                    vals.setdefault(r["group"], []).append(n / (r["T"] * r["d_out"]))
+            row = {"all": med([v for vs in vals.values() for v in vs]),
+                   "modules": sum(len(v) for v in vals.values())}
+            row.update({g: med(v) for g, v in sorted(vals.items())})
+            out["implied_n_over_n"][anc][str(f)] = row
+            _log(f"{anc} x{f:g}: implied N / (T·d_out) median {row['all']} over {row['modules']} modules")
+    return out
+
+
 def rule_lams(recs: list[dict], anchor: str, rule: str, lib: dict | None) -> dict[str, float]:
     """{module key: λ} of a λ rule (before pooling per (layer, group))."""
     from bmm_cli.evidence import fill_degenerate
@@ -170,7 +262,8 @@ def rule_lams(recs: list[dict], anchor: str, rule: str, lib: dict | None) -> dic
         k = float(rule[1:])
         return {key: v * k for key, v in rule_lams(recs, anchor, "fp64", lib).items()}
     rule = rule.removeprefix("marg-")  # the λ of the underlying rule (used for the params file only)
-    return fill_degenerate({r["key"]: module_lam(r, anchor, n_obs(r, rule)) for r in recs})
+    lams = {r["key"]: module_lam(r, anchor, n_obs(r, rule)) for r in recs}
+    return fill_degenerate({k: v for k, v in lams.items() if v is not None})
 
 
 def pooled(work: Path, lams: dict[str, float]) -> dict[str, float]:
@@ -263,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-dir", help="wait for DIR/anchor-<m>.done before reading anchor m (the anchors are "
                     "made while the statistics are computed)")
     ap.add_argument("--params-dir", help="write each rule's params file (bmm solve --params) here")
+    ap.add_argument("--implied-n", help="comma-separated λ factors: instead of scoring, write per anchor the N that "
+                    "makes the evidence λ that many times larger, against measured effective ranks (no model loaded)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     set_threads(1)
@@ -274,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         rules = [x for x in a.rules.split(",") if x]
         for r in rules:
             parse_rule(r)
+        if a.implied_n:
+            factors = [float(x) for x in a.implied_n.split(",") if x]
+            recs, proj = module_stats(work)
+            for anc in anchors:
+                add_anchor(recs, proj, work, anc)
+            write_json(Path(a.out), {"work": str(work.resolve()), **diagnose(recs, anchors, factors)})
+            return 0
         domains = parse_domains(a.domains)
         experts = Path(a.experts_dir) if a.experts_dir else cache / "experts"
         data = {d: load_windows(cache, d, "val", a.limit)[:, :a.tokens] for d in domains}

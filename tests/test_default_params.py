@@ -11,6 +11,7 @@ from conftest import perturb, save, tiny_tokenizer
 from bmm_cli.anchor import anchor
 from bmm_cli.closed_form import free_stats, solve_direct
 from bmm_cli.default_params import module_lams, params_per_layer
+from bmm_cli.defaults import FREE_LAM_FACTOR
 from bmm_cli.evidence import evidence_lam, fill_degenerate, residual_energy, spectrum
 from bmm_cli.gram import gram
 from bmm_cli.params import Params
@@ -72,7 +73,7 @@ def _reference(work, base_dir, experts):
             sp = spectrum(st.G_hat, st.B_hat, u0, S, float(taus.shape[0] * taus.shape[1]), key=ref.key)
             stats[ref.key], u0s[ref.key], lams[ref.key] = st, u0, evidence_lam(sp)
     lams = fill_degenerate(lams)
-    params = Params.from_flat(params_per_layer(work, lams, 1.0))
+    params = Params.from_flat(params_per_layer(work, {k: v * FREE_LAM_FACTOR for k, v in lams.items()}, 1.0))
     out = {}
     for blk in proj.plan.blocks:
         for ref in blk.modules:

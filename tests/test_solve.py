@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bmm_cli.anchor import anchor
+from bmm_cli.defaults import FREE_LAM_FACTOR
 from bmm_cli.errors import InputError
 from bmm_cli.factor_cache import Merger
 from bmm_cli.gram import gram
@@ -326,7 +327,7 @@ def test_default_lambda_is_the_evidence_per_module_and_kept_in_the_work_dir(fami
     kept = json.loads((work / "evidence-ta-free.json").read_text())
     lams = default_params.module_lams(work, "ta", "free")
     assert kept["modules"] == pytest.approx(lams, rel=1e-12) and len(set(round(v, 9) for v in lams.values())) > 1
-    flat = default_params.params_per_layer(work, lams, 1.0)
+    flat = default_params.params_per_layer(work, {k: v * FREE_LAM_FACTOR for k, v in lams.items()}, 1.0)
     (tmp_path / "p.json").write_text(json.dumps(flat))
     solve(work, "ta", "free", out=tmp_path / "explicit", params_file=tmp_path / "p.json", device="cpu")
     a, b = Checkpoint.open(tmp_path / "auto"), Checkpoint.open(tmp_path / "explicit")

@@ -9,12 +9,16 @@ import torch
 from bench.evidence_study import (
     apply_rule,
     build_factors,
+    effective_ranks,
+    implied_n,
     marginal_weights,
     merged_update,
+    module_lam,
     n_obs,
     parse_rule,
     pooled,
     rule_lams,
+    spectral_ranks,
 )
 from bmm_cli.anchor import anchor
 from bmm_cli.default_params import module_lams
@@ -68,6 +72,33 @@ def test_n_obs_rules_on_a_hand_made_spectrum():
     assert n_obs(rec, "n0.1") == pytest.approx(1.5)
     assert n_obs(rec, "rank") == 3
     assert n_obs(rec, "pr") == pytest.approx(16 / 6)
+
+
+def test_spectral_ranks_by_hand():
+    pr, er = spectral_ranks(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    assert pr == pytest.approx(2.0) and er == pytest.approx(2.0)  # two equal directions: both count 2
+    pr, er = spectral_ranks(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert pr == pytest.approx(16 / 10)
+    assert er == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert spectral_ranks(torch.zeros(3, dtype=torch.float64)) == (0.0, 0.0)
+
+
+def test_effective_ranks_of_a_rank_one_task_vector():
+    u = torch.outer(torch.arange(1.0, 6.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    pr, er = effective_ranks(u)
+    assert pr == pytest.approx(1.0, rel=1e-9) and er == pytest.approx(1.0, rel=1e-6)  # 5 rows, one direction
+
+
+def test_implied_n_reproduces_the_factor(study):
+    _, recs, _, _ = study
+    r = next(r for r in recs if module_lam(r, "ta", r["T"] * r["d_out"]) is not None)
+    n0 = r["T"] * r["d_out"]
+    lam0 = module_lam(r, "ta", n0)
+    assert implied_n(r, "ta", 1.0) == pytest.approx(n0, rel=1e-3)
+    n = implied_n(r, "ta", 3.0)
+    if n is not None:  # the tiny family may hit the λ range before 3x
+        assert n < n0
+        assert module_lam(r, "ta", n) == pytest.approx(3 * lam0, rel=1e-2)
 
 
 def test_marginal_update_is_a_mixture_of_map_updates(study):
