@@ -24,6 +24,7 @@ from . import atomic, lora, tokens
 from .arch import Block, Plan
 from .closed_form import solve_direct
 from .default_params import EVIDENCE_RULE, solve_params
+from .defaults import FREE_LAM_FACTOR
 from .device import resolve_device
 from .errors import InputError
 from .factor_cache import add_block, current_factors
@@ -80,7 +81,8 @@ def solve(
                                           float((W - w0).norm() / w0.norm().clamp_min(1e-12)))
             writer.add(ref.key, from_linear(ref, W))
         proj.base.close()  # unmap the base: its pages read so far would stay in RSS (file-backed) to the end
-    recipe = src.recipe(params, **({"lam_rule": EVIDENCE_RULE} if params_file is None and lam is None else {}))
+    rule = EVIDENCE_RULE + (f"; data-free λ × {FREE_LAM_FACTOR:g}" if gram == "free" else "")
+    recipe = src.recipe(params, **({"lam_rule": rule} if params_file is None and lam is None else {}))
     writer.close(recipe=recipe, card=model_card({"title": f"BMM merge ({gram}, anchor {src.anchor.method.name})",
                                                  **recipe}), finish=voc.finish)
     return {"model": str(out), "anchor": src.anchor.method.name, "gram": gram, "params": params.flat(), **voc.summary(),
