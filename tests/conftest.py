@@ -149,3 +149,28 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` mounts a real tmpfs of ``size`` ("64k", "1m") under ``tmp_path`` and returns its path, or None
+    where this machine does not allow it (not root, no ``mount``); every mount is undone at teardown."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str):
+        path = tmp_path / f"tmpfs-{len(mounted)}"
+        path.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            return None
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            return None
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,22 +98,15 @@ def test_check_free_refuses_in_one_line(monkeypatch, tmp_path):
     assert budget.check_free(work, 4_096_000) == 4_096_000
 
 
-def test_check_free_on_a_real_small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
+def test_check_free_on_a_real_small_tmpfs(tmpfs):
+    mnt = tmpfs("1m")
+    if mnt is None:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False, capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.decode().strip()}")
-    try:
-        where, free = budget.free_bytes(mnt / "work")
-        assert where == mnt and 0 < free <= 1 << 20
-        with pytest.raises(InputError, match="use --work on a disk with more space"):
-            budget.check_free(mnt / "work", 2 << 20)
-        assert budget.check_free(mnt / "work", 1000) == free
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    where, free = budget.free_bytes(mnt / "work")
+    assert where == mnt and 0 < free <= 1 << 20
+    with pytest.raises(InputError, match="use --work on a disk with more space"):
+        budget.check_free(mnt / "work", 2 << 20)
+    assert budget.check_free(mnt / "work", 1000) == free
 
 
 def test_lines_and_json():
@@ -145,16 +135,6 @@ def _cli(argv, capsys) -> tuple[int, str, str]:
     return int(exc.value.code or 0), out, err
 
 
-def _small_tmpfs(path: Path, size: str):
-    """Mount a tmpfs of ``size`` at ``path``; None where this machine does not allow it."""
-    path.mkdir(parents=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return None
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
-                       capture_output=True)
-    return path if r.returncode == 0 else None
-
-
 def test_plan_prints_the_disk_per_stage(family, capsys):
     import json
 
@@ -173,24 +153,21 @@ def test_plan_prints_the_disk_per_stage(family, capsys):
     assert "--work" in lines[i]
 
 
-def test_merge_on_a_full_disk_is_refused_before_any_work(family, tmp_path, capsys, monkeypatch):
+def test_merge_on_a_full_disk_is_refused_before_any_work(family, tmp_path, capsys, monkeypatch, tmpfs):
     """A real small tmpfs where the machine allows one, else the work directory's statvfs faked: one line, exit 2,
     nothing created (neither the work directory nor the output)."""
     base, experts = family("llama")
-    mnt = _small_tmpfs(tmp_path / "small", "64k")
-    try:
-        if mnt is None:
-            _fake_statvfs(monkeypatch, free_blocks=16)  # 64 kB
-            mnt = tmp_path / "small"
-        work, out = mnt / "work", tmp_path / "out"
-        rc, _, err = _cli(["merge", "-b", base, "-e", *experts, "-o", out, "--work", work, "--lam", "0.1",
-                           "--device", "cpu"], capsys)
-        assert rc == 2 and err.count("\n") == 1, err
-        assert err.startswith(f"bmm: error: {work}: the work directory") and "use --work on a disk" in err
-        assert not work.exists() and not out.exists() and list(mnt.iterdir()) == []
-    finally:
-        if mnt is not None and os.path.ismount(mnt):
-            subprocess.run(["umount", str(mnt)], check=True)
+    mnt = tmpfs("64k")
+    if mnt is None:
+        _fake_statvfs(monkeypatch, free_blocks=16)  # 64 kB
+        mnt = tmp_path / "small"
+        mnt.mkdir()
+    work, out = mnt / "work", tmp_path / "out"
+    rc, _, err = _cli(["merge", "-b", base, "-e", *experts, "-o", out, "--work", work, "--lam", "0.1",
+                       "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"bmm: error: {work}: the work directory") and "use --work on a disk" in err
+    assert not work.exists() and not out.exists() and list(mnt.iterdir()) == []
 
 
 def test_plan_refuses_a_small_work_disk_and_passes_a_large_one(family, tmp_path, capsys, monkeypatch):

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -97,19 +96,12 @@ def test_disk_full_in_the_work_dir(ref, work_from, monkeypatch, capsys):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(tmpfs):
     """A real 256 KB tmpfs (root only): a full disk as the kernel reports it, no monkeypatch."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
+    mnt = tmpfs("256k")
+    if mnt is None:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"mount -t tmpfs refused here: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    return mnt
 
 
 def test_disk_full_from_safetensors_is_the_one_line_disk_error(family, small_fs, capsys):
