@@ -30,7 +30,7 @@ from .workdir import GRAM_KINDS, GRAM_STATS
 app = typer.Typer(
     name="bmm",
     help="Bayesian Model Merging: merge fine-tuned checkpoints of one base model with the closed-form MAP merge.\n\n"
-    "Pipeline: taskvec -> anchor -> gram -> solve -> search (merge runs them all). Every stage writes to a work "
+    "Pipeline: taskvec -> gram -> anchor -> solve -> search (merge runs them all). Every stage writes to a work "
     "directory and resumes where it stopped.",
     no_args_is_help=True,
     add_completion=True,
@@ -413,7 +413,7 @@ def merge(
                                       "of the default's per-layer λ (as bmm search --relative-lam)."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Run taskvec -> anchor -> gram -> solve in one go (finished stages are reused) and write the merged model;
+    """Run taskvec -> gram -> anchor -> solve in one go (finished stages are reused) and write the merged model;
     with --eval, --eval-py or --lm-eval, a search (as bmm search) replaces the single solve."""
     from .merge import merge as run
 

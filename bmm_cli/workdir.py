@@ -273,6 +273,8 @@ class Sources:
             "gram": self.gram,
             "params": params.flat(),
             "blocks": params.num_groups,
+            # in-block tensors no solvable module matches: merged by the anchor's rule for other tensors
+            **({"unsolved": list(self.proj.plan.unknown)} if self.proj.plan.unknown else {}),
             **extra,
         }
 

@@ -202,6 +202,8 @@ def test_merge_names_the_in_block_tensors_it_cannot_solve(family, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["unsolved"] == [key]
+    assert json.loads((tmp_path / "o" / "bmm_merge.json").read_text())["unsolved"] == [key]  # the recipe...
+    assert key in (tmp_path / "o" / "README.md").read_text()  # ...and the model card record it
     note = next(line for line in p.stderr.splitlines() if "match no module bmm can solve" in line)
     assert key in note and "anchor's rule" in note and "--others mean" in note
     torch.testing.assert_close(Checkpoint.open(tmp_path / "o").get(key), torch.full((4, 6), 2.0))  # mean of 1, 2, 3
