@@ -10,7 +10,6 @@ and local paths are checked the usual way; offline (``HF_HUB_OFFLINE``), the dow
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .arch import build_plan
@@ -19,7 +18,7 @@ from .errors import InputError
 from .lora import is_adapter
 from .preflight import check_experts
 from .progress import info
-from .store import HUB_PATTERNS, Checkpoint, TensorMeta, looks_like_hub_id
+from .store import HUB_PATTERNS, Checkpoint, TensorMeta, hub_offline, looks_like_hub_id
 from .tokens import vocab_axis
 
 
@@ -37,13 +36,9 @@ class HeaderCheckpoint(Checkpoint):
         raise InputError(f"{self.spec}: only the headers were read; download it to read {key!r}")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-
-
 def needs_download(spec: str) -> bool:
     """A hub id (not a local path) whose safetensors files are not all in the local cache."""
-    if Path(spec).expanduser().exists() or not looks_like_hub_id(spec) or _offline():
+    if Path(spec).expanduser().exists() or not looks_like_hub_id(spec) or hub_offline():
         return False
     from huggingface_hub import snapshot_download
 
@@ -65,7 +60,7 @@ def header_checkpoint(spec: str, *, role: str) -> HeaderCheckpoint | None:
         cfg_path = hf_hub_download(spec, "config.json")
     except NotASafetensorsRepoError:
         return None
-    except Exception as exc:  # hub errors come in many classes (404, auth, network, not a safetensors repo)
+    except Exception as exc:  # hub errors come in many classes (404, auth, network)
         raise InputError(f"{role} {spec}: cannot read its headers from the hub ({exc.__class__.__name__}); "
                          "check the id, your network and HF_TOKEN") from None
     try:

@@ -214,6 +214,11 @@ def looks_like_hub_id(spec: str) -> bool:
     )
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub (as huggingface_hub reads it: set and not "0")."""
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
 def resolve_model_dir(spec: str | os.PathLike, *, role: str = "model") -> Path:
     """A local directory, a single .safetensors file's directory, or a hub id -> a local directory."""
     spec_s = str(spec)
@@ -236,9 +241,8 @@ def resolve_model_dir(spec: str | os.PathLike, *, role: str = "model") -> Path:
     try:
         local = snapshot_download(repo_id=spec_s, allow_patterns=HUB_PATTERNS)
     except Exception as exc:  # hub errors come in many classes (offline, 404, auth)
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it first or pass a local path"
-                if offline else "check the id, your network and HF_TOKEN")
+                if hub_offline() else "check the id, your network and HF_TOKEN")
         raise InputError(f"{role} {spec_s}: cannot fetch from the hub ({exc.__class__.__name__}); {hint}") from None
     return Path(local)
 
