@@ -147,7 +147,9 @@ def anchor(
     if materialize is not None:
         res["model"] = str(write_anchor_model(proj, stage, materialize, dtype=dtype,
                                               max_shard_size=parse_size(max_shard_size),
-                                              recipe={"method": m.name, "options": options_dict(o)},
+                                              recipe={"method": m.name, "options": options_dict(o),
+                                                      **({"excluded": proj.plan.excluded} if proj.plan.excluded
+                                                         else {})},
                                               force=force))
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
@@ -192,6 +194,7 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
                        recipe: dict, force: bool) -> Path:
     """W = W_pre + U0 for solvable modules, the stage's others for the rest, in the base's dtypes."""
     order = [ref.key for blk in proj.plan.blocks for ref in blk.modules] + list(proj.plan.others)
+    order += list(proj.plan.excluded)
     writer = _model_writer(proj.base, out, dtype, max_shard_size, force, stage.id, proj.inputs(), order=order)
     for blk in track(proj.plan.blocks, "write anchor model"):
         r = stage.read(blk.shard)
@@ -207,6 +210,7 @@ def write_anchor_model(proj: Project, stage: Stage, out: Path, *, dtype: str | N
             if v.shape != proj.base.meta[key].shape:  # shared rows of a vocabulary tensor: the base's padding rows
                 v = base_rows(v, proj.base.get(key), vocab_of(proj.base, proj.experts, proj.plan).keys[key])
             writer.add(key, v)
+    proj.write_excluded(writer)
     return _close_model(writer, proj.base, proj.experts, recipe)
 
 
@@ -267,6 +271,7 @@ def anchor_direct(
     max_shard_size: str | int = "5GB",
     force: bool = False,
     allow_dtype_mismatch: bool = False,
+    exclude: list[str] | None = None,
 ) -> dict:
     """The anchor merge written straight from the checkpoints, without a work directory (``bmm anchor --base B
     --experts E... --method ta --materialize OUT``): ``W_t − W_pre`` is formed per tensor as it is read, as
@@ -280,9 +285,10 @@ def anchor_direct(
     check_output_options(dtype, max_shard_size)
     max_size = parse_size(max_shard_size)
     dev = resolve_device(device)
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch, exclude=exclude)
     ext = _open_external(external, b) if m.needs_external else None
     refs = {r.key: r for r in plan.modules}
+    excluded = set(plan.excluded)  # --exclude: the base's tensor, in no global pass
     cut = vocab_cut(b, es, plan)
 
     def taus_of(key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,10 +304,10 @@ def anchor_direct(
 
     def iter_all() -> Iterator[tuple[str, torch.Tensor]]:
         for key, meta in b.meta.items():
-            if meta.is_float:
+            if meta.is_float and key not in excluded:
                 yield key, taus_of(key)[1]
 
-    recipe = {"method": m.name, "options": options_dict(o)}
+    recipe = {"method": m.name, "options": options_dict(o), **({"excluded": plan.excluded} if excluded else {})}
     plan_id = hashlib.sha256(json.dumps({
         "base": b.fingerprint(), "experts": [e.fingerprint() for e in es], **recipe, "others": others,
         "external": ext.fingerprint() if ext is not None else None}, sort_keys=True).encode()).hexdigest()
@@ -315,6 +321,9 @@ def anchor_direct(
         state = json.loads(json.dumps(m.prepare(o, iter_all, len(es), dev)))  # as the stage keeps it
     for key in track(order, f"anchor {m.name} -> {materialize}"):
         if writer.shard_done(key):
+            continue
+        if key in excluded:
+            writer.add(key, b.get(key))
             continue
         base_v, taus = taus_of(key)
         ref = refs.get(key)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -219,6 +219,7 @@ class Plan:
     others: list[str]  # keys merged by the anchor's rule
     unknown: list[str]  # "other" keys that look like they sit inside a block but matched no rule (listed by plan)
     stack_layers: dict[str, int]  # stack -> number of layers
+    excluded: list[str] = field(default_factory=list)  # ``--exclude``: neither solved nor merged, the base's value
 
     @property
     def modules(self) -> list[ModuleRef]:
@@ -251,6 +252,7 @@ class Plan:
             "others": self.others,
             "unknown": self.unknown,
             "stack_layers": self.stack_layers,
+            **({"excluded": self.excluded} if self.excluded else {}),
         }
 
 
@@ -263,9 +265,30 @@ def _module_json(m: ModuleRef) -> dict:
     return d
 
 
+def exclude_pattern(patterns: Sequence[str] | None) -> re.Pattern | None:
+    """``--exclude REGEX`` (repeatable) as one pattern, searched in each key (None: nothing excluded)."""
+    pats = [str(p) for p in patterns or ()]
+    for p in pats:
+        if not p:
+            raise InputError("--exclude '': give a regular expression that matches the keys to leave out")
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise InputError(f"--exclude {p!r}: not a regular expression ({exc})") from None
+    return re.compile("|".join(f"(?:{p})" for p in pats)) if pats else None
+
+
+def is_excluded(key: str, exclude: re.Pattern | None) -> bool:
+    return exclude is not None and exclude.search(key) is not None
+
+
 def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "model", fused: bool = False,
-               hidden: int | None = None) -> Plan:
+               hidden: int | None = None, exclude: Sequence[str] | None = None) -> Plan:
     """The module map of a checkpoint from its ``(key, shape)`` pairs.
+
+    ``exclude``: regular expressions (``--exclude``); a key any of them matches (``re.search``) is neither solved
+    nor merged: the output keeps the base's tensor (:attr:`Plan.excluded`), and the experts' tensors of that name
+    are not read. Each pattern must match at least one key.
 
     ``fused``: split fused 3-D expert tensors into one module per expert (:func:`fused_experts`; ``hidden`` is
     the config's hidden size, for their orientation). Such modules have ``tensor`` set: read them with
@@ -274,7 +297,12 @@ def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "
     blocks: dict[tuple[str, int], Block] = {}
     others: list[str] = []
     unknown: list[str] = []
+    excluded: list[str] = []
+    pattern = exclude_pattern(exclude)
     for key, shape in shapes:
+        if is_excluded(key, pattern):
+            excluded.append(key)
+            continue
         refs = fused_experts(key, tuple(shape), hidden) if fused else []
         ref = classify(key, shape)
         if ref is not None:
@@ -287,7 +315,12 @@ def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "
             continue
         blk = blocks.setdefault((refs[0].stack, refs[0].layer), Block(0, refs[0].stack, refs[0].layer))
         blk.modules.extend(refs)
+    for p in exclude or ():
+        if not any(re.search(p, k) for k in excluded):
+            raise InputError(f"--exclude {p!r} matches no tensor of {source}")
     if not blocks:
+        if excluded:
+            raise InputError(f"--exclude {' '.join(exclude or ())}: leaves no solvable module of {source} to merge")
         raise InputError(
             f"{source}: no solvable module found (no key matches the Llama/Mistral/Qwen2/Gemma/Phi-3, GPT-2, BERT, "
             "CLIP/ViT or open_clip block layouts); bmm cannot merge this architecture yet"
@@ -298,4 +331,4 @@ def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "
         b.index = i
         b.modules.sort(key=lambda m: (GROUPS.index(m.group), m.key))
         stack_layers[b.stack] = max(stack_layers.get(b.stack, 0), b.layer + 1)
-    return Plan(ordered, others, unknown, stack_layers)
+    return Plan(ordered, others, unknown, stack_layers, excluded)

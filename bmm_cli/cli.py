@@ -70,6 +70,9 @@ def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
 WORK_OPT = typer.Option(..., "--work", "-w", help="Work directory holding the stages.")
 FORCE_OPT = typer.Option(False, "--force", help="Redo the stage when its inputs or options changed.")
+EXCLUDE_OPT = typer.Option([], "--exclude", help="Leave the tensors whose key matches this regular expression "
+                           "(re.search; repeatable) out of the merge: the output keeps the base's, and the experts' "
+                           "may differ in shape (per-task heads).")
 BASE_OPT = typer.Option(..., "--base", "-b", help="Base (pretrained) model: directory, .safetensors file or hub id.")
 EXPERTS_OPT = typer.Option(..., "--experts", "-e", help="Fine-tuned experts: models, PEFT LoRA adapter dirs or "
                            "BASE+ADAPTER (repeat or list after one flag).")
@@ -98,6 +101,7 @@ def plan(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: the base's)."),
     work: Optional[Path] = typer.Option(None, "--work", "-w", help="Check that this work directory's file system "
                                         "can hold the stages (refused in one line when it cannot)."),
+    exclude: List[str] = EXCLUDE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor,
@@ -109,9 +113,10 @@ def plan(
 
     if anchor not in METHODS:
         raise InputError(f"--anchor {anchor!r}: choose one of {', '.join(METHODS)}")
-    res = plan_summary(base, experts, num_groups=blocks)
+    res = plan_summary(base, experts, num_groups=blocks, exclude=exclude)
     b = Checkpoint.open(base, role="base")
-    est = budget.for_merge(build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root)), b.meta,
+    est = budget.for_merge(build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root),
+                                      exclude=exclude), b.meta,
                            len(experts), anchor=anchor, gram=gram, search=True, out_dtype=dtype)
     cache = budget.only(est, ("factors-",), out=False)
     merge_est = budget.Estimate({k: v for k, v in est.stages.items() if k not in cache.stages}, est.out)
@@ -147,6 +152,9 @@ def plan(
             lines.append(f"UNSOLVED     {len(r['unknown'])} tensors inside the blocks match no module bmm can solve "
                          "(merged by the anchor's rule for other tensors):")
             lines += [f"  {k}" for k in r["unknown"]]
+        if r["excluded"]:
+            lines.append(f"excluded     {len(r['excluded'])} tensors (--exclude) keep the base's value: "
+                         + ", ".join(r["excluded"][:8]) + (" ..." if len(r["excluded"]) > 8 else ""))
         d = r["disk"]
         lines.append(f"disk of `bmm merge --anchor {d['anchor']} --gram {d['gram']}` (work directory per stage, "
                      "then the output; --work puts the stages on another disk):")
@@ -169,6 +177,7 @@ def taskvec(
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of task vectors (float32 keeps them exact)."),
     allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch",
                                               help="Accept experts stored in another dtype than the base."),
+    exclude: List[str] = EXCLUDE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -177,7 +186,8 @@ def taskvec(
     from .taskvec import taskvec as run
 
     with work_lock(work):
-        res = run(base, experts, work, dtype=dtype, force=force, allow_dtype_mismatch=allow_dtype_mismatch)
+        res = run(base, experts, work, dtype=dtype, force=force, allow_dtype_mismatch=allow_dtype_mismatch,
+                  exclude=exclude)
     _emit(res, as_json, lambda r: r["dir"])
 
 
@@ -216,6 +226,8 @@ def anchor(
     external: Optional[str] = typer.Option(None, "--model", help="The merged checkpoint for --method external."),
     others: OthersRule = typer.Option(OthersRule(MD["others"]), "--others",
                                       help="Rule for non-solved tensors: the anchor's own, base, or mean."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Without --work: as bmm merge --exclude (with --work, "
+                                      "the taskvec stage's)."),
     device: str = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OUT_OPT,
     max_shard_size: str = SHARD_OPT,
@@ -238,12 +250,12 @@ def anchor(
         with output_lock(materialize):
             res = anchor_direct(base, experts, method.value, opts, materialize=materialize, others=others.value,
                                 external=external, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                                force=force)
+                                force=force, exclude=exclude)
         _emit(res, as_json, lambda r: r["model"])
         return
-    if base or experts:
-        raise InputError("bmm anchor: --base/--experts are read from the work dir's taskvec stage; drop them or "
-                         "drop --work to merge straight from the checkpoints")
+    if base or experts or exclude:
+        raise InputError("bmm anchor: --base/--experts/--exclude are read from the work dir's taskvec stage; drop "
+                         "them or drop --work to merge straight from the checkpoints")
     from . import budget
     from .workdir import load_project
 
@@ -388,6 +400,7 @@ def merge(
     max_shard_size: str = SHARD_OPT,
     allow_dtype_mismatch: bool = typer.Option(MD["allow_dtype_mismatch"], "--allow-dtype-mismatch",
                                               help="Accept experts in another dtype."),
+    exclude: List[str] = EXCLUDE_OPT,
     force: bool = typer.Option(MD["force"], "--force", help="Redo stages whose inputs changed; replace a foreign "
                                "--out."),
     tokenizer: str = TOKENIZER_OPT,
@@ -425,7 +438,7 @@ def merge(
         eval_cmd=eval_cmd, eval_py=eval_py, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
         lm_eval_include=lm_eval_include, minimize=minimize, timeout=timeout,
         trials=trials, initial=initial, trial_dir=trial_dir, relative_lam=relative_lam,
-        gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch,
+        gram=gram.value if gram else None, work=work, allow_dtype_mismatch=allow_dtype_mismatch, exclude=exclude,
         tokenizer=tokenizer, chat_template=chat_template, out_format=out_format, rank=rank)
     # merge checks every input first and only then creates and locks the work directory
     res = run(base, experts, out, options=options)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .arch import build_plan
+from .arch import build_plan, exclude_pattern
 from .budget import check_free, fmt_bytes
 from .errors import InputError
 from .lora import is_adapter
@@ -87,9 +87,11 @@ def _token_rows(base: Checkpoint, key: str, shape: tuple[int, ...]) -> bool:
     return axis is not None and vocab is not None and base.meta[key].shape[axis] == vocab
 
 
-def preflight_remote(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False) -> bool:
+def preflight_remote(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False,
+                     exclude: list[str] | None = None) -> bool:
     """When any input is a hub id still to download: check all inputs against each other from headers (remote) and
-    local files, and build the plan, before anything is fetched. Returns whether it checked anything."""
+    local files, and build the plan (``exclude``: the ``--exclude`` patterns), before anything is fetched. Returns
+    whether it checked anything."""
     specs = [str(base), *(str(e) for e in experts)]
     if any("+" in s or is_adapter(s) for s in specs[1:]):  # LoRA experts: checked against the base when read
         return False
@@ -103,8 +105,9 @@ def preflight_remote(base: str, experts: list[str], *, allow_dtype_mismatch: boo
         return False
     b = cks[0]
     resized = {k for e in cks[1:] for k, m in e.meta.items() if _token_rows(b, k, m.shape)}
-    check_experts(b, cks[1:], allow_dtype_mismatch=allow_dtype_mismatch, vocab_keys=resized)  # tokens: once read
-    build_plan(((k, m.shape) for k, m in cks[0].meta.items()), source=str(cks[0].root))
+    check_experts(b, cks[1:], allow_dtype_mismatch=allow_dtype_mismatch, vocab_keys=resized,  # tokens: once read
+                  exclude=exclude_pattern(exclude))
+    build_plan(((k, m.shape) for k, m in cks[0].meta.items()), source=str(cks[0].root), exclude=exclude)
     names = ", ".join(s for s, rem in zip(specs, remote) if rem)
     need = sum(m.nbytes for c, rem in zip(cks, remote) if rem for m in c.meta.values())
     from huggingface_hub import constants

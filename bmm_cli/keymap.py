@@ -10,6 +10,8 @@ returned as it is.
 
 from __future__ import annotations
 
+import re
+
 from .progress import info
 from .store import Checkpoint
 
@@ -25,10 +27,12 @@ def _prefix(expert_keys, base_keys: set[str]) -> str | None:
     return full[0] if len(full) == 1 else None
 
 
-def match_base(expert: Checkpoint, base: Checkpoint, role: str, *, quiet: bool = False) -> Checkpoint:
+def match_base(expert: Checkpoint, base: Checkpoint, role: str, *, quiet: bool = False,
+               exclude: re.Pattern | None = None) -> Checkpoint:
     """``expert`` itself, or a view of it keyed like ``base`` when it is a task model around the base (see above);
-    ``quiet``: no note (a stage reopening what taskvec already reported)."""
-    base_keys = set(base.meta)
+    ``quiet``: no note (a stage reopening what taskvec already reported); base keys ``exclude`` matches
+    (``--exclude``) need not be in the expert."""
+    base_keys = {k for k in base.meta if exclude is None or exclude.search(k) is None}
     if not base_keys or base_keys <= set(expert.meta):
         return expert
     prefix = _prefix(expert.meta, base_keys)

@@ -52,6 +52,7 @@ class MergeOptions(Options):
     gram: str | None = None  # None: hybrid with calibration texts, free without
     work: str | Path | None = None
     allow_dtype_mismatch: bool = False
+    exclude: list[str] = field(default_factory=list)  # --exclude REGEX: tensors that keep the base's value
     relative_lam: bool = False
     out_format: str = "model"  # model | peft (every expert a LoRA adapter: the merge as one adapter)
     rank: int | None = None  # --out-format peft: the adapter's rank (None: exact, Σ r_t at most)
@@ -125,7 +126,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     method, gram, params = options.check()
     o, cal = options.output, options.calib
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=options.allow_dtype_mismatch,
-                              tokenizer=options.vocab.tokenizer)
+                              tokenizer=options.vocab.tokenizer, exclude=options.exclude)
     if options.out_format == "peft":
         check_adapter_experts(es)
     elif not options.scorer.given:
@@ -146,6 +147,9 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
         cal = dataclasses.replace(cal, calib=[f"{t + 1}={path}" for t, path in files.items()])
         options = dataclasses.replace(options, calib=cal)
     unsolved = unsolved_note(b, plan, options.anchor.others)
+    if plan.excluded:
+        info(f"bmm: note: --exclude leaves {len(plan.excluded)} tensor(s) at the base's value: "
+             + ", ".join(plan.excluded[:8]) + (" ..." if len(plan.excluded) > 8 else ""))
     budget.check_disk(budget.for_merge(plan, b.meta, len(es), anchor=method.name, gram=gram,
                                        search=options.scorer.given, out_dtype=o.dtype), work, out)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
@@ -154,6 +158,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
         with work_lock(work):
             res = _run_stages(base, experts, out, work, options, method=method, gram=gram)
     res["unsolved"] = unsolved
+    res["excluded"] = plan.excluded
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
@@ -178,7 +183,7 @@ def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
     stages["taskvec"] = run_taskvec(base, experts, work, force=o.force,
-                                    allow_dtype_mismatch=options.allow_dtype_mismatch)
+                                    allow_dtype_mismatch=options.allow_dtype_mismatch, exclude=options.exclude)
     needs = {"free"} if gram in ("free", "hybrid") else set()
     if gram in ("data", "hybrid") or method.needs_data_grams:
         needs.add("data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Collection
 
 from .errors import InputError
@@ -14,9 +15,10 @@ _EMBED_HINTS = ("embed", "wte", "lm_head", "word_embeddings", "shared", "output.
 
 
 def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mismatch: bool = False,
-                  vocab_keys: Collection[str] = ()) -> None:
+                  vocab_keys: Collection[str] = (), exclude: re.Pattern | None = None) -> None:
     """Every expert must have the base's keys, shapes and dtypes; ``vocab_keys`` (embedding, lm_head) may have other
-    token rows (experts that appended tokens: :mod:`bmm_cli.tokens` checks their vocabularies)."""
+    token rows (experts that appended tokens: :mod:`bmm_cli.tokens` checks their vocabularies). Keys ``exclude``
+    matches (``--exclude``: the output keeps the base's) are not compared."""
     if not experts:
         raise InputError("no experts given: pass --experts E1 E2 ...")
     seen: dict[str, int] = {}
@@ -33,8 +35,9 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
     for e in experts:
         check_configs(base, base_cfg, e)
         bkeys, ekeys = set(base.meta), set(e.meta)
-        missing = [k for k in base.meta if k not in ekeys]
-        extra = [k for k in e.meta if k not in bkeys]
+        kept = (lambda k: True) if exclude is None else (lambda k: exclude.search(k) is None)
+        missing = [k for k in base.meta if k not in ekeys and kept(k)]
+        extra = [k for k in e.meta if k not in bkeys and kept(k)]
         only_head = all("lm_head" in k for k in missing + extra)  # else it is not a tie_word_embeddings difference
         for k in missing + extra if only_head else []:
             if "lm_head" in k:
@@ -51,6 +54,8 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
                              "all); is this a fine-tune of the same base model?")
         e_vocab = e.config().get("vocab_size")
         for k, bm in base.meta.items():
+            if not kept(k):
+                continue
             em = e.meta[k]
             if em.shape != bm.shape and k not in vocab_keys:
                 # a vocabulary resize changes the rows of the embeddings / lm_head only (columns: the width)
@@ -63,12 +68,18 @@ def check_experts(base: Checkpoint, experts: list[Checkpoint], *, allow_dtype_mi
                         "the base's vocabulary"
                     )
                 raise InputError(f"{em.file}: tensor {k!r} has shape {list(em.shape)} but the base has "
-                                 f"{list(bm.shape)}; it is not a fine-tune of this base")
+                                 f"{list(bm.shape)}; it is not a fine-tune of this base (a per-task head? "
+                                 f"--exclude '{_exclude_hint(k)}' keeps the base's)")
             if em.dtype != bm.dtype and not allow_dtype_mismatch:
                 raise InputError(
                     f"{em.file}: tensor {k!r} is {em.dtype} but the base stores it as {bm.dtype}; save the expert in "
                     "the base's dtype or pass --allow-dtype-mismatch (math is fp32 either way)"
                 )
+
+
+def _exclude_hint(key: str) -> str:
+    """An ``--exclude`` pattern for the module that holds ``key`` (``^classifier\\.`` for ``classifier.bias``)."""
+    return "^" + re.escape(key.rsplit(".", 1)[0] + ".") if "." in key else "^" + re.escape(key) + "$"
 
 
 # what config.json must agree on for an expert to be a fine-tune of the base: (label, the names models use for it)

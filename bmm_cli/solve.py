@@ -203,6 +203,7 @@ class VocabOutput:
                 v = tokens.assemble_rows(self.plan, key, tokens.cut_rows(v, axis, self.plan.shared),
                                          self.base.get(key), [e.get(key) for e in self.experts], axis)
             writer.add(key, v)
+        src.proj.write_excluded(writer)
 
     def finish(self, d: Path) -> None:
         """Tokenizer files, ``config.vocab_size`` and the chat template of the output directory ``d``."""

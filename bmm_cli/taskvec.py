@@ -8,13 +8,14 @@ plan that later stages read. Memory: one block's tensors at a time.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import torch
 
 from . import lora, tokens
-from .arch import Plan, build_plan
+from .arch import Plan, build_plan, exclude_pattern
 from .errors import InputError
 from .hub import preflight_remote
 from .keymap import match_base
@@ -25,11 +26,12 @@ from .store import DTYPE_NAMES, Checkpoint, parse_dtype
 from .workdir import TASKVEC, to_linear, tv_key
 
 
-def open_expert(spec: str, base: Checkpoint, role: str):
+def open_expert(spec: str, base: Checkpoint, role: str, exclude: re.Pattern | None = None):
     """An expert: a model (directory, file, hub id; a task model around the base's backbone is read through
     :func:`~bmm_cli.keymap.match_base`), or a PEFT LoRA adapter (``ADAPTER`` or ``BASE+ADAPTER``) on ``base``
     (:class:`~bmm_cli.lora.LoraCheckpoint`, whose task vector is ``scale·B·A``)."""
-    return lora.open_expert(spec, base, role=role) or match_base(Checkpoint.open(spec, role=role), base, role)
+    return lora.open_expert(spec, base, role=role) or match_base(Checkpoint.open(spec, role=role), base, role,
+                                                                 exclude=exclude)
 
 
 def reopen_spec(e) -> str:
@@ -79,32 +81,36 @@ def token_plan(b: Checkpoint, es: list, plan: Plan, mode: str = "base") -> tuple
 
 
 def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = False,
-                tokenizer: str = "base") -> tuple[Checkpoint, list[Checkpoint], Plan]:
-    """Open and preflight base + experts (with the output vocabulary ``--tokenizer``); build the module plan. Hub
-    ids still to download are first checked from their headers (:func:`bmm_cli.hub.preflight_remote`)."""
-    preflight_remote(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+                tokenizer: str = "base", exclude: list[str] | None = None) -> tuple[Checkpoint, list[Checkpoint], Plan]:
+    """Open and preflight base + experts (with the output vocabulary ``--tokenizer``); build the module plan
+    (``exclude``: the ``--exclude`` patterns, whose tensors keep the base's value). Hub ids still to download are
+    first checked from their headers (:func:`bmm_cli.hub.preflight_remote`)."""
+    pattern = exclude_pattern(exclude)
+    preflight_remote(base, experts, allow_dtype_mismatch=allow_dtype_mismatch, exclude=exclude)
     b = Checkpoint.open(base, role="base")
-    es = [open_expert(e, b, f"expert {i + 1}") for i, e in enumerate(experts)]
-    plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root))
+    es = [open_expert(e, b, f"expert {i + 1}", pattern) for i, e in enumerate(experts)]
+    plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root), exclude=exclude)
     try:
         layout = vocab_of(b, es, plan)
     except InputError:
         layout = None  # the shape check below names the tensor
     check_experts(b, es, allow_dtype_mismatch=allow_dtype_mismatch,
-                  vocab_keys=layout.keys if layout is not None and layout.resized else ())
+                  vocab_keys=layout.keys if layout is not None and layout.resized else (), exclude=pattern)
     token_plan(b, es, plan, tokenizer)
     check_finite([b, *es], plan.others)  # solvable tensors are checked as taskvec reads them
     return b, es, plan
 
 
 def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32", force: bool = False,
-            allow_dtype_mismatch: bool = False) -> dict:
-    """Write the task vectors of every solvable module, one block at a time; resumable."""
+            allow_dtype_mismatch: bool = False, exclude: list[str] | None = None) -> dict:
+    """Write the task vectors of every solvable module, one block at a time; resumable. ``exclude``: the
+    ``--exclude`` patterns (recorded: every later stage rebuilds the same plan)."""
     t0 = time.perf_counter()
     store_dtype = parse_dtype(dtype)
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch)
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch, exclude=exclude)
     inputs = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
-    stage = Stage(work, TASKVEC, inputs=inputs, options={"dtype": DTYPE_NAMES[store_dtype]}, force=force)
+    options = {"dtype": DTYPE_NAMES[store_dtype], **({"exclude": list(exclude)} if exclude else {})}
+    stage = Stage(work, TASKVEC, inputs=inputs, options=options, force=force)
     stage.set("plan", plan.to_json())
     stage.set("paths", {"base": str(b.root), "experts": [reopen_spec(e) for e in es]})
     todo = [blk for blk in plan.blocks if not stage.done(blk.shard)]
@@ -128,6 +134,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
         "modules": len(plan.modules),
         "others": len(plan.others),
         "unknown": plan.unknown,
+        "excluded": plan.excluded,
         "experts": len(es),
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -135,9 +142,9 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
     return summary
 
 
-def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
-    """What ``bmm plan`` prints: solvable modules per block and group, others, unknown keys, sizes."""
-    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=True)
+def plan_summary(base: str, experts: list[str], *, num_groups: int = 1, exclude: list[str] | None = None) -> dict:
+    """What ``bmm plan`` prints: solvable modules per block and group, others, unknown and excluded keys, sizes."""
+    b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=True, exclude=exclude)
     _, tplan = token_plan(b, es, plan, "base")
     groups: dict[str, int] = {}
     tv_bytes = 0
@@ -158,6 +165,7 @@ def plan_summary(base: str, experts: list[str], *, num_groups: int = 1) -> dict:
         "solvable_parameters": sum(b.meta[m.key].numel for m in plan.modules),
         "others": plan.others,
         "unknown": plan.unknown,
+        "excluded": plan.excluded,
         "taskvec_bytes_fp32": tv_bytes,
         "lora": {str(i + 1): _lora_summary(e, plan) for i, e in enumerate(es) if isinstance(e, lora.LoraCheckpoint)},
         "vocabulary": None if tplan is None else {"base_tokens": tplan.shared,

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .anchors import AnchorMethod, get_method
-from .arch import Block, ModuleRef, Plan, build_plan
+from .arch import Block, ModuleRef, Plan, build_plan, exclude_pattern
 from .closed_form import GramStats, data_stats, free_stats
 from .errors import InputError, StateError
 from .keymap import match_base
@@ -118,6 +118,12 @@ class Project:
             raise InputError(f"{path} is missing: rerun `bmm taskvec` (it resumes)")
         return ShardReader(path)
 
+    def write_excluded(self, writer: ModelWriter) -> None:
+        """The ``--exclude`` tensors: the base's own, as they are."""
+        for key in self.plan.excluded:
+            if not writer.shard_done(key):
+                writer.add(key, self.base.get(key))
+
     def base_linear(self, ref: ModuleRef) -> torch.Tensor:
         return to_linear(ref, self.base.get(ref.key)).float()
 
@@ -142,14 +148,16 @@ def load_project(work: Path) -> Project:
     man = load_manifest(work, TASKVEC, need="bmm taskvec --base B --experts E1 E2 ... --work DIR")
     paths = man.get("paths", {})
     b = Checkpoint.open(paths["base"], role="base")
-    es = [match_base(Checkpoint.open(p, role=f"expert {i + 1}"), b, f"expert {i + 1}", quiet=True)
+    exclude = man.get("options", {}).get("exclude")  # --exclude: the plan taskvec built
+    pattern = exclude_pattern(exclude)
+    es = [match_base(Checkpoint.open(p, role=f"expert {i + 1}"), b, f"expert {i + 1}", quiet=True, exclude=pattern)
           for i, p in enumerate(paths["experts"])]
     now = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
     if now != man["inputs"]:
         raise StateError(f"{Path(work) / TASKVEC}: the base or an expert changed on disk since `bmm taskvec`; "
                          "redo the work dir from the new checkpoints: `bmm merge --force` with the same options, or "
                          "`bmm taskvec --force` and then each later stage with --force")
-    plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root))
+    plan = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root), exclude=exclude)
     return Project(Path(work), b, es, plan, man)
 
 
@@ -254,7 +262,8 @@ class Sources:
         """The output tensors in the order the solve produces them (the anchor's others, then block by block), so
         the writer streams each one to its shard as it comes."""
         meta = self.proj.base.meta
-        order = list(self.proj.plan.others) + [r.key for b in self.proj.plan.blocks for r in b.modules]
+        plan = self.proj.plan
+        order = list(plan.others) + list(plan.excluded) + [r.key for b in plan.blocks for r in b.modules]
         listed = set(order)
         order += [k for k in meta if k not in listed]
         out = []
@@ -275,6 +284,8 @@ class Sources:
             "blocks": params.num_groups,
             # in-block tensors no solvable module matches: merged by the anchor's rule for other tensors
             **({"unsolved": list(self.proj.plan.unknown)} if self.proj.plan.unknown else {}),
+            # --exclude: tensors left at the base's value
+            **({"excluded": list(self.proj.plan.excluded)} if self.proj.plan.excluded else {}),
             **extra,
         }
 
@@ -283,3 +294,4 @@ class Sources:
         for key in self.proj.plan.others:
             if not writer.shard_done(key):
                 writer.add(key, r.get(key))
+        self.proj.write_excluded(writer)

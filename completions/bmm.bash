@@ -21,16 +21,18 @@ _bmm() {
                 --gram) return;;
                 --dtype) return;;
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
+                --exclude) return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --blocks --anchor -a --gram --dtype --work -w --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --blocks --anchor -a --gram --dtype --work -w --exclude --json --help" -- "$cur") ); return;;
         taskvec)
             case "$prev" in
                 --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --dtype) return;;
+                --exclude) return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --work -w --dtype --allow-dtype-mismatch --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --work -w --dtype --allow-dtype-mismatch --exclude --force --json --help" -- "$cur") ); return;;
         anchor)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
@@ -41,11 +43,12 @@ _bmm() {
                 --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --model) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --others) COMPREPLY=( $(compgen -W "anchor base mean" -- "$cur") ); return;;
+                --exclude) return;;
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
             esac
-            COMPREPLY=( $(compgen -W "--work -w --method -m --opt --materialize --base -b --experts -e --model --others --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--work -w --method -m --opt --materialize --base -b --experts -e --model --others --exclude --device --dtype --max-shard-size --force --json --help" -- "$cur") ); return;;
         gram)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
@@ -98,6 +101,7 @@ _bmm() {
                 --device) return;;
                 --dtype) return;;
                 --max-shard-size) return;;
+                --exclude) return;;
                 --tokenizer) return;;
                 --chat-template) return;;
                 --out-format) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
@@ -112,7 +116,7 @@ _bmm() {
                 --initial) return;;
                 --trial-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --force --tokenizer --chat-template --out-format --rank --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --minimize --timeout --trials --initial --trial-dir --relative-lam --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --out -o --anchor -a --opt --anchor-model --calib --gram --params --lam --scale --epsilon --blocks --work -w --samples --max-len --others --device --dtype --max-shard-size --allow-dtype-mismatch --exclude --force --tokenizer --chat-template --out-format --rank --eval --eval-py --lm-eval --lm-eval-limit --lm-eval-include --minimize --timeout --trials --initial --trial-dir --relative-lam --json --help" -- "$cur") ); return;;
         search)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
