@@ -105,9 +105,10 @@ def plan(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor,
-    and the disk each stage of a merge will write."""
-    from . import budget
+    the disk each stage of a merge will write and a rough estimate of its time on this machine."""
+    from . import budget, timing
     from .arch import build_plan
+    from .device import resolve_device
     from .store import Checkpoint
     from .taskvec import plan_summary
 
@@ -115,14 +116,15 @@ def plan(
         raise InputError(f"--anchor {anchor!r}: choose one of {', '.join(METHODS)}")
     res = plan_summary(base, experts, num_groups=blocks, exclude=exclude)
     b = Checkpoint.open(base, role="base")
-    est = budget.for_merge(build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root),
-                                      exclude=exclude), b.meta,
-                           len(experts), anchor=anchor, gram=gram, search=True, out_dtype=dtype)
+    plan_obj = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root), exclude=exclude)
+    est = budget.for_merge(plan_obj, b.meta, len(experts), anchor=anchor, gram=gram, search=True, out_dtype=dtype)
     cache = budget.only(est, ("factors-",), out=False)
     merge_est = budget.Estimate({k: v for k, v in est.stages.items() if k not in cache.stages}, est.out)
     res["disk"] = {**merge_est.to_json(), "search_cache": cache.to_json()["stages"], "anchor": anchor, "gram": gram}
     if work is not None:
         res["disk"].update(budget.check_disk(merge_est, work), work=str(work))
+    res["time"] = timing.for_merge(plan_obj, b.meta, len(experts), anchor=anchor, gram=gram, search=True,
+                                   device=str(resolve_device("auto")))
 
     def human(r: dict) -> str:
         lines = [
@@ -164,6 +166,10 @@ def plan(
         if "free" in d:
             lines.append(f"  {d['work']}: {budget.fmt_bytes(d['free'])} free, {budget.fmt_bytes(d['need'])} "
                          "still to write")
+        t = r["time"]
+        lines.append(f"time of the same merge on this machine ({t['device']}, {t['threads']} threads; a rough "
+                     "estimate from the shapes and a 1 s calibration, ±2x):")
+        lines += [f"  {x}" for x in timing.lines(t, w)]
         return "\n".join(lines)
 
     _emit(res, as_json, human)

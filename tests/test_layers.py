@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("params format", ["bmm_cli.params", "bmm_cli.arch"]),
     ("io", ["bmm_cli.atomic", "bmm_cli.store", "bmm_cli.writer", "bmm_cli.device", "bmm_cli.hooks",
             "bmm_cli.preflight", "bmm_cli.out_lock",
-            "bmm_cli.budget", "bmm_cli.lora", "bmm_cli.tokens", "bmm_cli.hub",
+            "bmm_cli.budget", "bmm_cli.timing", "bmm_cli.lora", "bmm_cli.tokens", "bmm_cli.hub",
             "bmm_cli.keymap"]),
     ("anchor methods", ["bmm_cli.anchors", "bmm_cli.anchors.*"]),
     ("work dir", ["bmm_cli.stage", "bmm_cli.workdir"]),
