@@ -31,7 +31,8 @@ from .workdir import GRAM_KINDS, GRAM_STATS
 app = typer.Typer(
     name="bmm",
     help="Bayesian Model Merging: merge fine-tuned checkpoints of one base model with the closed-form MAP merge.\n\n"
-    "Pipeline: taskvec -> gram -> anchor -> solve -> search (merge runs them all). Every stage writes to a work "
+    "Pipeline: taskvec -> gram (data Grams, with calibration texts) -> anchor -> solve -> search (merge runs them "
+    "all). Every stage writes to a work "
     "directory and resumes where it stopped.",
     no_args_is_help=True,
     add_completion=True,
