@@ -167,23 +167,27 @@ prepare_trials(Sources(Path(sys.argv[1]), sys.argv[2], "free"), device=torch.dev
 """
 
 
-def stage_commands(work: Path, models: dict, experts: int, device: str, out: Path, eigh: str) -> list[tuple]:
+def stage_commands(work: Path, models: dict, experts: int, device: str, out: Path, eigh: str,
+                   skip: set[str] = frozenset(), store: str = "none") -> list[tuple]:
+    """(name, argv) of every stage; the solve, evidence and search cache use the TSV anchor unless ``skip`` leaves
+    it out (then TA). ``store``: ``bmm taskvec --store`` (none: the task vectors are recomputed when read)."""
     bmm = [sys.executable, "-m", "bmm_cli.cli"]
     py = [sys.executable, "-c"]
     es = [models[f"expert{t}"] for t in range(experts)]
-    rows = [("taskvec", bmm + ["-q", "taskvec", "-b", models["base"], "-e", *es, "-w", str(work)])]
+    a = "ta" if "anchor tsv" in skip else "tsv"
+    rows = [("taskvec", bmm + ["-q", "taskvec", "-b", models["base"], "-e", *es, "-w", str(work), "--store", store])]
     for m in ("ta", "ties", "tsv"):
         rows.append((f"anchor {m}", bmm + ["-q", "anchor", "-w", str(work), "-m", m, "--device", device]))
     rows.append(("gram free", bmm + ["-q", "gram", "-w", str(work), "--kind", "free", "--device", device]))
     if eigh == "run":
-        rows.append(("evidence", py + [PY_EVIDENCE, str(work), "tsv"]))
+        rows.append(("evidence", py + [PY_EVIDENCE, str(work), a]))
     else:  # the solve below needs a λ: one per module, the stage's cost is the probe's
-        rows.append(("solve", bmm + ["-q", "solve", "-w", str(work), "-a", "tsv", "--gram", "free", "--lam", "0.03",
+        rows.append(("solve", bmm + ["-q", "solve", "-w", str(work), "-a", a, "--gram", "free", "--lam", "0.03",
                                      "-o", str(out), "--device", device]))
         return rows
-    rows.append(("solve", bmm + ["-q", "solve", "-w", str(work), "-a", "tsv", "--gram", "free", "-o", str(out),
+    rows.append(("solve", bmm + ["-q", "solve", "-w", str(work), "-a", a, "--gram", "free", "-o", str(out),
                                  "--device", device]))
-    rows.append(("search cache", py + [PY_CACHE, str(work), "tsv", device if device != "auto" else "cpu"]))
+    rows.append(("search cache", py + [PY_CACHE, str(work), a, device if device != "auto" else "cpu"]))
     return rows
 
 
@@ -198,7 +202,7 @@ def run_config(root: Path, layers: int, experts: int, args) -> dict:
     work, out = root / "work", root / "out"
     rows = []
     skip = {x.strip() for x in (args.skip or "").split(",") if x.strip()}
-    for name, argv in stage_commands(work, models, experts, args.device, out, args.eigh):
+    for name, argv in stage_commands(work, models, experts, args.device, out, args.eigh, skip, args.store):
         if name in skip:
             continue
         before = snapshot(work) if work.exists() else {}
@@ -426,37 +430,62 @@ def spectrum_table(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def disk_cut_table(layers: int = FULL_LAYERS) -> str:
-    """Work-directory bytes of a data-free merge (and a search) at Llama-3.1-8B shapes, today and with each storage
-    choice, from :func:`bmm_cli.budget.estimate` (which bench/shapes_8b.py's measured bytes calibrate)."""
+def disk_cut_table(before: dict | None = None, after: dict | None = None, layers: int = FULL_LAYERS) -> str:
+    """Work-directory bytes of a data-free merge (and a search) at Llama-3.1-8B shapes with task vectors stored in
+    fp32 plus the gram-free stage, and with the default layout (task vectors recomputed from the inputs, no gram-free
+    stage): from :func:`bmm_cli.budget.estimate`, and as measured by runs of this script (``before``: ``--store
+    float32`` with the gram-free stage, ``after``: the default), projected to ``layers``."""
     from bmm_cli import budget
 
     mods = [budget.Module(f"model.layers.{i}.{k}.weight", o, n, i) for i in range(layers)
             for k, (o, n) in block_shapes().items()]
     P = sum(o * n for o, n in block_shapes().values()) * layers
-    G = sum(n * n for _, n in block_shapes().values()) * layers
-    lines = ["# Work directory of a data-free 8B merge: today and with each storage choice", "",
+    lines = ["# Work directory of a data-free 8B merge: task vectors stored vs recomputed", "",
              (f"From bmm_cli.budget.estimate at Llama-3.1-8B block shapes, {layers} layers (block tensors only; "
-             "GB = 1e9). 'experts' = the T experts' own block bytes in bf16."), "",
-             ("| T | experts GB | choice | taskvec | anchor | gram-free | merge total | × experts | + search cache | "
-             "search total | × experts |"), "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "GB = 1e9). 'experts' = the T experts' own block bytes in bf16. 'stored' = `bmm taskvec --store "
+              "float32` plus the gram-free stage (the layout of shapes_8b_cpu.md); 'recomputed' = the default: the "
+              "stages recompute the task vectors from the checkpoints and the data-free statistics from the task "
+              "vectors. The merge column is what a data-free `bmm merge` writes to the work directory (taskvec, "
+              "TSV anchor, gram-free, evidence λ); the search adds the factor cache (fp32 factors by default, "
+              "`--factor-dtype bfloat16` halves them)."), "",
+             ("| T | experts GB | layout | taskvec | anchor | gram-free | merge | × experts | + search cache fp32 "
+              "/ bf16 | search total (bf16 cache) | × experts |"),
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for T in (3, 5):
-        est = budget.estimate(mods, T, anchors=("tsv",), search=True)
         exp = T * P * 2
-        tv, an, gr, fa = (est.stages["taskvec"], est.stages["anchor-tsv"], est.stages["gram-free"],
-                          est.stages["factors-tsv-free"])
-        bf = budget.estimate(mods, T, anchors=("tsv",), search=True, factor_dtype="bfloat16")
-        fa16 = bf.stages["factors-tsv-free"]
-        rows = [("today (fp32 everywhere)", tv, an, gr, fa, True),
-                ("task vectors in bf16", tv / 2, an, gr, fa, True),
-                ("task vectors recomputed from the inputs", 0, an, gr, fa, True),
-                ("+ anchor and B̂ in bf16 (Ĝ fp32)", 0, an / 2, G * 4 + P * 2, fa16, True),
-                ("+ gram-free dropped once the factor cache exists", 0, an / 2, G * 4 + P * 2, fa16, False)]
-        for name, a, b, c, f, keep in rows:
-            tot = a + b + c
-            stot = tot + f - (0 if keep else c)
-            lines.append(f"| {T} | {exp / 1e9:.1f} | {name} | {a / 1e9:.1f} | {b / 1e9:.1f} | {c / 1e9:.1f} | "
-                         f"{tot / 1e9:.1f} | {tot / exp:.2f} | {f / 1e9:.1f} | {stot / 1e9:.1f} | {stot / exp:.2f} |")
+        for name, kw in (("stored", {"taskvec_dtype": "float32", "free_gram_stage": True}), ("recomputed", {})):
+            est = budget.estimate(mods, T, anchors=("tsv",), search=True, **kw)
+            bf = budget.estimate(mods, T, anchors=("tsv",), search=True, factor_dtype="bfloat16", **kw)
+            fa, fa16 = est.stages.pop("factors-tsv-free"), bf.stages["factors-tsv-free"]
+            tv, an, gr = est.stages["taskvec"], est.stages["anchor-tsv"], est.stages.get("gram-free", 0)
+            tot = est.work
+            lines.append(f"| {T} | {exp / 1e9:.1f} | {name} | {tv / 1e9:.1f} | {an / 1e9:.1f} | {gr / 1e9:.1f} | "
+                         f"{tot / 1e9:.1f} | {tot / exp:.2f} | {fa / 1e9:.1f} / {fa16 / 1e9:.1f} | "
+                         f"{(tot + fa16) / 1e9:.1f} | {(tot + fa16) / exp:.2f} |")
+    runs = [(n, r) for n, r in (("stored", before), ("recomputed", after)) if r]
+    if runs:
+        lines += ["", f"## Measured at L = 2 on this CPU, projected to {layers} layers", "",
+                  ("Each stage the real `bmm` in its own subprocess (bench/shapes_8b.py; the solve with the TA "
+                   "anchor and `--lam 0.03`); bytes the stage added to the work directory, per layer × "
+                   f"{layers} + its other files; seconds per layer × {layers}; the peak RSS of the stage's process. "
+                   "The merge row adds the stages a data-free `bmm merge` runs (the evidence λ, not run here, "
+                   "writes one small JSON)."), "",
+                  "| layout | T | stage | GB at 32 layers | h at 32 layers | peak RSS GiB | load |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for name, res in runs:
+            for cfg in res["configs"]:
+                T, L = cfg["experts"], cfg["layers"]
+                exp32 = T * cfg["expert_bytes"] / L * layers
+                rows = projected(cfg, layers)
+                for r in rows:
+                    lines.append(f"| {name} | {T} | {r['stage']} | {gb(r['bytes_32'])} | "
+                                 f"{r['seconds_32'] / 3600:.2f} | {r['peak_rss'] / 2**30:.2f} | {r['load1']:.1f} |")
+                merge = [r for r in rows if r["stage"] in ("taskvec", "anchor ta", "gram free", "solve")]
+                tot = sum(r["bytes_32"] for r in merge)
+                lines.append(f"| {name} | {T} | **merge: {' + '.join(r['stage'] for r in merge)}** | "
+                             f"**{gb(tot)}** ({tot / exp32:.2f} × experts) | "
+                             f"{sum(r['seconds_32'] for r in merge) / 3600:.2f} | "
+                             f"{max(r['peak_rss'] for r in merge) / 2**30:.2f} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -556,6 +585,9 @@ def main(argv=None) -> int:
     ap.add_argument("--disk-cut", default=None, help="only write the storage-choice table (markdown) to this path")
     ap.add_argument("--spectrum-json", default=None, help="with --report: take the eigh probe from this JSON")
     ap.add_argument("--tiny", action="store_true", help="smoke test: hidden 256, intermediate 896, 4/1 heads")
+    ap.add_argument("--store", default="none", help="bmm taskvec --store: none (recompute) or float32/bfloat16")
+    ap.add_argument("--before", default=None, help="with --disk-cut: measured JSON of the stored-task-vector layout")
+    ap.add_argument("--after", default=None, help="with --disk-cut: measured JSON of the default layout")
     args = ap.parse_args(argv)
     if args.report:
         res = json.loads(Path(args.report).read_text())
@@ -573,7 +605,8 @@ def main(argv=None) -> int:
         HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 256, 896, 4, 1, 64
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if args.disk_cut:
-        Path(args.disk_cut).write_text(disk_cut_table())
+        runs = [json.loads(Path(f).read_text()) if f else None for f in (args.before, args.after)]
+        Path(args.disk_cut).write_text(disk_cut_table(*runs))
         return 0
     if args.spectrum:
         shapes = [tuple(int(x) for x in sp.split(":")) for sp in args.spectrum.split(",")]

@@ -3,10 +3,12 @@
 :func:`estimate` adds up what the stages store (bench/shapes_8b.py measured them at Llama-3.1-8B shapes; the
 formulas match those bytes to within the safetensors headers):
 
-* ``taskvec``: T task vectors per solvable module ``[d_out, d_in]`` in the task-vector dtype (float32 by default);
+* ``taskvec``: an empty marker shard per block and the manifest (the module plan); with ``bmm taskvec --store
+  DTYPE`` also T task vectors per solvable module ``[d_out, d_in]`` in that dtype;
 * ``anchor-<method>``: U0 per module and the merged value of every other tensor, float32;
-* ``gram-free``: ``Ĝ [d_in, d_in]``, ``B̂ [d_out, d_in]`` and ``m`` per module, float32;
-  ``gram-data``: the same plus T per-task Grams ``[d_in, d_in]``;
+* ``gram-data`` (``--gram data`` or ``hybrid``): ``Ĝ [d_in, d_in]``, ``B̂ [d_out, d_in]`` and ``m`` per module plus T
+  per-task Grams ``[d_in, d_in]``, float32; ``gram-free`` (only ``bmm gram --kind free`` writes it: the stages
+  recompute the data-free statistics from the task vectors): ``Ĝ``, ``B̂`` and ``m`` per module;
 * ``evidence``: one small JSON of λ per module;
 * ``factors-<anchor>-<gram>`` (a search's cache): ``Q [d_in, d_in]``, ``B̂Q`` (and ``U0Q`` unless the anchor is
   ``pretrained``) in the factor dtype, Λ in float64;
@@ -35,6 +37,7 @@ FILE_HEADER = 64  # the header's length prefix, braces and __metadata__
 MANIFEST = 1024  # stage.json: fixed part
 MANIFEST_PER_SHARD = 160  # stage.json: one entry per shard
 PLAN_PER_MODULE = 160  # the taskvec stage keeps the module plan in its manifest
+FINGERPRINT_PER_INPUT = 400  # ... and the fingerprint and path of the base and of every expert
 EVIDENCE_PER_MODULE = 64  # the evidence JSON: key and λ per module
 
 
@@ -98,11 +101,13 @@ def _per_block(modules: Sequence[Module], tensors) -> tuple[int, int]:
 
 
 def estimate(modules: Sequence[Module], num_tasks: int, *, others: Sequence[tuple[str, int]] = (),
-             taskvec_dtype: str = "float32", anchors: Sequence[str] = ("tsv",), gram: str = "free",
+             taskvec_dtype: str = "none", anchors: Sequence[str] = ("tsv",), gram: str = "free",
              evidence: bool = True, search: bool = False, factor_dtype: str = "float32",
-             out_numel_bytes: int = 0) -> Estimate:
+             out_numel_bytes: int = 0, free_gram_stage: bool = False) -> Estimate:
     """Bytes each stage writes for these solvable ``modules``, ``num_tasks`` experts and the other tensors
-    ``others`` ((key, numel) pairs, merged into the anchor stages). ``gram``: free, data or hybrid (both).
+    ``others`` ((key, numel) pairs, merged into the anchor stages). ``taskvec_dtype``: the dtype of
+    ``bmm taskvec --store`` (``none``: no copy). ``gram``: the solve's kind, free, data or hybrid (data and hybrid
+    write the gram-data stage). ``free_gram_stage``: add the gram-free stage of ``bmm gram --kind free``.
     ``evidence``: the default λ's JSON, for the first of ``anchors`` (the one the solve uses).
     ``search``: add the factor cache a search builds (first anchor). ``out_numel_bytes``: the merged model's tensor
     bytes (Σ numel × output dtype bytes), reported as ``out``."""
@@ -111,20 +116,20 @@ def estimate(modules: Sequence[Module], num_tasks: int, *, others: Sequence[tupl
     if gram not in ("free", "data", "hybrid"):
         raise InputError(f"gram {gram!r}: choose free, data or hybrid")
     T = num_tasks
-    tv = dtype_bytes(taskvec_dtype)
+    tv = 0 if str(taskvec_dtype).lower() == "none" else dtype_bytes(taskvec_dtype)
     fb = dtype_bytes(factor_dtype)
     st: dict[str, int] = {}
 
     def stage(name: str, body: int, shards: int, extra: int = 0) -> None:
         st[name] = body + MANIFEST + MANIFEST_PER_SHARD * shards + extra
 
-    b, n = _per_block(modules, lambda m: [(f"{m.key}@{t}", m.d_out * m.d_in, tv) for t in range(T)])
-    stage("taskvec", b, n, PLAN_PER_MODULE * len(modules))
+    b, n = _per_block(modules, lambda m: [(f"{m.key}@{t}", m.d_out * m.d_in, tv) for t in range(T) if tv])
+    stage("taskvec", b, n, PLAN_PER_MODULE * len(modules) + FINGERPRINT_PER_INPUT * (T + 1))
     other = _file((k, numel, 4) for k, numel in others) if others else 0
     for a in anchors:
         b, n = _per_block(modules, lambda m: [(m.key, m.d_out * m.d_in, 4)])
         stage(f"anchor-{a}", b + other, n + (1 if others else 0))
-    kinds = ("free", "data") if gram == "hybrid" else (gram,)
+    kinds = (("free",) if free_gram_stage else ()) + (("data",) if gram in ("data", "hybrid") else ())
 
     def stats(m: Module):
         return [(f"{m.key}.G_hat", m.d_in * m.d_in, 4), (f"{m.key}.B_hat", m.d_out * m.d_in, 4), (f"{m.key}.m", 1, 8)]
@@ -232,8 +237,8 @@ def output_bytes(meta, dtype: str | None = None) -> int:
 
 def for_merge(plan, meta, num_tasks: int, *, anchor: str, gram: str, search: bool = False,
               out_dtype: str | None = None, factor_dtype: str = "float32") -> Estimate:
-    """What ``bmm merge`` writes: task vectors (float32), the anchor, the Gram stage(s), the evidence λ, the factor
-    cache when it searches, and the merged model (``out``)."""
+    """What ``bmm merge`` writes: the taskvec stage (no copy of the task vectors), the anchor, the data Gram stage
+    (``data``, ``hybrid``), the evidence λ, the factor cache when it searches, and the merged model (``out``)."""
     mods, others, _ = plan_modules(plan, meta)
     return estimate(mods, num_tasks, others=others, anchors=(anchor,), gram=gram, search=search,
                     factor_dtype=factor_dtype, out_numel_bytes=output_bytes(meta, out_dtype))

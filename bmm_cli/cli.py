@@ -25,12 +25,14 @@ from .merge import MergeOptions
 from .options import CalibOptions, OutputOptions, ParamsOptions, VocabOptions, default
 from .progress import set_quiet
 from .search.options import RunnerOptions, ScorerOptions, SearchOptions
+from .taskvec import STORE_CHOICES
 from .workdir import GRAM_KINDS, GRAM_STATS
 
 app = typer.Typer(
     name="bmm",
     help="Bayesian Model Merging: merge fine-tuned checkpoints of one base model with the closed-form MAP merge.\n\n"
-    "Pipeline: taskvec -> gram -> anchor -> solve -> search (merge runs them all). Every stage writes to a work "
+    "Pipeline: taskvec -> gram (data Grams, with calibration texts) -> anchor -> solve -> search (merge runs them "
+    "all). Every stage writes to a work "
     "directory and resumes where it stopped.",
     no_args_is_help=True,
     add_completion=True,
@@ -175,24 +177,30 @@ def plan(
     _emit(res, as_json, human)
 
 
+TaskvecStore = Enum("TaskvecStore", {v: v for v in STORE_CHOICES}, type=str)  # type: ignore[misc]  # --store
+
+
 @app.command()
 def taskvec(
     base: str = BASE_OPT,
     experts: List[str] = EXPERTS_OPT,
     work: Path = WORK_OPT,
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of task vectors (float32 keeps them exact)."),
+    store: TaskvecStore = typer.Option(TaskvecStore("none"), "--store",
+                                       help="Keep a copy of the task vectors in this dtype (float32 is exact); none: "
+                                       "the later stages recompute them from the checkpoints, no disk used."),
     allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch",
                                               help="Accept experts stored in another dtype than the base."),
     exclude: List[str] = EXCLUDE_OPT,
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Stage 1: write the experts' task vectors (W_t - W_pre) of every solvable module, one block at a time."""
+    """Stage 1: read and check the experts' task vectors (W_t - W_pre) of every solvable module, one block at a time,
+    and record the inputs' fingerprints (later stages recompute the task vectors unless --store keeps a copy)."""
     from .stage import work_lock
     from .taskvec import taskvec as run
 
     with work_lock(work):
-        res = run(base, experts, work, dtype=dtype, force=force, allow_dtype_mismatch=allow_dtype_mismatch,
+        res = run(base, experts, work, store=store.value, force=force, allow_dtype_mismatch=allow_dtype_mismatch,
                   exclude=exclude)
     _emit(res, as_json, lambda r: r["dir"])
 
@@ -278,7 +286,8 @@ def anchor(
 def gram(
     work: Path = WORK_OPT,
     kind: GramKind = typer.Option(GramKind(GRAM_STATS[0]), "--kind",
-                                  help="free: from task vectors; data: from calibration texts."),
+                                  help="data: from calibration texts; free: from task vectors (stored for "
+                                  "inspection only: the stages recompute them)."),
     calib: List[str] = typer.Option([], "--calib", help="EXPERT=FILE per expert (1-based index or directory name); "
                                     "JSONL with a text field, or one sample per line."),
     samples: int = typer.Option(default(CalibOptions, "samples"), "--samples", min=1,
@@ -292,7 +301,8 @@ def gram(
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Stage 3: the Gram statistics (G, B, m) per module, data-free or from calibration data."""
+    """Stage 3: the Gram statistics (G, B, m) per module from calibration data (--kind data); --kind free stores the
+    data-free ones, which no later stage reads (they recompute them from the task vectors in fp64)."""
     from .gram import gram as run
     from .stage import work_lock
 

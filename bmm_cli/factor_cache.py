@@ -40,7 +40,7 @@ def add_block(solver: TrialSolver, src: Sources, stage: Stage | None, blk: Block
         r = stage.read(blk.shard)
     else:
         a = src.anchor.block(blk)
-        gf, gd = src.grams["free"].block(blk), src.grams["data"].block(blk)
+        gf, gd = src.block_stats("free", blk, device=solver.device), src.block_stats("data", blk)
     for ref in blk.modules:
         w0 = proj.base_linear(ref)
         if stage is not None:

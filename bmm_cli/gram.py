@@ -4,6 +4,11 @@
 ``--kind data`` (Eq. 8): each expert runs on its own calibration texts; ``G_t`` = mean ``x xᵀ`` of each module's
 input over non-padding tokens, ``G = Σ G_t``, ``B = Σ U_t G_t``. Per-task Grams are kept (``t<t>-block-NNN``)
 for RegMean. Both are normalised by ``m = tr(G)/d_in`` (relative λ). Layout: ``<work>/gram-<kind>/block-NNN``.
+
+The data kind is what ``--gram data``, ``hybrid`` and RegMean read. The free kind is stored for inspection only: the
+solve, the evidence λ, the factor cache and ``bmm sample`` compute the data-free statistics from the task vectors
+themselves (:meth:`bmm_cli.workdir.Sources.stats64` in fp64, :meth:`~bmm_cli.workdir.Sources.block_stats` in fp32),
+so ``bmm merge`` never writes ``gram-free/``.
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ def _gram_data(proj: Project, work: Path, calib: list[str], *, samples, max_len,
     stage = Stage(work, gram_stage("data"), inputs=inputs, options=options, force=force)
     mods = [m for m in proj.plan.modules]
     if any(m.family == "open_clip" for m in mods):
-        raise InputError("data-assisted Grams need a transformers model; open_clip checkpoints support --kind free")
+        raise InputError("data-assisted Grams need a transformers model; merge open_clip checkpoints with the "
+                         "data-free solve (--gram free)")
     names = [m.key[: -len(".weight")] for m in mods]
     conv1d = [m.key[: -len(".weight")] for m in mods if m.conv1d]
     tokens: dict[str, int] = dict(stage.manifest.get("tokens", {}))

@@ -1,4 +1,4 @@
-"""``bmm merge``: taskvec -> gram -> anchor -> solve in one command, reusing every finished stage.
+"""``bmm merge``: taskvec -> gram (data, with --calib) -> anchor -> solve in one command, reusing every finished stage.
 
 All inputs are checked before any heavy work, and before anything is created (the work directory and its lock come
 after): checkpoints (configs, keys, shapes, dtypes), the anchor and its options, the calibration files and the base
@@ -182,14 +182,11 @@ def _run_stages(base, experts, out, work, options: MergeOptions, *, method, gram
     o, cal, a, p = options.output, options.calib, options.anchor, options.params
     # ---- stages ----------------------------------------------------------------------------------------------
     stages = {}
-    stages["taskvec"] = run_taskvec(base, experts, work, force=o.force,
+    stages["taskvec"] = run_taskvec(base, experts, work, store=None, force=o.force,  # a kept copy stays kept
                                     allow_dtype_mismatch=options.allow_dtype_mismatch, exclude=options.exclude)
-    needs = {"free"} if gram in ("free", "hybrid") else set()
-    if gram in ("data", "hybrid") or method.needs_data_grams:
-        needs.add("data")
-    for kind in sorted(needs, key=lambda k: k != "data"):  # data first: RegMean reads it
-        stages[f"gram-{kind}"] = run_gram(work, kind, calib=cal.calib, samples=cal.samples, max_len=cal.max_len,
-                                          batch_size=cal.batch_size, device=o.device, force=o.force)
+    if gram in ("data", "hybrid") or method.needs_data_grams:  # the data-free statistics need no stage
+        stages["gram-data"] = run_gram(work, "data", calib=cal.calib, samples=cal.samples, max_len=cal.max_len,
+                                       batch_size=cal.batch_size, device=o.device, force=o.force)
     stages["anchor"] = run_anchor(work, method.name, a.anchor_opts, others=a.others, external=a.anchor_model,
                                   device=o.device, force=o.force)
     if options.out_format == "peft":

@@ -57,7 +57,7 @@ from .posterior import posterior_noise, standard_normal
 from .progress import info, track
 from .solve import solve
 from .store import MARKER_NAME, Checkpoint, parse_dtype, read_header
-from .workdir import Sources, from_linear, to_linear
+from .workdir import GRAM_STATS, Sources, from_linear, to_linear
 from .writer import ModelWriter, check_not_input, model_card, parse_size
 
 MANIFEST = "samples.json"
@@ -170,7 +170,7 @@ def prepare_modules(src: Sources, params: Params, refs: list[ModuleRef], *, dev:
     out: list[Module] = []
     for bi in track(sorted(by_block), "prepare sampled modules (eigh of Ĝ)"):
         blk = blocks[bi]
-        g = {k: gs.block(blk) for k, gs in src.grams.items()}
+        g = {k: src.block_stats(k, blk, device=dev) for k in (GRAM_STATS if src.gram == "hybrid" else (src.gram,))}
         for ref in by_block[bi]:
             lam, s = params.lam_scale(proj, blk, ref.group)
             if src.gram == "hybrid":

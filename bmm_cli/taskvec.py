@@ -1,13 +1,19 @@
-"""Stage 1, ``bmm taskvec``: the experts' task vectors ``U_t = W_t - W_pre`` of every solvable module.
+"""Stage 1, ``bmm taskvec``: read and check the experts' task vectors ``U_t = W_t - W_pre`` of every solvable module.
 
-Output: ``<work>/taskvec/block-NNN.safetensors`` (one per transformer block) holding ``"<key>@<t>"`` tensors in the
-``[d_out, d_in]`` orientation (GPT-2 Conv1D transposed), in ``--dtype`` (float32 by default: the difference of two
-bf16 weights is generally not representable in bf16). The manifest also records the base, the experts and the module
-plan that later stages read. Memory: one block's tensors at a time.
+The stage reads every solvable tensor of the base and the experts one block at a time (NaN/Inf is refused, naming
+the file and tensor) and records the inputs' fingerprints, the base, the experts and the module plan that later
+stages read. By default it stores no copy of the task vectors: ``<work>/taskvec/block-NNN.safetensors`` is an empty
+shard marking the block done, and every later stage recomputes ``U_t`` in float32 from the (memory-mapped)
+checkpoints (:meth:`bmm_cli.workdir.Project.taus`), which costs a read of the inputs instead of ``4·T`` bytes per
+block parameter of disk. ``store`` (``--store float32|bfloat16|float16``) keeps a copy instead: ``"<key>@<t>"``
+tensors in the ``[d_out, d_in]`` orientation (GPT-2 Conv1D transposed) in that dtype; float32 gives the same values
+as the recomputation, bfloat16 and float16 round them (the difference of two bf16 weights is generally not
+representable in bf16). Memory: one block's tensors at a time.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -21,9 +27,9 @@ from .hub import preflight_remote
 from .keymap import match_base
 from .preflight import check_experts, check_finite
 from .progress import track
-from .stage import Stage
-from .store import DTYPE_NAMES, Checkpoint, parse_dtype
-from .workdir import TASKVEC, to_linear, tv_key
+from .stage import MANIFEST, Stage
+from .store import Checkpoint, parse_dtype
+from .workdir import TASKVEC, task_vector, to_linear, tv_key
 
 
 def open_expert(spec: str, base: Checkpoint, role: str, exclude: re.Pattern | None = None):
@@ -37,15 +43,6 @@ def open_expert(spec: str, base: Checkpoint, role: str, exclude: re.Pattern | No
 def reopen_spec(e) -> str:
     """What later stages reopen an expert from (a LoRA expert as ``BASE+ADAPTER``, absolute paths)."""
     return e.reopen_spec if isinstance(e, lora.LoraCheckpoint) else str(e.root)
-
-
-def task_vector(e, key: str, w0: torch.Tensor) -> torch.Tensor:
-    """``W_t − W_pre`` of one tensor in checkpoint orientation (fp32): a LoRA expert's own ``ΔW`` (zero where the
-    adapter leaves the tensor alone), else the difference of the stored weights."""
-    if isinstance(e, lora.LoraCheckpoint):
-        d = e.task_vector(key)
-        return torch.zeros_like(w0) if d is None else d.float()
-    return e.get(key).float() - w0
 
 
 def check_data_experts(experts: list, plan: Plan | None = None) -> None:
@@ -101,15 +98,40 @@ def open_inputs(base: str, experts: list[str], *, allow_dtype_mismatch: bool = F
     return b, es, plan
 
 
-def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32", force: bool = False,
+STORE_CHOICES = ("none", "float32", "bfloat16", "float16")  # --store: none recomputes the task vectors when read
+
+
+def store_name(store: str | None, work: Path | None = None) -> str:
+    """``--store``'s canonical name: ``none``, or the dtype a copy of the task vectors is kept in. ``None`` (what
+    ``bmm merge`` passes): the choice of the taskvec stage already in ``work``, else ``none``."""
+    if store is None:
+        try:
+            store = json.loads((Path(work) / TASKVEC / MANIFEST).read_text())["options"]["store"]
+        except (TypeError, OSError, ValueError, KeyError):
+            store = "none"  # no stage yet (or one the Stage refuses with its own message)
+    if str(store).lower() == "none":
+        return "none"
+    try:
+        name = str(parse_dtype(str(store))).removeprefix("torch.")
+    except InputError as exc:
+        raise InputError(f"--store {store!r}: {exc}") from None
+    if name not in STORE_CHOICES:
+        raise InputError(f"--store {store!r}: choose {', '.join(STORE_CHOICES)}")
+    return name
+
+
+def taskvec(base: str, experts: list[str], work: Path, *, store: str | None = "none", force: bool = False,
             allow_dtype_mismatch: bool = False, exclude: list[str] | None = None) -> dict:
-    """Write the task vectors of every solvable module, one block at a time; resumable. ``exclude``: the
-    ``--exclude`` patterns (recorded: every later stage rebuilds the same plan)."""
+    """Read and check the task vectors of every solvable module, one block at a time, keeping a copy in ``store``'s
+    dtype (``"none"``: no copy; later stages recompute them from the checkpoints; None: as the stage already in
+    ``work`` has it, else none); resumable. ``exclude``: the ``--exclude`` patterns (recorded: every later stage
+    rebuilds the same plan)."""
     t0 = time.perf_counter()
-    store_dtype = parse_dtype(dtype)
+    keep = store_name(store, work)
+    store_dtype = None if keep == "none" else parse_dtype(keep)
     b, es, plan = open_inputs(base, experts, allow_dtype_mismatch=allow_dtype_mismatch, exclude=exclude)
     inputs = {"base": b.fingerprint(), "experts": [e.fingerprint() for e in es]}
-    options = {"dtype": DTYPE_NAMES[store_dtype], **({"exclude": list(exclude)} if exclude else {})}
+    options = {"store": keep, **({"exclude": list(exclude)} if exclude else {})}
     stage = Stage(work, TASKVEC, inputs=inputs, options=options, force=force)
     stage.set("plan", plan.to_json())
     stage.set("paths", {"base": str(b.root), "experts": [reopen_spec(e) for e in es]})
@@ -120,8 +142,9 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
         for ref in blk.modules:
             w0 = b.get(ref.key).float()
             for t, e in enumerate(es):
-                u = task_vector(e, ref.key, w0)
-                tensors[tv_key(ref.key, t)] = to_linear(ref, u).to(store_dtype).contiguous()
+                u = task_vector(e, ref.key, w0)  # reads (and checks) the expert's tensor
+                if store_dtype is not None:
+                    tensors[tv_key(ref.key, t)] = to_linear(ref, u).to(store_dtype).contiguous()
             del w0
         stage.write(blk.shard, tensors, {"stack": blk.stack, "layer": blk.layer})
         del tensors
@@ -136,6 +159,7 @@ def taskvec(base: str, experts: list[str], work: Path, *, dtype: str = "float32"
         "unknown": plan.unknown,
         "excluded": plan.excluded,
         "experts": len(es),
+        "store": keep,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     stage.finish(**{k: v for k, v in summary.items() if k not in ("blocks_written", "blocks_skipped", "seconds")})
@@ -166,7 +190,7 @@ def plan_summary(base: str, experts: list[str], *, num_groups: int = 1, exclude:
         "others": plan.others,
         "unknown": plan.unknown,
         "excluded": plan.excluded,
-        "taskvec_bytes_fp32": tv_bytes,
+        "taskvec_store_float32_bytes": tv_bytes,  # what `bmm taskvec --store float32` adds (the default: none)
         "lora": {str(i + 1): _lora_summary(e, plan) for i, e in enumerate(es) if isinstance(e, lora.LoraCheckpoint)},
         "vocabulary": None if tplan is None else {"base_tokens": tplan.shared,
                                                   "added_by_experts": tplan.dropped},

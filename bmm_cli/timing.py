@@ -6,13 +6,13 @@ device and thread count the merge will use (:func:`calibrate`: one fp64 GEMM, on
 one pass over a large fp32 array, at a size where each takes tens of milliseconds):
 
 * ``taskvec``: reading base and experts (``(T + 1)·o·i`` elements in the checkpoints' dtype) at :data:`READ_RATE`;
-* ``gram-free``: ``G = Σ U_tᵀU_t`` and ``B = Σ U_tU_tᵀU_t`` in fp64 (``2·o·i² + 4·o·i·min(o, i)`` per expert);
 * ``anchor``: TSV / ISO-CTS one SVD per expert and module plus the orthogonalisation (``T + 2`` SVDs of ``o × i``),
   ISO-C one, RegMean an ``i × i`` solve; the elementwise anchors (TA, TIES, DARE...) a few passes over the task
   vectors; WUDI is an iterative optimisation this model does not cover (no estimate);
 * ``evidence``: one fp64 ``eigh`` of the smaller side ``min(T·o, i)`` and its GEMMs (:func:`bmm_cli.evidence.
   free_spectra`);
-* ``solve``: the fp64 statistics again, a Cholesky of ``i × i`` and two triangular solves with ``o`` right sides;
+* ``solve``: the fp64 data-free statistics ``G = Σ U_tᵀU_t``, ``B = Σ U_tU_tᵀU_t`` (``2·o·i² + 4·o·i·min(o, i)``
+  per expert; no stage stores them), a Cholesky of ``i × i`` and two triangular solves with ``o`` right sides;
 * ``factors`` (a search's cache): one ``eigh`` of ``i × i`` and the ``B̂Q``, ``U0Q`` GEMMs.
 
 Large LAPACK calls run slower per flop than the calibration's (memory traffic), so the estimate is a rough one
@@ -117,14 +117,11 @@ def _factors(r: Rates, o: int, i: int, T: int) -> float:
 def estimate(modules: Sequence[Module], num_tasks: int, *, anchor: str, gram: str = "free", evidence: bool = True,
              search: bool = False, input_bytes: int = 0, rates: Rates | None = None) -> dict[str, float | None]:
     """Seconds per stage of a merge of ``modules`` (None: no estimate for that anchor). ``input_bytes``: the
-    bytes ``taskvec`` reads (base and experts' solvable tensors); ``gram``: the statistics the merge builds
-    (``data``/``hybrid`` estimate only their data-free part: forward passes over calibration text are not
-    modelled)."""
+    bytes ``taskvec`` reads (base and experts' solvable tensors); ``gram``: the statistics of the solve (the data
+    Grams' forward passes over calibration text, for ``data``/``hybrid``, are not modelled)."""
     r = rates or calibrate("cpu")
     T = num_tasks
     out: dict[str, float | None] = {"taskvec": input_bytes / READ_RATE}
-    if gram in ("free", "hybrid"):
-        out["gram-free"] = sum(_stats(r, m.d_out, m.d_in, T) for m in modules)
     parts = [_anchor(r, anchor, m.d_out, m.d_in, T) for m in modules]
     out[f"anchor-{anchor}"] = None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
     if evidence:

@@ -2,9 +2,14 @@
 
 Layout of ``--work DIR`` (each stage directory holds ``stage.json`` and its ``<shard>.safetensors``)::
 
-    taskvec/                  U_t per module: "<key>@<t>" in block-NNN (stage 1, bmm taskvec)
-    gram-free/, gram-data/    Ĝ, B̂, m per module in block-NNN; gram-data also t<t>-block-NNN (stage 3, bmm gram)
+    taskvec/                  the inputs' fingerprints and the module plan; block-NNN marks a block read and
+                              checked (stage 1, bmm taskvec). With ``--store DTYPE`` block-NNN also holds U_t per
+                              module as "<key>@<t>"; by default it holds none, and the task vectors are recomputed
+                              from the (memory-mapped) checkpoints whenever a stage reads them (:meth:`Project.taus`)
     anchor-<method>/          U0 per module in block-NNN, the merged other tensors in others (stage 2, bmm anchor)
+    gram-data/                Ĝ, B̂, m per module in block-NNN and t<t>-block-NNN per task (stage 3, bmm gram
+                              --kind data); the data-free statistics are recomputed from the task vectors by the
+                              stages that use them (``bmm gram --kind free`` can still store them in gram-free/)
     factors-<anchor>-<gram>/  the search's cached eigenbasis (bmm_cli.factor_cache)
     evidence-<anchor>-<gram>.json   the default λ per module (bmm_cli.default_params)
 
@@ -20,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from . import __version__, lora
 from .anchors import AnchorMethod, get_method
 from .arch import Block, ModuleRef, Plan, build_plan, exclude_pattern
 from .closed_form import GramStats, data_stats, free_stats
@@ -73,6 +78,16 @@ def from_linear(ref: ModuleRef, w: torch.Tensor) -> torch.Tensor:
     return w.t() if ref.conv1d else w
 
 
+def task_vector(e, key: str, w0: torch.Tensor) -> torch.Tensor:
+    """``W_t − W_pre`` of one tensor in checkpoint orientation (fp32; ``w0`` is the base tensor in fp32): a LoRA
+    expert's own ``ΔW`` (zero where the adapter leaves the tensor alone), else the difference of the stored
+    weights."""
+    if isinstance(e, lora.LoraCheckpoint):
+        d = e.task_vector(key)
+        return torch.zeros_like(w0) if d is None else d.float()
+    return e.get(key).float() - w0
+
+
 def is_zero_anchor(method: AnchorMethod) -> bool:
     """Whether ``method``'s anchor is U0 = 0 (the pretrained weights): the solvers then skip U0 altogether."""
     zero = getattr(method, "zero", None)
@@ -107,12 +122,29 @@ class Project:
         roles.update({f"expert {i + 1}": e.root for i, e in enumerate(self.experts)})
         return roles
 
-    def taus(self, block: Block, ref: ModuleRef, reader=None) -> torch.Tensor:
-        """[T, d_out, d_in] float32 task vectors of one module (from the taskvec shard)."""
+    @property
+    def stored(self) -> bool:
+        """Whether the taskvec stage keeps a copy of the task vectors (``bmm taskvec --store DTYPE``)."""
+        return self.manifest.get("options", {}).get("store", "none") != "none"
+
+    def taus(self, block: Block, ref: ModuleRef, reader: ShardReader | None = None) -> torch.Tensor:
+        """[T, d_out, d_in] float32 task vectors of one module: read from the taskvec shard when the stage stores
+        them, else recomputed from the checkpoints (the same arithmetic as ``bmm taskvec``, so the same bits as its
+        float32 copy)."""
+        if not self.stored:
+            w0 = self.base.get(ref.key).float()
+            out = torch.empty((self.num_tasks,) + tuple(to_linear(ref, w0).shape), dtype=torch.float32)
+            for t, e in enumerate(self.experts):
+                out[t].copy_(to_linear(ref, task_vector(e, ref.key, w0)))
+                e.close()  # only the module being read stays mapped: T experts' pages would otherwise pile up
+            return out
         reader = reader or self.reader(block)
         return torch.stack([reader.get(tv_key(ref.key, t)).float() for t in range(self.num_tasks)])
 
-    def reader(self, block: Block) -> ShardReader:
+    def reader(self, block: Block) -> ShardReader | None:
+        """The taskvec shard of ``block`` to pass to :meth:`taus`; None when the task vectors are recomputed."""
+        if not self.stored:
+            return None
         path = self.work / TASKVEC / f"{block.shard}.safetensors"
         if not path.exists():
             raise InputError(f"{path} is missing: rerun `bmm taskvec` (it resumes)")
@@ -230,8 +262,9 @@ class Sources:
         if self.anchor.manifest["inputs"].get("taskvec") != self.proj.fingerprint:
             raise InputError(f"{self.anchor.dir}: made from other task vectors; rerun `bmm anchor --force`")
         self.gram = gram
-        kinds = GRAM_STATS if gram == "hybrid" else (gram,)
-        self.grams = {k: GramStage(work, k) for k in kinds}
+        # the data-free statistics are computed from the task vectors (:meth:`block_stats`, :meth:`stats64`): only
+        # the data kind has a Gram stage to read
+        self.grams = {"data": GramStage(work, "data")} if gram in ("data", "hybrid") else {}
         for gs in self.grams.values():
             if gs.manifest["inputs"].get("taskvec") != self.proj.fingerprint:
                 raise InputError(f"{gs.dir}: made from other task vectors; rerun `bmm gram --force`")
@@ -240,6 +273,17 @@ class Sources:
     def fingerprint(self) -> dict:
         return {"taskvec": self.proj.fingerprint, "anchor": self.anchor.id,
                 **{f"gram-{k}": g.id for k, g in self.grams.items()}}
+
+    def block_stats(self, kind: str, blk: Block, *, device: torch.device | None = None
+                    ) -> Callable[[str], GramStats]:
+        """Per module key of ``blk``, the float32 statistics of ``kind``: ``data`` read from its Gram stage,
+        ``free`` computed from the task vectors on ``device`` and returned on the host (the arithmetic of
+        ``bmm gram --kind free``, so the same values as its shards on the same device)."""
+        if kind == "data":
+            return self.grams["data"].block(blk)
+        reader = self.proj.reader(blk)
+        refs = {r.key: r for r in blk.modules}
+        return lambda key: free_stats(self.proj.taus(blk, refs[key], reader), key=key, device=device).to(device="cpu")
 
     def stats64(self, blk: Block, *, device: torch.device | None = None) -> Callable[[ModuleRef], GramStats]:
         """Per module of ``blk``, the statistics of ``--gram free`` or ``data`` recomputed in fp64 from the task

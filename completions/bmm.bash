@@ -29,10 +29,10 @@ _bmm() {
                 --base|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --experts|-e) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;
-                --dtype) return;;
+                --store) COMPREPLY=( $(compgen -W "none float32 bfloat16 float16" -- "$cur") ); return;;
                 --exclude) return;;
             esac
-            COMPREPLY=( $(compgen -W "--base -b --experts -e --work -w --dtype --allow-dtype-mismatch --exclude --force --json --help" -- "$cur") ); return;;
+            COMPREPLY=( $(compgen -W "--base -b --experts -e --work -w --store --allow-dtype-mismatch --exclude --force --json --help" -- "$cur") ); return;;
         anchor)
             case "$prev" in
                 --work|-w) COMPREPLY=( $(compgen -f -- "$cur") ); return;;

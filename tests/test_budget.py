@@ -35,7 +35,7 @@ def test_estimate_within_10_percent_of_the_real_stages(family, tmp_path):
     proj = load_project(work)
     mods, others, total = budget.plan_modules(proj.plan, proj.base.meta)
     est = budget.estimate(mods, len(experts), others=others, anchors=("tsv", "ta"), search=True,
-                          out_numel_bytes=total * 4)
+                          out_numel_bytes=total * 4, free_gram_stage=True)
     assert set(est.stages) == {p.name for p in work.iterdir() if not p.name.startswith(".")}
     for name, b in est.stages.items():
         assert b == pytest.approx(_dir_bytes(work / name), rel=0.10), name
@@ -53,7 +53,8 @@ def test_estimate_at_8b_shapes_is_the_arithmetic():
     per_layer = sum(o * n for o, n in shapes)
     assert per_layer == 218_103_808
     g = sum(n * n for _, n in shapes)
-    est = budget.estimate(mods, 5, anchors=("tsv",), search=True, factor_dtype="bfloat16")
+    est = budget.estimate(mods, 5, anchors=("tsv",), search=True, factor_dtype="bfloat16", taskvec_dtype="float32",
+                          free_gram_stage=True)
     assert est.stages["taskvec"] == pytest.approx(32 * 5 * per_layer * 4, rel=1e-4)
     assert est.stages["anchor-tsv"] == pytest.approx(32 * per_layer * 4, rel=1e-4)
     assert est.stages["gram-free"] == pytest.approx(32 * (g + per_layer) * 4, rel=1e-4)
@@ -62,7 +63,11 @@ def test_estimate_at_8b_shapes_is_the_arithmetic():
     bf16 = budget.estimate(mods, 5, taskvec_dtype="bf16", evidence=False)
     assert bf16.stages["taskvec"] == pytest.approx(est.stages["taskvec"] / 2, rel=1e-4)
     data = budget.estimate(mods, 5, gram="hybrid")
-    assert data.stages["gram-data"] == pytest.approx(data.stages["gram-free"] + 5 * 32 * g * 4, rel=1e-4)
+    assert data.stages["gram-data"] == pytest.approx(est.stages["gram-free"] + 5 * 32 * g * 4, rel=1e-4)
+    # the default: no copy of the task vectors (a marker per block and the plan) and no gram-free stage
+    free = budget.estimate(mods, 5, anchors=("tsv",))
+    assert set(free.stages) == {"taskvec", "anchor-tsv", "evidence-tsv-free.json"} and "gram-free" not in data.stages
+    assert free.stages["taskvec"] < 1e6 and free.work < 1.01 * est.stages["anchor-tsv"]
     assert "factors-tsv-hybrid" not in budget.estimate(mods, 5, gram="hybrid", search=True).stages
 
 
@@ -142,14 +147,14 @@ def test_plan_prints_the_disk_per_stage(family, capsys):
     rc, out, _ = _cli(["plan", "-b", base, "-e", *experts, "--json"], capsys)
     assert rc == 0
     disk = json.loads(out)["disk"]
-    assert set(disk["stages"]) == {"taskvec", "anchor-tsv", "gram-free", "evidence-tsv-free.json"}
+    assert set(disk["stages"]) == {"taskvec", "anchor-tsv", "evidence-tsv-free.json"}
     assert disk["work"] == sum(disk["stages"].values()) and disk["out"] > 0
     assert list(disk["search_cache"]) == ["factors-tsv-free"]
     rc, out, _ = _cli(["plan", "-b", base, "-e", *experts, "--anchor", "ta", "--gram", "free"], capsys)
     lines = out.splitlines()
     i = next(j for j, x in enumerate(lines) if x.startswith("disk of `bmm merge --anchor ta --gram free`"))
-    assert [x.split()[0] for x in lines[i + 1:i + 8]] == ["taskvec", "anchor-ta", "gram-free", "evidence-ta-free.json",
-                                                         "work", "output", "factors-ta-free"]
+    assert [x.split()[0] for x in lines[i + 1:i + 7]] == ["taskvec", "anchor-ta", "evidence-ta-free.json", "work",
+                                                         "output", "factors-ta-free"]
     assert "--work" in lines[i]
 
 

@@ -13,6 +13,8 @@ from conftest import perturb, save, tiny_model, tiny_tokenizer
 from safetensors import safe_open
 from test_lora import make_adapter
 
+from bmm_cli.workdir import load_project
+
 peft = pytest.importorskip("peft")
 
 
@@ -82,9 +84,16 @@ def test_lora_task_vectors_and_resume(lora_family, tmp_path):
     bmm("taskvec", "--base", base, "-e", plain, "-e", rs, "--work", work)
     man = json.loads((work / "taskvec" / "stage.json").read_text())
     assert man["paths"]["experts"] == [f"{base.resolve()}+{plain.resolve()}", f"{base.resolve()}+{rs.resolve()}"]
-    with safe_open(str(work / "taskvec" / "block-000.safetensors"), "pt") as f:
+    kept = tmp_path / "kept"  # a stored float32 copy: the same bits as the recomputed task vectors
+    bmm("taskvec", "--base", base, "-e", plain, "-e", rs, "--work", kept, "--store", "float32")
+    with safe_open(str(kept / "taskvec" / "block-000.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("model.layers.0.self_attn.k_proj.weight@0"), torch.zeros(16, 32))
         assert f.get_tensor("model.layers.0.self_attn.k_proj.weight@1").abs().sum() > 0
+    proj, proj_kept = load_project(work), load_project(kept)
+    assert not proj.stored and proj_kept.stored
+    for blk in proj.plan.blocks:
+        for ref in blk.modules:
+            assert torch.equal(proj.taus(blk, ref), proj_kept.taus(blk, ref)), ref.key
     # the stage's identity covers the adapter files: a retrained adapter is not silently reused
     make_adapter(tiny_model("llama", 0), tmp_path / "plain2", 99, r=4, lora_alpha=8,
                  target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])

@@ -72,7 +72,7 @@ def test_preflight_before_any_work(family, tmp_path):
 CMD = ["merge", "--anchor", "ties", "--max-shard-size", "30KB", "--lam", "0.05", "--json"]
 
 
-@pytest.mark.parametrize("fault", ["taskvec.shard:2", "gram.shard:2", "anchor.shard:2", "write.shard:2"])
+@pytest.mark.parametrize("fault", ["taskvec.shard:2", "anchor.shard:2", "write.shard:2"])  # data-free: no gram stage
 def test_merge_resumes_after_sigkill_with_identical_output(family, tmp_path, fault):
     base, experts = family("llama")
     args = [sys.executable, "-m", "bmm_cli.cli", *CMD, "--base", str(base), "--experts", *map(str, experts)]
@@ -207,3 +207,33 @@ def test_merge_names_the_in_block_tensors_it_cannot_solve(family, tmp_path):
     note = next(line for line in p.stderr.splitlines() if "match no module bmm can solve" in line)
     assert key in note and "anchor's rule" in note and "--others mean" in note
     torch.testing.assert_close(Checkpoint.open(tmp_path / "o").get(key), torch.full((4, 6), 2.0))  # mean of 1, 2, 3
+
+
+def test_recomputed_task_vectors_without_a_gram_free_stage_give_the_same_bytes(family, tmp_path):
+    """The default work dir (task vectors recomputed from the checkpoints, no gram-free stage) and one holding a
+    float32 copy of the task vectors and the gram-free stage merge to the same bytes (default evidence λ); the
+    free statistics the stages recompute equal the gram-free stage's shards bit for bit."""
+    from bmm_cli.anchor import anchor
+    from bmm_cli.gram import gram
+    from bmm_cli.taskvec import taskvec
+    from bmm_cli.workdir import GramStage, Sources, load_project
+
+    base, experts = family("llama")
+    es = [str(e) for e in experts]
+    res = merge(str(base), es, tmp_path / "a", work=tmp_path / "wa", device="cpu")
+    assert set(res["stages"]) == {"taskvec", "anchor"}
+    assert sorted(p.name for p in (tmp_path / "wa").iterdir() if not p.name.startswith(".")) == [
+        "anchor-tsv", "evidence-tsv-free.json", "taskvec"]
+    kept = tmp_path / "wb"
+    taskvec(str(base), es, kept, store="float32")
+    gram(kept, "free", device="cpu")
+    merge(str(base), es, tmp_path / "b", work=kept, device="cpu")
+    assert load_project(kept).stored and not load_project(tmp_path / "wa").stored
+    assert _out_bytes(tmp_path / "a")["model.safetensors"] == _out_bytes(tmp_path / "b")["model.safetensors"]
+    anchor(tmp_path / "wa", "ta", device="cpu")
+    src, stage = Sources(tmp_path / "wa", "ta", "free"), GramStage(kept, "free")
+    for blk in src.proj.plan.blocks:
+        ours, theirs = src.block_stats("free", blk), stage.block(blk)
+        for ref in blk.modules:
+            a, b = ours(ref.key), theirs(ref.key)
+            assert torch.equal(a.G_hat, b.G_hat) and torch.equal(a.B_hat, b.B_hat) and a.m == b.m

@@ -227,7 +227,6 @@ def test_hybrid_gram_samples_around_the_hybrid_map(family, tmp_path):
     w = tmp_path / "w"
     taskvec(str(base), [str(e) for e in experts], w)
     anchor(w, "pretrained")
-    gram(w, "free")
     gram(w, "data", calib=write_calib_files(tmp_path, len(experts), 8), samples=8, max_len=16)
     res = sample(w, "pretrained", "hybrid", out=tmp_path / "s", beta=math.inf, samples=1, epsilon=0.3)
     solve(w, "pretrained", "hybrid", out=tmp_path / "m", epsilon=0.3)
@@ -237,7 +236,7 @@ def test_hybrid_gram_samples_around_the_hybrid_map(family, tmp_path):
     (mod,) = prepare_modules(src, Params.uniform(1, eps=0.3), select_modules(src.proj.plan, None),
                              dev=torch.device("cpu"), need_basis=True)
     blk = next(b for b in src.proj.plan.blocks if any(r.key == LAST for r in b.modules))
-    h = hybrid_stats(src.grams["free"].block(blk)(LAST), src.grams["data"].block(blk)(LAST), 0.3)
+    h = hybrid_stats(src.block_stats("free", blk)(LAST), src.block_stats("data", blk)(LAST), 0.3)
     G = (mod.Q.double() * mod.evals.double()) @ mod.Q.double().T
     assert torch.allclose(G, h.G_hat.double(), atol=1e-5)
     assert res["params"]["eps"] == 0.3

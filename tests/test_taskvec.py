@@ -19,24 +19,48 @@ def _shard_bytes(work):
 
 @pytest.mark.parametrize("kind,sharded", [("bert", False), ("llama", True), ("gpt2", False), ("clip", False)])
 def test_task_vectors_are_exact(family, tmp_path, kind, sharded):
+    """The stored float32 copy and the recomputed task vectors (the default) are W_t − W_pre bit for bit."""
     base, experts = family(kind, sharded=sharded)
-    work = tmp_path / "w"
+    work, kept = tmp_path / "w", tmp_path / "kept"
     res = taskvec(str(base), [str(e) for e in experts], work)
-    assert res["blocks_written"] == res["blocks"] > 0
+    assert res["blocks_written"] == res["blocks"] > 0 and res["store"] == "none"
+    taskvec(str(base), [str(e) for e in experts], kept, store="float32")
     b = Checkpoint.open(base)
     es = [Checkpoint.open(e) for e in experts]
-    proj = load_project(work)
+    proj, proj_kept = load_project(work), load_project(kept)
+    assert not proj.stored and proj_kept.stored
     n = 0
     for blk in proj.plan.blocks:
-        r = ShardReader(work / "taskvec" / f"{blk.shard}.safetensors")
+        r = ShardReader(kept / "taskvec" / f"{blk.shard}.safetensors")
+        assert ShardReader(work / "taskvec" / f"{blk.shard}.safetensors").keys() == []  # a marker: no copy
         for ref in blk.modules:
+            taus = proj.taus(blk, ref, proj.reader(blk))
+            assert taus.dtype == torch.float32 and torch.equal(taus, proj_kept.taus(blk, ref))
             for t, e in enumerate(es):
                 want = e.get(ref.key).float() - b.get(ref.key).float()
                 if ref.conv1d:
                     want = want.t()  # stored [d_out, d_in]
                 assert torch.equal(r.get(tv_key(ref.key, t)), want)
+                assert torch.equal(taus[t], want)
                 n += 1
     assert n == len(proj.plan.modules) * len(es)
+
+
+def test_stored_copy_is_opt_in_and_costs_the_disk(family, tmp_path):
+    base, experts = family("llama")
+    sizes = {}
+    for store_as in ("none", "float32", "bf16"):
+        work = tmp_path / store_as
+        res = taskvec(str(base), [str(e) for e in experts], work, store=store_as)
+        sizes[res["store"]] = sum(p.stat().st_size for p in (work / "taskvec").glob("*.safetensors"))
+    tv = sum(Checkpoint.open(base).meta[m.key].numel for m in load_project(tmp_path / "none").plan.modules)
+    assert sizes["float32"] > len(experts) * tv * 4 > sizes["bfloat16"] > len(experts) * tv * 2
+    assert sizes["none"] < 100 * len(load_project(tmp_path / "none").plan.blocks)
+    with pytest.raises(InputError, match="--store 'int8'"):
+        taskvec(str(base), [str(e) for e in experts], tmp_path / "x", store="int8")
+    with pytest.raises(InputError, match="--store 'float64': choose none, float32, bfloat16, float16"):
+        taskvec(str(base), [str(e) for e in experts], tmp_path / "x", store="float64")
+    assert not (tmp_path / "x").exists()
 
 
 def test_gpt2_conv1d_orientation(family, tmp_path):
@@ -61,16 +85,17 @@ def test_rerun_is_noop_and_changed_inputs_refused(family, tmp_path):
     assert _shard_bytes(work) == before
     with pytest.raises(StateError, match="different inputs"):
         taskvec(str(base), [str(e) for e in experts[:2]], work)
-    with pytest.raises(StateError, match="dtype"):
-        taskvec(str(base), [str(e) for e in experts], work, dtype="bfloat16")
+    with pytest.raises(StateError, match=r"options \(store\)"):
+        taskvec(str(base), [str(e) for e in experts], work, store="bfloat16")
     res = taskvec(str(base), [str(e) for e in experts[:2]], work, force=True)
     assert res["blocks_written"] == res["blocks"]
 
 
-def test_resume_after_sigkill_gives_identical_shards(family, tmp_path):
+@pytest.mark.parametrize("store_as", ["none", "float32"])
+def test_resume_after_sigkill_gives_identical_shards(family, tmp_path, store_as):
     base, experts = family("llama")
     args = [sys.executable, "-m", "bmm_cli.cli", "taskvec", "--base", str(base), "--experts",
-            *map(str, experts), "--work"]
+            *map(str, experts), "--store", store_as, "--work"]
     ref_work = tmp_path / "ref"
     subprocess.run(args + [str(ref_work)], check=True, capture_output=True)
     work = tmp_path / "w"

@@ -171,19 +171,20 @@ def test_temp_files_of_a_killed_write_are_cleaned_on_resume(ref, work_from, caps
 def test_damaged_stage_shard_is_reported_and_redone(ref, work_from, capsys):
     """A damaged shard in the work directory (truncated; or same size, torn header): the next stage names it and
     says how to fix it, and rerunning the stage that owns it rewrites just that shard."""
-    work = work_from("taskvec")
-    victim = work / "taskvec" / "block-001.safetensors"
+    work = work_from("taskvec", "anchor-ties")
+    victim = work / "anchor-ties" / "block-001.safetensors"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
-    code, _, err = bmm_inproc(["anchor", "--work", work, "--method", "ta"], capsys)
+    code, _, err = bmm_inproc(["solve", "--work", work, *ref.solve_args, "--out", work.parent / "o"], capsys)
     assert code == 2 and err.count("\n") == 1, err
-    assert str(victim) in err and "bmm taskvec" in err, err
-    taskvec_args = ["taskvec", "--base", ref.base, "--experts", *ref.experts, "--work", work, "--json"]
-    res = json.loads(bmm_ok(taskvec_args, capsys))
+    assert str(victim) in err and "bmm anchor" in err, err
+    res = json.loads(bmm_ok(["anchor", "--work", work, "--method", "ties", "--json"], capsys))
     assert res["blocks_written"] == 1
-    assert_stage_equal(work, ref.work, "taskvec")
-    # same size, corrupt header: the size check alone would take it for done
-    victim.write_bytes(b"\x00" * 8 + data[8:])
+    assert_stage_equal(work, ref.work, "anchor-ties")
+    # same size, corrupt header (the taskvec stage's block marker): the size check alone would take it for done
+    marker = work / "taskvec" / "block-001.safetensors"
+    marker.write_bytes(b"\x00" * 8 + marker.read_bytes()[8:])
+    taskvec_args = ["taskvec", "--base", ref.base, "--experts", *ref.experts, "--work", work, "--json"]
     res = json.loads(bmm_ok(taskvec_args, capsys))
     assert res["blocks_written"] == 1
     assert_stage_equal(work, ref.work, "taskvec")
@@ -194,6 +195,8 @@ def test_expert_rewritten_in_place_is_not_silently_reused(family, tmp_path, caps
     size): a finished taskvec stage must not be reused for it (that would merge the old expert)."""
     import torch
     from safetensors.torch import load_file, save_file
+
+    from bmm_cli.workdir import load_project
 
     base, experts = family("bert")
     e = tmp_path / "expert"
@@ -208,8 +211,8 @@ def test_expert_rewritten_in_place_is_not_silently_reused(family, tmp_path, caps
     code, _, err = bmm_inproc(["anchor", "--work", tmp_path / "w", "--method", "ta"], capsys)
     assert code == 3 and "changed on disk" in err, err
     bmm_ok(args + ["--force"], capsys)
-    assert torch.equal(load_file(str(tmp_path / "w" / "taskvec" / "block-000.safetensors"))[
-        "encoder.layer.0.attention.self.query.weight@0"],
-        (sd["encoder.layer.0.attention.self.query.weight"] - load_file(str(base / "model.safetensors"))[
-            "encoder.layer.0.attention.self.query.weight"]))
+    proj = load_project(tmp_path / "w")  # the task vectors are now the new expert's
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(proj.taus(proj.plan.blocks[0], proj.plan.module(key))[0],
+                       sd[key] - load_file(str(base / "model.safetensors"))[key])
 
