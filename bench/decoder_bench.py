@@ -161,38 +161,40 @@ def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str], key: str =
 
 
 def se_sizing(rows: dict, st: dict, best_ref: str | None) -> dict | None:
-    """The paired SE of every BMM row against its anchor and the best reference, scored on all tokens of each
-    window and on its first PREFIX tokens only (rows scored with more than PREFIX tokens), with each domain's share.
-    None when the rows carry no prefix losses."""
+    """The paired SE of every BMM row against its anchor and the best reference, with each domain's share; when
+    every row was scored on more than PREFIX tokens, also the SE on each window's first PREFIX tokens only.
+    None when there is no BMM row."""
     ds = st["scored"]
 
     def has_prefix(name: str, domains: list[str]) -> bool:
         return name in rows and all(f"prefix/{d}" in rows[name] for d in domains)
 
-    names = [n for n in st["rows"] if n.startswith("bmm-") and has_prefix(n, ds)]
-    if not names or not has_prefix("base", ds) or not all(has_prefix(f"expert-{d}", [d]) for d in ds):
-        return None
-    pre = {n: {k.replace("prefix/", "windows/"): v for k, v in r.items() if k.startswith("prefix/")}
-           for n, r in rows.items()}
-    for r in pre.values():
-        r.update({k.replace("windows/", "loss/"): sum(v) / len(v) for k, v in list(r.items())})
-    pgaps = {d: pre["base"][f"loss/{d}"] - pre[f"expert-{d}"][f"loss/{d}"] for d in ds}
+    names = [n for n in st["rows"] if n.startswith("bmm-")]
+    prefix = (all(has_prefix(n, ds) for n in st["rows"]) and all(has_prefix(f"expert-{d}", [d]) for d in ds))
+    if prefix:
+        pre = {n: {k.replace("prefix/", "windows/"): v for k, v in r.items() if k.startswith("prefix/")}
+               for n, r in rows.items()}
+        for r in pre.values():
+            r.update({k.replace("windows/", "loss/"): sum(v) / len(v) for k, v in list(r.items())})
+        pgaps = {d: pre["base"][f"loss/{d}"] - pre[f"expert-{d}"][f"loss/{d}"] for d in ds}
     pairs = {}
     for n in names:
         for other in (anchor_of(n), best_ref):
-            if other is None or other == n or not has_prefix(other, ds):
+            if other is None or other == n or other not in st["rows"]:
                 continue
             parts = paired_gap_se_parts(rows[n], rows[other], st["gaps"], ds)
-            pairs[f"{n} vs {other}"] = {
-                "se": round(math.sqrt(sum(v * v for v in parts.values())), 4),
-                "se_prefix": round(paired_gap_se(pre[n], pre[other], pgaps, ds), 4),
-                "se_share": {d: round(v, 4) for d, v in parts.items()}}
+            pairs[f"{n} vs {other}"] = {"se": round(math.sqrt(sum(v * v for v in parts.values())), 4),
+                                        "se_share": {d: round(v, 4) for d, v in parts.items()}}
+            if prefix:
+                pairs[f"{n} vs {other}"]["se_prefix"] = round(paired_gap_se(pre[n], pre[other], pgaps, ds), 4)
     if not pairs:
         return None
     med = sorted(p["se"] for p in pairs.values())
-    medp = sorted(p["se_prefix"] for p in pairs.values())
-    return {"prefix_tokens": PREFIX, "pairs": pairs, "se_median": med[len(med) // 2],
-            "se_prefix_median": medp[len(medp) // 2], "se_max": med[-1]}
+    out = {"pairs": pairs, "se_median": med[len(med) // 2], "se_min": med[0], "se_max": med[-1]}
+    if prefix:
+        medp = sorted(p["se_prefix"] for p in pairs.values())
+        out.update(prefix_tokens=PREFIX, se_prefix_median=medp[len(medp) // 2])
+    return out
 
 
 def _row_order(p: Path) -> tuple:

@@ -112,7 +112,9 @@ def test_se_sizing_compares_all_tokens_with_the_prefix():
     assert math.hypot(*parts.values()) == pytest.approx(pair["se"], abs=1e-4)
     assert out["prefix_tokens"] == PREFIX
     del rows["expert-b"]["prefix/b"]
-    assert se_sizing(rows, st, best_ref="anchor-ta") is None  # no prefix losses for every row: no sizing
+    out = se_sizing(rows, st, best_ref="anchor-ta")  # no prefix losses for every row: the full-window SEs only
+    assert "prefix_tokens" not in out and "se_prefix" not in out["pairs"]["bmm-free-ta vs anchor-ta"]
+    assert out["pairs"]["bmm-free-ta vs anchor-ta"]["se"] == pair["se"]
 
 
 @pytest.mark.parametrize("kind", ["free", "data"])
