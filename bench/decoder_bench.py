@@ -218,7 +218,7 @@ def cmd_report(a) -> int:
                               "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], st["scored"]),
                                           4)}
         summ = run / "scores" / f"{name}.summary"
-        if summ.exists():  # a search row: its validation record (bmm search --json)
+        if summ.exists() and summ.stat().st_size:  # a search row: its validation record (bmm search --json)
             sj = read_json(summ)
             r["search"] = {k: sj.get(k) for k in ("trials", "best_trial", "first_score", "best_score", "best_params")}
         dflt = default_of(name)
