@@ -238,7 +238,7 @@ def cmd_report(a) -> int:
            "weak_experts": st["weak"],
            "gap_se": gain_se, "windows_per_domain": len(rows["base"][f"windows/{domains[0]}"]),
            "rows": st["rows"], "best_reference": best_ref, "config": a.config,
-           "machine": "2 shared CPU cores (other jobs running: load average 9-13); times are wall clock"}
+           "machine": "2 CPU cores shared with other jobs; times are wall clock"}
     sizing = se_sizing(rows, st, best_ref)
     if sizing:
         res["se_sizing"] = sizing
