@@ -28,10 +28,11 @@ from bench.decoder_common import (  # noqa: E402
     load_windows,
     paired_se,
     parse_domains,
-    window_losses,
+    window_token_losses,
 )
 
 REFERENCES = ("average", "anchor-ta", "anchor-ties", "anchor-tsv", "anchor-iso-cts")
+PREFIX = 128  # scoring more tokens also records each window's loss on its first PREFIX tokens (`prefix/<domain>`)
 
 
 def _log(msg: str) -> None:
@@ -43,11 +44,12 @@ def _stamp(model: Path) -> float:
     return max((p.stat().st_mtime for p in cands if p.exists()), default=0.0)
 
 
-def _scored_model(f: Path) -> str | None:
+def _scored_as(f: Path) -> tuple | None:
     try:
-        return read_json(f).get("model")
+        r = read_json(f)
     except (OSError, ValueError):
         return None
+    return r.get("model"), r.get("split"), r.get("limit"), r.get("tokens")
 
 
 def cmd_score(a) -> int:
@@ -61,7 +63,8 @@ def cmd_score(a) -> int:
             raise BenchError(f"score: {spec!r} is not NAME=MODEL_DIR")
         model_dir = Path(path)
         f = run / "scores" / f"{name}.json"
-        if f.exists() and f.stat().st_mtime >= _stamp(model_dir) and _scored_model(f) == str(model_dir):
+        if f.exists() and f.stat().st_mtime >= _stamp(model_dir) and \
+                _scored_as(f) == (str(model_dir), a.split, a.limit, a.tokens):
             _log(f"{name}: cached")
             continue
         if not model_dir.is_dir():
@@ -71,9 +74,12 @@ def cmd_score(a) -> int:
         mine = [name[len("expert-"):]] if name.startswith("expert-") else domains
         out = {"model": str(model_dir), "split": a.split, "limit": a.limit, "tokens": a.tokens}
         for d in mine:
-            w = window_losses(model, data[d])
+            nll = window_token_losses(model, data[d])
+            w = nll.mean(1)
             out[f"loss/{d}"] = float(w.mean())
             out[f"windows/{d}"] = w.tolist()
+            if a.tokens > PREFIX:
+                out[f"prefix/{d}"] = nll[:, :PREFIX - 1].mean(1).tolist()
         out["seconds"] = round(time.time() - t0, 1)
         write_json(f, out)
         _log(f"{name}: " + " ".join(f"{d} {out[f'loss/{d}']:.4f}" for d in mine) + f" ({out['seconds']} s)")
@@ -136,16 +142,59 @@ def gap_stats(rows: dict, domains: list[str], allow_weak: bool = False) -> dict:
     return {"gaps": gaps, "rows": out, "weak": weak, "scored": scored}
 
 
-def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str]) -> float:
-    """SE of gap_closed(r1) - gap_closed(r2) on the same windows (domains independent)."""
-    var = 0.0
+def paired_gap_se_parts(r1: dict, r2: dict, gaps: dict, domains: list[str], key: str = "windows") -> dict:
+    """Each domain's share of the SE of gap_closed(r1) - gap_closed(r2): the SE of its mean window difference
+    over its gap, divided by the number of domains (the shares add in quadrature)."""
+    out = {}
     for d in domains:
-        a, b = r1[f"windows/{d}"], r2[f"windows/{d}"]
+        a, b = r1[f"{key}/{d}"], r2[f"{key}/{d}"]
         n = len(a)
         diff = [(y - x) / gaps[d] for x, y in zip(a, b)]  # (L2 - L1)/gap: positive when r1 is better
         mu = sum(diff) / n
-        var += sum((x - mu) ** 2 for x in diff) / (n - 1) / n
-    return math.sqrt(var) / len(domains)
+        out[d] = math.sqrt(sum((x - mu) ** 2 for x in diff) / (n - 1) / n) / len(domains)
+    return out
+
+
+def paired_gap_se(r1: dict, r2: dict, gaps: dict, domains: list[str], key: str = "windows") -> float:
+    """SE of gap_closed(r1) - gap_closed(r2) on the same windows (domains independent)."""
+    return math.sqrt(sum(v * v for v in paired_gap_se_parts(r1, r2, gaps, domains, key).values()))
+
+
+def se_sizing(rows: dict, st: dict, best_ref: str | None) -> dict | None:
+    """The paired SE of every BMM row against its anchor and the best reference, with each domain's share; when
+    every row was scored on more than PREFIX tokens, also the SE on each window's first PREFIX tokens only.
+    None when there is no BMM row."""
+    ds = st["scored"]
+
+    def has_prefix(name: str, domains: list[str]) -> bool:
+        return name in rows and all(f"prefix/{d}" in rows[name] for d in domains)
+
+    names = [n for n in st["rows"] if n.startswith("bmm-")]
+    prefix = (all(has_prefix(n, ds) for n in st["rows"]) and all(has_prefix(f"expert-{d}", [d]) for d in ds))
+    if prefix:
+        pre = {n: {k.replace("prefix/", "windows/"): v for k, v in r.items() if k.startswith("prefix/")}
+               for n, r in rows.items()}
+        for r in pre.values():
+            r.update({k.replace("windows/", "loss/"): sum(v) / len(v) for k, v in list(r.items())})
+        pgaps = {d: pre["base"][f"loss/{d}"] - pre[f"expert-{d}"][f"loss/{d}"] for d in ds}
+    pairs = {}
+    for n in names:
+        for other in (anchor_of(n), best_ref):
+            if other is None or other == n or other not in st["rows"]:
+                continue
+            parts = paired_gap_se_parts(rows[n], rows[other], st["gaps"], ds)
+            pairs[f"{n} vs {other}"] = {"se": round(math.sqrt(sum(v * v for v in parts.values())), 4),
+                                        "se_share": {d: round(v, 4) for d, v in parts.items()}}
+            if prefix:
+                pairs[f"{n} vs {other}"]["se_prefix"] = round(paired_gap_se(pre[n], pre[other], pgaps, ds), 4)
+    if not pairs:
+        return None
+    med = sorted(p["se"] for p in pairs.values())
+    out = {"pairs": pairs, "se_median": med[len(med) // 2], "se_min": med[0], "se_max": med[-1]}
+    if prefix:
+        medp = sorted(p["se_prefix"] for p in pairs.values())
+        out.update(prefix_tokens=PREFIX, se_prefix_median=medp[len(medp) // 2])
+    return out
 
 
 def _row_order(p: Path) -> tuple:
@@ -169,7 +218,7 @@ def cmd_report(a) -> int:
                               "se": round(paired_gap_se(rows[name], rows[anc], st["gaps"], st["scored"]),
                                           4)}
         summ = run / "scores" / f"{name}.summary"
-        if summ.exists():  # a search row: its validation record (bmm search --json)
+        if summ.exists() and summ.stat().st_size:  # a search row: its validation record (bmm search --json)
             sj = read_json(summ)
             r["search"] = {k: sj.get(k) for k in ("trials", "best_trial", "first_score", "best_score", "best_params")}
         dflt = default_of(name)
@@ -189,7 +238,10 @@ def cmd_report(a) -> int:
            "weak_experts": st["weak"],
            "gap_se": gain_se, "windows_per_domain": len(rows["base"][f"windows/{domains[0]}"]),
            "rows": st["rows"], "best_reference": best_ref, "config": a.config,
-           "machine": "2 shared CPU cores (other jobs running: load average 9-13); times are wall clock"}
+           "machine": "2 CPU cores shared with other jobs; times are wall clock"}
+    sizing = se_sizing(rows, st, best_ref)
+    if sizing:
+        res["se_sizing"] = sizing
     extra = run / "scores" / "timings.json"
     if extra.exists():
         res["timings"] = read_json(extra)

@@ -239,8 +239,8 @@ def load_windows(cache: Path, domain: str, split: str, limit: int | None = None)
 
 # ------------------------------------------------------------------------------------------------ loss
 
-def window_losses(model, ids, batch_size: int = 16):
-    """Mean next-token NLL (nats) of each window [N, L] -> fp64 tensor [N]."""
+def window_token_losses(model, ids, batch_size: int = 16):
+    """Next-token NLL (nats) of every predicted token of each window [N, L] -> fp64 tensor [N, L - 1]."""
     import torch
 
     out = []
@@ -250,8 +250,13 @@ def window_losses(model, ids, batch_size: int = 16):
             logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                     reduction="none").reshape(x.shape[0], -1)
-            out.append(nll.mean(1).double())
+            out.append(nll.double())
     return torch.cat(out)
+
+
+def window_losses(model, ids, batch_size: int = 16):
+    """Mean next-token NLL (nats) of each window [N, L] -> fp64 tensor [N]."""
+    return window_token_losses(model, ids, batch_size).mean(1)
 
 
 def paired_se(a: list[float], b: list[float]) -> float:

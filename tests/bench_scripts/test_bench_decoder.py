@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.common import BenchError
-from bench.decoder_bench import gap_stats, paired_gap_se
-from bench.decoder_common import file_windows, parse_domains, window_losses
+from bench.decoder_bench import PREFIX, gap_stats, paired_gap_se, paired_gap_se_parts, se_sizing
+from bench.decoder_common import file_windows, parse_domains, window_losses, window_token_losses
 from bmm_cli.anchor import anchor
 from bmm_cli.default_params import module_lams, params_per_layer
 from bmm_cli.evidence import evidence_lam, residual_energy, spectrum
@@ -47,6 +47,19 @@ def test_window_losses_equal_the_model_loss(family):
     assert float(w[3]) == pytest.approx(float(one), rel=1e-5)
 
 
+def test_token_losses_of_a_prefix_equal_the_shorter_window(family):
+    """A causal LM's loss on the first P tokens of a window does not depend on the tokens after them."""
+    from transformers import AutoModelForCausalLM
+
+    base, _ = family("llama")
+    m = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    nll = window_token_losses(m, ids, batch_size=2)
+    assert nll.shape == (3, 11) and nll.dtype == torch.float64
+    assert torch.allclose(nll[:, :5].mean(1), window_losses(m, ids[:, :6]), rtol=1e-5)
+    assert torch.allclose(nll.mean(1), window_losses(m, ids), rtol=1e-12)
+
+
 def _row(losses):
     return {f"loss/{d}": sum(v) / len(v) for d, v in losses.items()} | {f"windows/{d}": v for d, v in losses.items()}
 
@@ -70,6 +83,38 @@ def test_gap_closed_and_paired_se_by_hand():
         gap_stats(rows, ["a", "b"])
     weak = gap_stats(rows, ["a", "b"], allow_weak=True)
     assert weak["weak"] == ["b"] and weak["rows"]["m1"]["gap_closed"] == pytest.approx(0.5)
+
+
+def _prow(full, prefix):
+    return _row(full) | {f"prefix/{d}": v for d, v in prefix.items()}
+
+
+def test_se_sizing_compares_all_tokens_with_the_prefix():
+    rows = {
+        "base": _prow({"a": [2.0, 2.2, 1.8], "b": [3.0, 3.0, 3.0]}, {"a": [2.5, 2.5, 2.5], "b": [3.5, 3.5, 3.5]}),
+        "expert-a": _prow({"a": [1.0, 1.2, 0.8]}, {"a": [1.5, 1.5, 1.5]}),
+        "expert-b": _prow({"b": [2.0, 2.0, 2.0]}, {"b": [3.0, 3.0, 3.0]}),
+        "anchor-ta": _prow({"a": [1.5, 1.5, 1.5], "b": [2.5, 2.5, 2.5]}, {"a": [2.0, 2.0, 2.0], "b": [3.2, 3.2, 3.2]}),
+        "bmm-free-ta": _prow({"a": [1.4, 1.5, 1.6], "b": [2.4, 2.6, 2.5]},
+                             {"a": [1.8, 2.0, 2.2], "b": [3.0, 3.2, 3.1]}),
+    }
+    st = gap_stats(rows, ["a", "b"])
+    out = se_sizing(rows, st, best_ref="anchor-ta")
+    pair = out["pairs"]["bmm-free-ta vs anchor-ta"]
+    assert list(out["pairs"]) == ["bmm-free-ta vs anchor-ta"]  # the anchor is the best reference: one pair
+    assert pair["se"] == pytest.approx(paired_gap_se(rows["bmm-free-ta"], rows["anchor-ta"], st["gaps"], ["a", "b"]),
+                                       abs=1e-4)
+    # prefix gaps: a 2.5 - 1.5 = 1, b 3.5 - 3 = 0.5; diffs a (.2, 0, -.2), b (.2, 0, .1) / 0.5 = (.4, 0, .2):
+    # squared deviations sum to 0.08 in both, so var/n = 0.08 / 2 / 3 each
+    want = math.sqrt(2 * 0.08 / 6) / 2
+    assert pair["se_prefix"] == pytest.approx(want, abs=1e-4)
+    parts = paired_gap_se_parts(rows["bmm-free-ta"], rows["anchor-ta"], st["gaps"], ["a", "b"])
+    assert math.hypot(*parts.values()) == pytest.approx(pair["se"], abs=1e-4)
+    assert out["prefix_tokens"] == PREFIX
+    del rows["expert-b"]["prefix/b"]
+    out = se_sizing(rows, st, best_ref="anchor-ta")  # no prefix losses for every row: the full-window SEs only
+    assert "prefix_tokens" not in out and "se_prefix" not in out["pairs"]["bmm-free-ta vs anchor-ta"]
+    assert out["pairs"]["bmm-free-ta vs anchor-ta"]["se"] == pair["se"]
 
 
 @pytest.mark.parametrize("kind", ["free", "data"])
