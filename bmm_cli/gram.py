@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .activations import capture_grams, read_calibration
-from .closed_form import data_stats, free_stats
+from .closed_form import data_stats
 from .device import resolve_device
 from .errors import InputError
 from .progress import info, track
@@ -97,8 +97,7 @@ def gram(
             reader = proj.reader(blk)
             out: dict[str, torch.Tensor] = {}
             for ref in blk.modules:
-                st = free_stats(proj.taus(blk, ref, reader).to(dev), key=ref.key)
-                out.update(st.to(device="cpu").tensors(ref.key))
+                out.update(proj.free_stats(blk, ref, reader, device=dev).tensors(ref.key))
             stage.write(blk.shard, out)
         stage.finish(kind=kind)
         return {"stage": stage.name, "dir": str(stage.dir), "kind": kind, "blocks": len(proj.plan.blocks),

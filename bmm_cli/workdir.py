@@ -141,6 +141,12 @@ class Project:
         reader = reader or self.reader(block)
         return torch.stack([reader.get(tv_key(ref.key, t)).float() for t in range(self.num_tasks)])
 
+    def free_stats(self, block: Block, ref: ModuleRef, reader: ShardReader | None = None, *,
+                   device: torch.device | None = None) -> GramStats:
+        """The float32 data-free statistics of one module, computed on ``device`` and returned on the host: what
+        ``bmm gram --kind free`` stores, and what the stages that need them compute instead."""
+        return free_stats(self.taus(block, ref, reader), key=ref.key, device=device).to(device="cpu")
+
     def reader(self, block: Block) -> ShardReader | None:
         """The taskvec shard of ``block`` to pass to :meth:`taus`; None when the task vectors are recomputed."""
         if not self.stored:
@@ -283,7 +289,7 @@ class Sources:
             return self.grams["data"].block(blk)
         reader = self.proj.reader(blk)
         refs = {r.key: r for r in blk.modules}
-        return lambda key: free_stats(self.proj.taus(blk, refs[key], reader), key=key, device=device).to(device="cpu")
+        return lambda key: self.proj.free_stats(blk, refs[key], reader, device=device)
 
     def stats64(self, blk: Block, *, device: torch.device | None = None) -> Callable[[ModuleRef], GramStats]:
         """Per module of ``blk``, the statistics of ``--gram free`` or ``data`` recomputed in fp64 from the task
