@@ -8,12 +8,15 @@ mean (TA).
 
 * ``fp64`` (the route through Ĝ): ``free_stats`` (Ĝ, B̂ in fp64), ``residual_energy``, ``torch.linalg.eigh`` of
   the ``[d_in, d_in]`` Ĝ, ``B̂Q`` and ``U0Q``, then the maximisation;
-* ``free_spectra``: what ``bmm solve``'s default λ runs now.
+* ``free_spectra_fp64``: :func:`~bmm_cli.evidence.free_spectra` with ``precision="float64"``;
+* ``free_spectra``: what ``bmm solve``'s default λ runs (``precision="auto"``: fp32 from
+  :data:`~bmm_cli.evidence.FP32_MIN_SIDE` up, so at every 8B shape).
 
 Per layer: q and o share a shape, k and v, gate and up; down is alone. ``--scale k`` divides every dimension by k
 (costs ∝ n³: ×k³ back); the 32-layer hours are per-layer CPU seconds × 32 / 3600.
 
-    nice -n 10 python bench/shapes_8b_evidence.py --scale 2 --routes fp64,free_spectra --json bench/results/...json
+    nice -n 10 python bench/shapes_8b_evidence.py --scale 2 --routes fp64,free_spectra_fp64,free_spectra \
+        --json bench/results/...json
 """
 
 from __future__ import annotations
@@ -45,19 +48,24 @@ for t in range(T):
     del lo
 u0 = taus.mean(0)
 n = float(T * d_out)
+precisions = []  # free_spectra's calls (a second one: the fp64 fallback)
 t0, c0 = time.perf_counter(), time.process_time()
 if route == "fp64":
     t64 = taus.double()
     st = free_stats(t64)
     S = ev.residual_energy(t64, None, u0.double(), st.m)
     sp = ev.spectrum(st.G_hat, st.B_hat, u0.double(), S, n)
-else:
-    sp = ev.free_spectra(taus, [u0], n)[0]
-t1, c1 = time.perf_counter(), time.process_time()
-lam = ev.evidence_lam(sp)
+    t1, c1 = time.perf_counter(), time.process_time()
+    lam = ev.evidence_lam(sp)
+else:  # free_lams (the default: precision auto, fp32 at these sizes, with its fp64 fallback) or free_spectra_fp64
+    prec = "float64" if route.endswith("_fp64") else "auto"
+    _orig = ev.free_spectra
+    ev.free_spectra = lambda *a, **k: precisions.append(k["precision"]) or _orig(*a, **k)
+    t1, c1 = time.perf_counter(), time.process_time()
+    lam = ev.free_lams(taus, [u0], n, precision=prec)[0]
 t2, c2 = time.perf_counter(), time.process_time()
 print(json.dumps({"d_out": d_out, "d_in": d_in, "T": T, "route": route, "cpu_s": c2 - c0, "wall_s": t2 - t0,
-                  "spectrum_cpu_s": c1 - c0, "lam": lam, "threads": torch.get_num_threads()}))
+                  "spectrum_cpu_s": c1 - c0, "lam": lam, "precisions": precisions, "threads": torch.get_num_threads()}))
 """
 
 
@@ -79,30 +87,34 @@ def run(shapes: dict, T: int, routes: list[str], scale: int, env: dict) -> list[
     return rows
 
 
+ROUTES = ("fp64", "free_spectra_fp64", "free_spectra")
+
+
 def table(rows: list[dict], machine: str = "") -> str:
-    by = {(r["module"], r["scale"], r["route"]): r for r in rows}
+    by = {(r["module"], r["scale"], r["route"]): r for r in rows}  # a later row of the same key wins
     loads = [r["load1_before"] for r in rows]
+    routes = [r for r in ROUTES if any(k[2] == r for k in by)]
     lines = ["# Data-free evidence λ per module at Llama-3.1-8B block shapes (cpu, one thread)", "",
              f"{machine}; load average (1 min) while measuring: "
              + (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "n/a")
              + ". T = 3 synthetic task vectors (rank 16 + 30 % noise), TA anchor. CPU seconds of the whole "
              "module: statistics, eigen-decomposition, GEMMs and the λ maximisation. Scale k: every dimension "
-             "divided by k.", "",
-             "| module | scale | d_out × d_in | fp64 CPU s | free_spectra CPU s | speed-up | λ fp64 | λ free_spectra "
-             "| rel. diff | peak RSS GiB | load |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (mod, scale, route), r in by.items():
-        if route != "free_spectra":
-            continue
-        o = by.get((mod, scale, "fp64"))
-        sp = f"{o['cpu_s'] / r['cpu_s']:.2f}" if o else "-"
-        diff = f"{abs(o['lam'] - r['lam']) / o['lam']:.1e}" if o else "-"
-        lines.append(f"| {mod} | {scale} | {r['d_out']} × {r['d_in']} | {o['cpu_s']:.1f} | " if o else
-                     f"| {mod} | {scale} | {r['d_out']} × {r['d_in']} | - | ")
-        lines[-1] += (f"{r['cpu_s']:.1f} | {sp} | {o['lam']:.7g} | " if o else f"{r['cpu_s']:.1f} | {sp} | - | ")
-        lines[-1] += f"{r['lam']:.7g} | {diff} | {r['peak_rss'] / 2**30:.2f} | {r['load1_before']:.1f} |"
+             "divided by k. Routes: fp64 (through Ĝ), free_spectra_fp64 (the smaller side's eigh in fp64), "
+             "free_spectra (the default: the same in fp32 at these sizes).", "",
+             "| module | scale | d_out × d_in | " + " | ".join(f"{r} CPU s" for r in routes)
+             + " | " + " | ".join(f"λ {r}" for r in routes) + " | peak RSS GiB (default) | load |",
+             "|---|---:|---|" + "---:|" * (2 * len(routes) + 2)]
+    for mod, scale in dict.fromkeys((k[0], k[1]) for k in by):
+        got = [by.get((mod, scale, r)) for r in routes]
+        ref = next(g for g in got if g)
+        last = next(g for g in reversed(got) if g)
+        lines.append(f"| {mod} | {scale} | {ref['d_out']} × {ref['d_in']} | "
+                     + " | ".join(f"{g['cpu_s']:.1f}" if g else "-" for g in got) + " | "
+                     + " | ".join(f"{g['lam']:.7g}" if g else "-" for g in got)
+                     + f" | {last['peak_rss'] / 2**30:.2f} | {last['load1_before']:.1f} |")
     lines.append("")
     for scale in sorted({r["scale"] for r in rows}):
-        for route in ("fp64", "free_spectra"):
+        for route in routes:
             got = [by.get((m, scale, route)) for m in PER_LAYER]
             if all(got):
                 s = sum(w * g["cpu_s"] for w, g in zip(PER_LAYER.values(), got))
@@ -116,7 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", type=int, default=1, help="divide every dimension by this")
     ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--routes", default="fp64,free_spectra")
+    ap.add_argument("--routes", default="fp64,free_spectra", help="of " + ", ".join(ROUTES))
     ap.add_argument("--modules", default=",".join(PER_LAYER), help="of " + ", ".join(PER_LAYER))
     ap.add_argument("--json", default=None, help="rows are appended to this file's list when it exists")
     ap.add_argument("--md", default=None)

@@ -24,7 +24,7 @@ from .evidence import (
     default_num_obs,
     evidence_lam,
     fill_degenerate,
-    free_spectra,
+    free_lams,
     has_evidence,
     residual_energy,
     spectrum_from_factors,
@@ -66,19 +66,20 @@ def module_lams(work, anchor: str | Sequence[str], gram: str, *, eps: float | No
         tokens = float(sum(int(v) for v in tok.values())) if len(tok) == T else None
         task_grams = task_gram_reader(work)
     out: dict[str, dict[str, float]] = {a: {} for a in anchors}
-    for blk in track(proj.plan.blocks, "evidence λ (one fp64 eigh per module)"):
+    for blk in track(proj.plan.blocks, "evidence λ (one eigh per module)"):
         ablk = [st.block(blk) for st in stages]
         reader = proj.reader(blk)
         tg = task_grams(blk) if task_grams is not None else None
         for ref in blk.modules:
-            taus = proj.taus(blk, ref, reader).to(torch.float64)
+            taus = proj.taus(blk, ref, reader)
             if kinds == ("free",):  # straight from the task vectors, the smaller side's eigh (evidence.free_spectra)
                 u0s = [None if st.zero else a.get(ref.key) for st, a in zip(stages, ablk)]
                 n = default_num_obs("free", T, taus.shape[1]) * n_obs_scale
-                for name, sp in zip(anchors, free_spectra(taus, u0s, n, key=ref.key)):
-                    if has_evidence(sp):
-                        out[name][ref.key] = evidence_lam(sp, lam_range)
+                for name, lam in zip(anchors, free_lams(taus, u0s, n, key=ref.key, lam_range=lam_range)):
+                    if lam is not None:  # a module without evidence (no expert changed it) has no λ of its own
+                        out[name][ref.key] = lam
                 continue
+            taus = taus.to(torch.float64)
             grams_k = {k: (tg(ref.key).to(torch.float64) if k == "data" else None) for k in kinds}
             stats = {k: (free_stats(taus, key=ref.key) if k == "free" else data_stats(taus, grams_k[k], key=ref.key))
                      for k in kinds}
@@ -115,7 +116,7 @@ def params_per_layer(work, lams: dict[str, float], scale: float, eps: float | No
 
 
 def evidence_params(src: Sources, *, scale: float, eps: float | None) -> Params:
-    """Per (layer, group) the evidence λ of its modules, computed once per work dir (one fp64 eigh per module) and
+    """Per (layer, group) the evidence λ of its modules, computed once per work dir (one eigh per module) and
     kept in ``<work>/evidence-<anchor>-<gram>.json`` with the stage ids it was made from."""
     path = src.work / evidence_file(src.anchor.method.name, src.gram)
     ident = json.loads(json.dumps({**src.fingerprint, "gram": src.gram, "eps": eps, "rule": EVIDENCE_RULE}))

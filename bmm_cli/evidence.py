@@ -21,7 +21,8 @@ and ``λ_ev = argmax f``. Everything is invariant to BMM's relative units (``Ĝ 
 the data-free Gram; for the data Gram (each ``G_t`` a per-token mean) the number of calibration tokens is what the
 model assumes, see :func:`default_num_obs`.
 
-All of it is fp64. :func:`log_evidence_dense` is the brute-force Gaussian density the tests compare against.
+The sums are fp64; :func:`free_spectra` runs its GEMMs and eigensolver in fp32 at large sizes (see there).
+:func:`log_evidence_dense` is the brute-force Gaussian density the tests compare against.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ GRID_POINTS = 97
 # Below this relative λ the solve is dominated by the rounding of the stored fp32 statistics (about 1e-7·λ_max in
 # Ĝ's null space, amplified by 1/λ): an evidence maximum there is not identifiable (see fill_degenerate).
 LAM_FLOOR = 1e-5
+# free_spectra: eigen-decompositions of this size and above run in fp32 (precision="auto"); a primal-side fp32
+# spectrum whose least-squares residual R(0) is below FP32_MIN_R0·Ŝ is recomputed in fp64
+FP32_MIN_SIDE = 2048
+FP32_MIN_R0 = 1e-3  # fp32 puts R(0) off by up to 4e-4·Ŝ where it is 0 (T·d_out = d_in)
 _R_FLOOR = 1e-12  # R(λ) is floored at this fraction of S (R(0) = 0 only when one W fits every task exactly)
 
 
@@ -54,6 +59,11 @@ class Spectrum:
     S: float  # Ŝ = S/m
     n_obs: float  # observations per output row (N)
     key: str = "<module>"
+    # [d] or None: when given, R(λ) = Σ e_i·λ/(λ+Λ_i), the same residual as Ŝ - Σ c_i/(λ+Λ_i) without the
+    # difference (free_spectra's dual side, where Ŝ = Σ e_i and c_i = Λ_i·e_i)
+    e: Tensor | None = None
+    # below this λ the spectrum's rounding matters (fp32: eigenvalue errors of about √n·ε₃₂·Λ_max; fp64: 0)
+    lam_floor: float = 0.0
 
 
 def _f64(t: Tensor | None) -> Tensor | None:
@@ -87,16 +97,17 @@ def spectrum(G_hat: Tensor, B_hat: Tensor, u0: Tensor | None, S_hat: float, n_ob
 
 
 def _eigh(A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``eigh`` of the symmetric fp64 ``A`` computed in ``dtype`` (scaled to unit max first), returned in fp64."""
+    """``eigh`` of the symmetric ``A`` computed in ``dtype`` (scaled to unit max first); eigenvalues in fp64,
+    eigenvectors in ``dtype``."""
     scale = float(A.abs().max())
     if scale == 0.0:
-        return A.new_zeros(A.shape[0]), torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+        return A.new_zeros(A.shape[0], dtype=torch.float64), torch.eye(A.shape[0], dtype=dtype, device=A.device)
     lam, Q = torch.linalg.eigh((A / scale).to(dtype))
-    return lam.to(torch.float64) * scale, Q.to(torch.float64)
+    return lam.to(torch.float64) * scale, Q
 
 
 def free_spectra(taus: Tensor, u0s: Sequence[Tensor | None], n_obs: float, *, key: str = "<module>",
-                 eig_dtype: torch.dtype = torch.float64) -> list[Spectrum]:
+                 precision: str = "auto") -> list[Spectrum]:
     """The evidence :class:`Spectrum` of the data-free Gram for each anchor in ``u0s`` (None: a zero anchor),
     straight from the task vectors ``[T, d_out, d_in]`` with one eigen-decomposition of the smaller side; the same
     as ``spectrum(*free_stats(taus), u0, residual_energy(taus, None, u0, m), n_obs)`` for each.
@@ -105,56 +116,111 @@ def free_spectra(taus: Tensor, u0s: Sequence[Tensor | None], n_obs: float, *, ke
     and ``M = B̂ - U0Ĝ = Σ_t D_t G_t/m``:
 
     * ``T·d_out < d_in`` (k/v and down projections): Ĝ has rank ≤ ``T·d_out`` and shares its nonzero spectrum
-      with ``K = XXᵀ/m = WΣWᵀ``; M's rows lie in X's row space, ``M = CX`` with ``C = [D_1U_1ᵀ … D_TU_Tᵀ]/m``, so
-      ``tr(M(Ĝ+λ)⁻¹Mᵀ) = m·Σ_j σ_j‖Cw_j‖²/(σ_j+λ)``: Λ = σ and ``c_j = m·σ_j·‖Cw_j‖²``, padded with exact zeros to
-      ``d_in`` (Ĝ's null space, where M has no component), and ``Ŝ = m·‖C‖²``;
+      with ``K = XXᵀ/m = WΣWᵀ``; M's rows lie in X's row space, ``M = CX`` with ``C = [D_1U_1ᵀ … D_TU_Tᵀ]/m``.
+      With ``e_j = m·‖Cw_j‖²``: Λ = σ (padded with exact zeros to ``d_in``), ``c_j = σ_j·e_j``, ``Ŝ = m·‖C‖²``,
+      and the residual takes the cancellation-free form ``R(λ) = Σ_j e_j·λ/(λ+σ_j)`` (:attr:`Spectrum.e`): it
+      is the difference ``Ŝ - Σ c_j/(λ+σ_j)`` with ``Ŝ = Σ e_j``, which at small λ, where one W fits every
+      task, subtracts two nearly equal numbers;
     * otherwise ``Ĝ = QΛQᵀ`` itself, ``c = ‖MQ‖²`` per column and ``Ŝ = Σ_t⟨D_tG_t, D_t⟩/m``.
 
-    Everything is fp64 except the eigensolver, which runs in ``eig_dtype`` on the matrix scaled to unit max (fp32
-    is not accurate enough where ``T·d_out`` is close to ``d_in``: its rounding of K's small eigenvalues moves the
-    maximum). The numerical rank is decided as in :func:`spectrum_from_factors` (eigenvalues ≤
-    ``d_in·ε₆₄·Λ_max`` are zeros). Cost: one fp64 eigh of size ``min(T·d_out, d_in)`` and GEMMs of
-    ``O(T·d_out·d_in·min(T·d_out, d_in))``; no ``[d_in, d_in]`` matrix where ``T·d_out < d_in``."""
+    ``precision``: ``float64``, ``float32`` or ``auto`` (fp32 where the eigen-decomposition has ``n ≥``
+    :data:`FP32_MIN_SIDE`, fp64 below). fp32 runs the GEMMs and the eigensolver on the scaled matrices in fp32
+    and accumulates every sum in fp64: about 2x faster at 8B shapes (bench/results/shapes_8b_evidence_fp32_cpu.md)
+    and λ within ~1e-4 relative of the fp64 route there. Its eigenvalues carry an absolute error of about
+    ``ε₃₂·Λ_max``, which only the difference form of ``R(λ)`` amplifies: the dual side never uses it, and the
+    primal side (``T·d_out ≥ d_in``) falls back to fp64 when its least-squares residual ``R(0)`` is below
+    :data:`FP32_MIN_R0` of Ŝ. The numerical rank is decided as in :func:`spectrum_from_factors` (eigenvalues ≤
+    ``d_in·ε·Λ_max`` are zeros, ε of the precision used). Cost: one eigh of size ``min(T·d_out, d_in)`` and GEMMs
+    of ``O(T·d_out·d_in·min(T·d_out, d_in))``; no ``[d_in, d_in]`` matrix where ``T·d_out < d_in``."""
     if taus.dim() != 3:
         raise InputError(f"{key}: task vectors must be [T, d_out, d_in], got {tuple(taus.shape)}")
-    U = _f64(taus)
-    T, d_out, d_in = U.shape
+    if precision not in ("auto", "float32", "float64"):
+        raise InputError(f"{key}: evidence precision must be auto, float32 or float64, not {precision!r}")
+    T, d_out, d_in = taus.shape
+    small = min(T * d_out, d_in)
+    fp32 = precision == "float32" or (precision == "auto" and small >= FP32_MIN_SIDE)
+    wd = torch.float32 if fp32 else torch.float64
+    U = taus.detach().to(dtype=wd)
     X = U.reshape(T * d_out, d_in)
-    m = float(X.square().sum()) / d_in if d_in else 0.0
-    u0s = [_f64(u0) for u0 in u0s]
+    m = float(X.square().sum(dtype=torch.float64)) / d_in if d_in else 0.0
+    given = list(u0s)
+    u0s = [None if u0 is None else u0.detach().to(dtype=wd) for u0 in given]
     if m <= 0:
-        return [_checked(Spectrum(U.new_zeros(d_in), U.new_zeros(d_in), 0.0, float(n_obs), key)) for _ in u0s]
-    out = []
+        return [_checked(Spectrum(taus.new_zeros(d_in, dtype=torch.float64), taus.new_zeros(d_in, dtype=torch.float64),
+                                  0.0, float(n_obs), key)) for _ in u0s]
+    eps = torch.finfo(wd).eps
     if T * d_out < d_in:
-        K = (X @ X.mT) / m
-        sig, W = _eigh(0.5 * (K + K.mT), eig_dtype)
-        del K
-        sig = sig.clamp_min(0.0)
-        pad = U.new_zeros(d_in - T * d_out)
-        lam = torch.cat([sig, pad])
-        for u0 in u0s:
-            C = torch.cat([(u if u0 is None else u - u0) @ u.mT for u in U], 1) / m
-            out.append((lam, torch.cat([m * sig * (C @ W).square().sum(0), pad]), m * float(C.square().sum())))
+        out = _dual_spectra(U, X, u0s, m, d_in, eps)
     else:
-        Gs = [u.mT @ u for u in U]
-        lam, Q = _eigh(0.5 * (sum(Gs) + sum(Gs).mT) / m, eig_dtype)
-        lam = lam.clamp_min(0.0)
-        for u0 in u0s:
-            M = U.new_zeros(d_out, d_in)
-            S = 0.0
-            for u, Gt in zip(U, Gs):
-                d = u if u0 is None else u - u0
-                Et = d @ Gt
-                M += Et
-                S += float((Et * d).sum())
-                del Et, d
-            out.append((lam, ((M / m) @ Q).square().sum(0), S / m))
-    res = []
-    for lam, c, S in out:
-        keep = lam > d_in * torch.finfo(torch.float64).eps * float(lam.max())  # spectrum_from_factors' rank rule
-        res.append(_checked(Spectrum(torch.where(keep, lam, 0.0), torch.where(keep, c, 0.0), max(S, 0.0),
-                                     float(n_obs), key)))
-    return res
+        out = _primal_spectra(U, u0s, m, d_in, eps)
+        if fp32 and any(S > 0 and S - float((c[lam > 0] / lam[lam > 0]).sum()) < FP32_MIN_R0 * S
+                        for lam, c, S, _ in out):
+            return free_spectra(taus, given, n_obs, key=key, precision="float64")
+    floor = math.sqrt(small) * eps * max(float(lam.max()) for lam, *_ in out) if fp32 else 0.0
+    return [_checked(Spectrum(lam, c, max(S, 0.0), float(n_obs), key, e, floor)) for lam, c, S, e in out]
+
+
+def free_lams(taus: Tensor, u0s: Sequence[Tensor | None], n_obs: float, *, key: str = "<module>",
+              lam_range: tuple[float, float] = LAM_RANGE, precision: str = "auto") -> list[float | None]:
+    """The data-free evidence λ for each anchor in ``u0s`` (None where the module has no evidence), from
+    :func:`free_spectra`. A λ found on an fp32 spectrum within 10× of its :attr:`Spectrum.lam_floor`, where fp32's
+    eigenvalue errors reach the terms that decide it, is recomputed in fp64."""
+    sps = free_spectra(taus, u0s, n_obs, key=key, precision=precision)
+    lams = [evidence_lam(sp, lam_range) if has_evidence(sp) else None for sp in sps]
+    if any(lam is not None and lam < 10 * sp.lam_floor for lam, sp in zip(lams, sps)):
+        return free_lams(taus, u0s, n_obs, key=key, lam_range=lam_range, precision="float64")
+    return lams
+
+
+def _rank_cut(lam: Tensor, d_in: int, eps: float) -> Tensor:
+    """True where an eigenvalue counts: above ``d_in·ε₆₄·Λ_max`` in fp64 (as :func:`spectrum_from_factors`), above
+    ``√n·ε₃₂·Λ_max`` in fp32, the size of an fp32 eigensolver's error (``d_in·ε₃₂`` would cut real eigenvalues:
+    at ``n = 4096`` it is 5e-4 of Λ_max)."""
+    tol = d_in * eps if eps < 1e-10 else math.sqrt(lam.numel()) * eps
+    return lam > tol * float(lam.max())
+
+
+def _dual_spectra(U: Tensor, X: Tensor, u0s: list, m: float, d_in: int, eps: float) -> list[tuple]:
+    K = (X @ X.mT) / m
+    sig, W = _eigh(0.5 * (K + K.mT), K.dtype)
+    del K
+    sig = sig.clamp_min(0.0)
+    keep = _rank_cut(sig, d_in, eps)
+    sig = torch.where(keep, sig, 0.0)
+    pad = sig.new_zeros(d_in - X.shape[0])
+    lam = torch.cat([sig, pad])
+    out = []
+    for u0 in u0s:
+        C = torch.cat([(u if u0 is None else u - u0) @ u.mT for u in U], 1) / m
+        e = m * (C @ W.to(C.dtype)).to(torch.float64).square().sum(0)
+        S = m * float(C.square().sum(dtype=torch.float64))
+        del C
+        out.append((lam, torch.cat([sig * e, pad]), S, torch.cat([e, pad])))
+    return out
+
+
+def _primal_spectra(U: Tensor, u0s: list, m: float, d_in: int, eps: float) -> list[tuple]:
+    Gs = [u.mT @ u for u in U]
+    G = sum(Gs)
+    lam, Q = _eigh(0.5 * (G + G.mT) / m, G.dtype)
+    del G
+    lam = lam.clamp_min(0.0)
+    keep = _rank_cut(lam, d_in, eps)
+    lam = torch.where(keep, lam, 0.0)
+    Qw = Q.to(U.dtype)
+    out = []
+    for u0 in u0s:
+        M = U.new_zeros(U.shape[1], d_in)
+        S = 0.0
+        for u, Gt in zip(U, Gs):
+            d = u if u0 is None else u - u0
+            Et = d @ Gt
+            M += Et
+            S += float((Et * d).sum(dtype=torch.float64))
+            del Et, d
+        c = ((M / m) @ Qw).to(torch.float64).square().sum(0)
+        out.append((lam, torch.where(keep, c, 0.0), S / m, None))
+    return out
 
 
 def _checked(sp: Spectrum) -> Spectrum:
@@ -195,7 +261,10 @@ def log_evidence(lam: float | Tensor, sp: Spectrum) -> Tensor:
     lam_t = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1)
     if bool((lam_t <= 0).any()):
         raise InputError(f"{sp.key}: λ must be > 0")
-    R = sp.S - (sp.c / (lam_t + sp.lam)).sum(1)
+    if sp.e is None:
+        R = sp.S - (sp.c / (lam_t + sp.lam)).sum(1)
+    else:
+        R = (sp.e * (lam_t / (lam_t + sp.lam))).sum(1)
     R = R.clamp_min(_R_FLOOR * max(sp.S, 1e-300))
     occ = torch.log1p(sp.lam / lam_t).sum(1)
     out = -0.5 * (sp.n_obs * torch.log(R) + occ)

@@ -9,8 +9,9 @@ one pass over a large fp32 array, at a size where each takes tens of millisecond
 * ``anchor``: TSV / ISO-CTS one SVD per expert and module plus the orthogonalisation (``T + 2`` SVDs of ``o × i``),
   ISO-C one, RegMean an ``i × i`` solve; the elementwise anchors (TA, TIES, DARE...) a few passes over the task
   vectors; WUDI is an iterative optimisation this model does not cover (no estimate);
-* ``evidence``: one fp64 ``eigh`` of the smaller side ``min(T·o, i)`` and its GEMMs (:func:`bmm_cli.evidence.
-  free_spectra`);
+* ``evidence``: one ``eigh`` of the smaller side ``min(T·o, i)`` and its GEMMs (:func:`bmm_cli.evidence.
+  free_spectra`), in fp32 from ``n ≥`` :data:`~bmm_cli.evidence.FP32_MIN_SIDE`, counted at :data:`FP32_SPEEDUP` ×
+  the fp64 rates;
 * ``solve``: the fp64 data-free statistics ``G = Σ U_tᵀU_t``, ``B = Σ U_tU_tᵀU_t`` (``2·o·i² + 4·o·i·min(o, i)``
   per expert; no stage stores them), a Cholesky of ``i × i`` and two triangular solves with ``o`` right sides;
 * ``factors`` (a search's cache): one ``eigh`` of ``i × i`` and the ``B̂Q``, ``U0Q`` GEMMs.
@@ -29,7 +30,10 @@ from typing import Sequence
 import torch
 
 from .budget import Module, plan_modules
+from .evidence import FP32_MIN_SIDE
 
+# fp64 → fp32 speed-up of free_spectra's eigh and GEMMs (bench/results/shapes_8b_evidence_fp32_cpu.md: 2.0-2.3x)
+FP32_SPEEDUP = 2.0
 READ_RATE = 5e8  # bytes/s read from the checkpoints: a conservative local disk (page-cached inputs read faster)
 _N = 768  # calibration size
 # elementwise passes over the task vectors, fitted to the anchors measured in bench/results/quality.json (MiniLM)
@@ -103,7 +107,8 @@ def _evidence(r: Rates, o: int, i: int, T: int) -> float:
         gemm = 2 * (T * o) ** 2 * i + T * 2 * o * o * i + 2 * o * (T * o) ** 2
     else:
         gemm = T * 4 * o * i * i + 2 * o * i * i
-    return n**3 / r.eigh64 + gemm / r.gemm64
+    fp32 = FP32_SPEEDUP if n >= FP32_MIN_SIDE else 1.0  # free_spectra's precision="auto"
+    return (n**3 / r.eigh64 + gemm / r.gemm64) / fp32
 
 
 def _solve(r: Rates, o: int, i: int, T: int) -> float:

@@ -31,6 +31,21 @@ def test_counts_of_one_module_by_hand():
     assert tall["anchor-ta"] == 6 * T * 8 * 2
 
 
+def test_the_evidence_of_large_modules_is_counted_in_fp32():
+    """From an eigh of FP32_MIN_SIDE up, free_spectra runs in fp32: the same counts at FP32_SPEEDUP x the rate."""
+    from bmm_cli.evidence import FP32_MIN_SIDE
+    from bmm_cli.timing import FP32_SPEEDUP
+
+    i, T = 2 * FP32_MIN_SIDE, 3
+    below, at = (estimate([Module("m", o, i)], T, anchor="ta", rates=UNIT)["evidence"]
+                 for o in (FP32_MIN_SIDE // T - 1, FP32_MIN_SIDE // T + 1))
+    n_b, n_a = T * (FP32_MIN_SIDE // T - 1), T * (FP32_MIN_SIDE // T + 1)
+    o_b, o_a = n_b // T, n_a // T
+    assert below == n_b**3 + 2 * n_b * n_b * i + T * 2 * o_b * o_b * i + 2 * o_b * n_b * n_b
+    assert at == pytest.approx((n_a**3 + 2 * n_a * n_a * i + T * 2 * o_a * o_a * i + 2 * o_a * n_a * n_a)
+                               / FP32_SPEEDUP)
+
+
 def test_stages_follow_the_merge():
     mods = [Module("a", 16, 16, 0), Module("b", 64, 16, 0)]
     hybrid = estimate(mods, 2, anchor="wudi", gram="data", evidence=False, rates=UNIT)
