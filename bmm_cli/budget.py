@@ -236,12 +236,41 @@ def output_bytes(meta, dtype: str | None = None) -> int:
 
 
 def for_merge(plan, meta, num_tasks: int, *, anchor: str, gram: str, search: bool = False,
-              out_dtype: str | None = None, factor_dtype: str = "float32") -> Estimate:
+              out_dtype: str | None = None, factor_dtype: str = "float32", out_bytes: int | None = None) -> Estimate:
     """What ``bmm merge`` writes: the taskvec stage (no copy of the task vectors), the anchor, the data Gram stage
-    (``data``, ``hybrid``), the evidence λ, the factor cache when it searches, and the merged model (``out``)."""
+    (``data``, ``hybrid``), the evidence λ, the factor cache when it searches, and the merged model (``out``:
+    ``out_bytes`` when given, e.g. an adapter's :func:`adapter_bytes`, else the full model in ``out_dtype``)."""
     mods, others, _ = plan_modules(plan, meta)
     return estimate(mods, num_tasks, others=others, anchors=(anchor,), gram=gram, search=search,
-                    factor_dtype=factor_dtype, out_numel_bytes=output_bytes(meta, out_dtype))
+                    factor_dtype=factor_dtype,
+                    out_numel_bytes=output_bytes(meta, out_dtype) if out_bytes is None else out_bytes)
+
+
+# anchors whose rows stay in the span of the experts' stacked LoRA A factors (bmm_cli.lowrank): the merge of
+# LoRA experts is then exactly of rank Σ r_t per module
+SPAN_ANCHORS = ("ta", "tsv", "iso-c", "iso-cts", "pretrained")
+
+
+def adapter_bytes(plan, meta, experts, *, anchor: str, rank: int | None = None, dtype: str | None = None) -> int:
+    """Tensor bytes of the adapter ``bmm merge --out-format peft`` writes for these LoRA ``experts``: every module
+    an expert adapts at the adapter's one rank (the largest module's: Σ r_t where the anchor keeps the span of the
+    experts' A factors, else up to full rank; at most ``rank``), its changed biases, and the whole tensors the experts
+    save (``modules_to_save``). An upper bound: a module the merge leaves unchanged is not written."""
+    nb = dtype_bytes(dtype or "float32")
+    mods, _, _ = plan_modules(plan, meta)
+    sides, r_max, bias = 0, 0, 0
+    for m in mods:
+        ranks = [e.adapter.modules[m.key].rank for e in experts if m.key in e.adapter.modules]
+        dense = any(m.key in e.adapter.full for e in experts)
+        if not ranks and not dense:
+            continue
+        r = min(m.d_out, m.d_in) if dense or anchor not in SPAN_ANCHORS else sum(ranks)
+        r_max = max(r_max, min(r, rank or r, m.d_out, m.d_in))
+        sides += m.d_out + m.d_in
+        bias += m.d_out if any(getattr(e.adapter.modules.get(m.key), "bias", None) is not None for e in experts) else 0
+    saved = {k for e in experts for k in e.adapter.full if k in plan.others}
+    whole = {k for k in plan.others if k.rsplit(".", 1)[0] in {s.rsplit(".", 1)[0] for s in saved}}
+    return (r_max * sides + bias) * nb + sum(int(meta[k].numel) * 4 for k in whole)
 
 
 def only(est: Estimate, prefixes: Sequence[str], *, out: bool = True) -> Estimate:

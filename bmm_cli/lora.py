@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import atomic
+from .budget import check_free
 from .errors import InputError
 
 CONFIG_NAME = "adapter_config.json"
@@ -490,6 +491,9 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
         "modules_to_save": saved_modules or None, "rank_pattern": {}, "alpha_pattern": {},
         "init_lora_weights": True, "inference_mode": True,
     }
+    # the tensors, a header entry each, and room for the config, card and recipe
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + 64 * len(tensors) + (1 << 14)
+    check_free(out, need, what="the adapter", option="--out")
     tmp = out.parent / f".{out.name}.bmm-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -150,8 +150,10 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     if plan.excluded:
         info(f"bmm: note: --exclude leaves {len(plan.excluded)} tensor(s) at the base's value: "
              + ", ".join(plan.excluded[:8]) + (" ..." if len(plan.excluded) > 8 else ""))
+    adapter = (budget.adapter_bytes(plan, b.meta, es, anchor=method.name, rank=options.rank, dtype=o.dtype)
+               if options.out_format == "peft" else None)
     budget.check_disk(budget.for_merge(plan, b.meta, len(es), anchor=method.name, gram=gram,
-                                       search=options.scorer.given, out_dtype=o.dtype), work, out)
+                                       search=options.scorer.given, out_dtype=o.dtype, out_bytes=adapter), work, out)
     with output_lock(out):  # a second run writing the same --out stops here (exit 3)
         check_output_dir(out, force=o.force, inputs={"base model": b.root, "work directory": work,
                                                      **{f"expert {i + 1}": e.root for i, e in enumerate(es)}})

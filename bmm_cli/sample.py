@@ -233,9 +233,11 @@ def write_sample(i: int, mods: list[Module], src: Sources, map_ckpt: Checkpoint,
     """One sampled model: the MAP model's tensors with the sampled modules redrawn."""
     writer = ModelWriter(sample_dir(out, i), src.out_entries(out_dt), max_shard_size=max_shard_size,
                          copy_from=src.proj.base.root, force=force, inputs=src.proj.inputs(),
-                         plan_id=json.dumps([plan_id, i]))
+                         plan_id=json.dumps([plan_id, i]), check_space=False)
     changed = {m.ref.key for m in mods}
     linked = 0 if writer.current else link_unchanged(writer, map_ckpt.root, changed)
+    if not writer.current:
+        writer.check_space()  # what is left to write: the linked shards take no space
     if not writer.current:
         drawn = {m.ref.key: m for m in mods}
         for sh in writer.shards:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import atomic, faults
+from .budget import FILE_HEADER, HEADER_ENTRY, check_free
 from .errors import InputError, NumericError
 from .progress import info
 from .store import (
@@ -33,6 +34,8 @@ from .store import (
     looks_like_hub_id,
     read_header,
 )
+
+SMALL_FILES = 1 << 14  # the index, model card and marker, in the disk check
 
 
 def parse_size(text: str | int) -> int:
@@ -236,6 +239,7 @@ class ModelWriter:
         force: bool = False,
         plan_id: str = "",
         inputs: dict[str, Path] | None = None,
+        check_space: bool = True,
     ):
         self.out = Path(out)
         inputs = dict(inputs or {})
@@ -275,10 +279,26 @@ class ModelWriter:
             shutil.rmtree(self.staging)
         elif done:  # resume: drop what a killed run was writing (its temp files would end up in the output)
             atomic.remove_stale_temps(self.staging)
-        self.staging.mkdir(parents=True, exist_ok=True)
         self.done = set(done)
+        self._sized = dict(sized)
+        if check_space:
+            self.check_space()
+        self.staging.mkdir(parents=True, exist_ok=True)
         self._progress_path = progress_path
         self._write_progress()
+
+    def check_space(self) -> int:
+        """Refuse (one-line :class:`InputError`) when the output's file system cannot hold what is still to be
+        written: the shards not done (a resume needs only the rest; shards a caller linked in count as done), each
+        with its header, the files copied from the base and the small files. Returns those bytes."""
+        need = SMALL_FILES + sum(FILE_HEADER + sum(self._sized[k] + len(k) + HEADER_ENTRY for k in sh.keys)
+                                 for sh in self.shards if sh.name not in self.done)
+        if self.copy_from is not None:
+            files = [self.copy_from / n for n in COPY_PATTERNS]
+            files += [p for g in COPY_GLOBS for p in self.copy_from.glob(g)]
+            need += sum(p.stat().st_size for p in set(files) if p.is_file())
+        check_free(self.out, need, what="the merged model", option="--out")
+        return need
 
     def _is_current(self) -> bool:
         """``out`` is a complete bmm output written with this plan (its marker records the plan hash, every shard

@@ -211,3 +211,48 @@ def test_search_and_anchor_check_what_they_still_write(family, tmp_path, capsys,
     assert files() == before and not (tmp_path / "best").exists()
     rc, _, err = _cli(["anchor", "-w", work, "-m", "ta", "--device", "cpu"], capsys)  # finished: nothing to write
     assert rc == 0, err
+
+
+def test_solve_checks_the_output_disk_before_writing(family, tmp_path, capsys, monkeypatch, tmpfs):
+    """``bmm solve`` (every model writer) refuses an output file system too small for the model in one line, before
+    creating anything there; the work directory is left as it was."""
+    from conftest import ready_work
+
+    work = ready_work(family, "llama", tmp_path / "w", method="ta")
+    mnt = tmpfs("64k")
+    if mnt is None:
+        _fake_statvfs(monkeypatch, free_blocks=16)  # 64 kB
+        mnt = tmp_path / "small"
+        mnt.mkdir()
+    def files():  # the work dir's lock file is every command's, refused or not
+        return sorted(str(p) for p in work.rglob("*") if p.name != ".bmm.lock")
+
+    before = files()
+    rc, _, err = _cli(["solve", "-w", work, "-a", "ta", "--lam", "0.1", "-o", mnt / "out", "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"bmm: error: {mnt / 'out'}: the merged model needs") and "use --out on a disk" in err
+    assert list(mnt.iterdir()) == [] and files() == before
+
+
+def test_a_resumed_output_needs_only_its_unfinished_shards(tmp_path, monkeypatch):
+    """A writer killed after its first shard: the rerun asks for the two shards left (1 KiB each and a header
+    entry of name + 64 bytes and 64 bytes more per file), not for all three."""
+    from bmm_cli.writer import SMALL_FILES, ModelWriter
+
+    tensors = {f"t{i}": torch.full((16, 16), float(i)) for i in range(3)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    out = tmp_path / "out"
+    w = ModelWriter(out, entries, max_shard_size=16 * 16 * 4, copy_from=None, plan_id="p")
+    w.add("t0", tensors["t0"])
+    w.abort()  # as if killed: shard 1 is finished and kept for a resume
+    need = 2 * (16 * 16 * 4 + len("t1") + 64 + 64) + SMALL_FILES
+    _fake_statvfs(monkeypatch, free_blocks=need - 1, frsize=1)
+    with pytest.raises(InputError, match=f"the merged model needs .*\\({need} bytes\\)"):
+        ModelWriter(out, entries, max_shard_size=16 * 16 * 4, copy_from=None, plan_id="p")
+    _fake_statvfs(monkeypatch, free_blocks=need, frsize=1)
+    w = ModelWriter(out, entries, max_shard_size=16 * 16 * 4, copy_from=None, plan_id="p")
+    assert w.done == {w.shard_of["t0"].name}
+    for k in ("t1", "t2"):
+        w.add(k, tensors[k])
+    w.close(recipe={}, card="")
+    assert (out / "model.safetensors.index.json").exists()

@@ -161,3 +161,36 @@ def test_lora_experts_merged_to_one_adapter(lora_family, tmp_path):
     p = bmm("merge", "--base", base, "-e", plain, rs, "--rank", "2", "--out", tmp_path / "x", check=False)
     assert p.returncode == 2 and "--out-format peft" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_adapter_output_is_budgeted_as_an_adapter(lora_family, tmp_path, tmpfs):
+    """``--out-format peft`` checks the output disk for the adapter it writes, not for a full model: the estimate
+    bounds the real adapter from above, and a file system that holds the adapter but not the model takes it."""
+    from bmm_cli import budget
+    from bmm_cli.arch import build_plan
+    from bmm_cli.lora import LoraCheckpoint
+    from bmm_cli.store import Checkpoint
+
+    base, (plain, rs, _), _ = lora_family
+    b = Checkpoint.open(base)
+    es = [LoraCheckpoint.open(b, plain), LoraCheckpoint.open(b, rs)]
+    plan = build_plan(((k, m.shape) for k, m in b.meta.items()))
+    est = {a: budget.adapter_bytes(plan, b.meta, es, anchor=a) for a in ("ta", "ties")}
+    full = budget.output_bytes(b.meta)
+    bmm("merge", "--base", base, "-e", plain, rs, "--anchor", "ta", "--work", tmp_path / "w", "--out-format", "peft",
+        "--out", tmp_path / "ad")
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        real = sum(f.get_tensor(k).numel() * 4 for k in f.keys())  # noqa: SIM118 - safe_open is not a mapping
+    assert real <= est["ta"] < est["ties"] and est["ta"] < full / 2, (real, est, full)
+    assert budget.adapter_bytes(plan, b.meta, es, anchor="ties", rank=2) < est["ties"]
+    size = est["ta"] + 40 * 1024  # room for the adapter and its small files, not for the model
+    assert full > size
+    mnt = tmpfs(f"{-(-size // 4096) * 4}k")
+    if mnt is None:
+        pytest.skip("mounting a tmpfs needs root")
+    p = bmm("merge", "--base", base, "-e", plain, rs, "--anchor", "ta", "--work", tmp_path / "w",
+            "--out-format", "peft", "--out", mnt / "ad", check=False)
+    assert p.returncode == 0, p.stderr
+    p = bmm("merge", "--base", base, "-e", plain, rs, "--anchor", "ta", "--work", tmp_path / "w",
+            "--out", mnt / "model", check=False)
+    assert p.returncode == 2 and "the merged model" in p.stderr and not (mnt / "model").exists(), p.stderr

@@ -252,3 +252,26 @@ def test_params_from_a_search_best_json(work, tmp_path):
     assert (tmp_path / "s" / "sample-000" / "model.safetensors").read_bytes() == \
         (tmp_path / "m" / "model.safetensors").read_bytes()
     assert res["modules"][0]["lam"] == 0.2 and res["modules"][0]["s"] == 1.25
+
+
+def test_a_sample_needs_disk_only_for_the_shards_it_redraws(work, tmp_path, monkeypatch):
+    """Each sample's disk check counts the shards it writes, not those it links from the MAP model: a file system
+    with room for half a model takes one more sample; one without room for its redrawn shard refuses it."""
+    from types import SimpleNamespace
+
+    from bmm_cli import budget
+
+    out = tmp_path / "d"
+    sample(work, "tsv", out=out, beta=10.0, samples=1, max_shard_size="20KB")
+    model = sum(f.stat().st_size for f in (out / "map").glob("*.safetensors"))
+
+    def free(n):
+        monkeypatch.setattr(budget.os, "statvfs", lambda p: SimpleNamespace(f_bavail=n, f_frsize=1, f_bsize=1))
+
+    free(model // 2)
+    res = sample(work, "tsv", out=out, beta=10.0, samples=2, max_shard_size="20KB")
+    assert res["linked_shards"] > 0 and (out / "sample-001").is_dir()
+    free(1000)
+    with pytest.raises(InputError, match="sample-002: the merged model needs"):
+        sample(work, "tsv", out=out, beta=10.0, samples=3, max_shard_size="20KB")
+    assert not (out / "sample-002").exists()
