@@ -109,24 +109,9 @@ def plan(
     """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor,
     the disk each stage of a merge will write and a rough estimate of its time on this machine."""
     from . import budget, timing
-    from .arch import build_plan
-    from .device import resolve_device
-    from .store import Checkpoint
-    from .taskvec import plan_summary
+    from .plan import plan as run
 
-    if anchor not in METHODS:
-        raise InputError(f"--anchor {anchor!r}: choose one of {', '.join(METHODS)}")
-    res = plan_summary(base, experts, num_groups=blocks, exclude=exclude)
-    b = Checkpoint.open(base, role="base")
-    plan_obj = build_plan(((k, m.shape) for k, m in b.meta.items()), source=str(b.root), exclude=exclude)
-    est = budget.for_merge(plan_obj, b.meta, len(experts), anchor=anchor, gram=gram, search=True, out_dtype=dtype)
-    cache = budget.only(est, ("factors-",), out=False)
-    merge_est = budget.Estimate({k: v for k, v in est.stages.items() if k not in cache.stages}, est.out)
-    res["disk"] = {**merge_est.to_json(), "search_cache": cache.to_json()["stages"], "anchor": anchor, "gram": gram}
-    if work is not None:
-        res["disk"].update(budget.check_disk(merge_est, work), work=str(work))
-    res["time"] = timing.for_merge(plan_obj, b.meta, len(experts), anchor=anchor, gram=gram, search=True,
-                                   device=str(resolve_device("auto")))
+    res = run(base, experts, blocks=blocks, anchor=anchor, gram=gram, dtype=dtype, work=work, exclude=exclude)
 
     def human(r: dict) -> str:
         lines = [
@@ -162,8 +147,9 @@ def plan(
         d = r["disk"]
         lines.append(f"disk of `bmm merge --anchor {d['anchor']} --gram {d['gram']}` (work directory per stage, "
                      "then the output; --work puts the stages on another disk):")
-        w = max(len(k) for k in est.stages)
-        lines += [f"  {x}" for x in merge_est.lines(w)]
+        cache = budget.Estimate(d["search_cache"])
+        w = max(len(k) for k in [*d["stages"], *cache.stages])
+        lines += [f"  {x}" for x in budget.Estimate(d["stages"], d["out"]).lines(w)]
         lines += [f"  {x}  (only with bmm search / merge --eval)" for x in cache.lines(w)[:-1]]
         if "free" in d:
             lines.append(f"  {d['work']}: {budget.fmt_bytes(d['free'])} free, {budget.fmt_bytes(d['need'])} "

@@ -109,13 +109,13 @@ def test_exclude_a_solvable_module_and_bad_patterns(tmp_path):
     import pytest
 
     from bmm_cli.errors import InputError
-    from bmm_cli.taskvec import plan_summary
+    from bmm_cli.plan import plan
 
     base = save(tiny_model("bert", 0), tmp_path / "base")
     es = [str(save(perturb(tiny_model("bert", 0), t), tmp_path / f"e{t}")) for t in (1, 2)]
     key = "encoder.layer.1.attention.self.query.weight"
-    p = plan_summary(str(base), es, exclude=[r"layer\.1\.attention\.self\.query\."])
-    full = plan_summary(str(base), es)
+    p = plan(str(base), es, exclude=[r"layer\.1\.attention\.self\.query\."])
+    full = plan(str(base), es)
     assert sorted(p["excluded"]) == [key.replace("weight", "bias"), key] and p["modules"] == full["modules"] - 1
     out = tmp_path / "out"
     merge(str(base), es, out, anchor="ta", device="cpu", exclude=[r"layer\.1\.attention\.self\.query\."])

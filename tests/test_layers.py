@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("work dir", ["bmm_cli.stage", "bmm_cli.workdir"]),
     ("factor cache", ["bmm_cli.trial_solver", "bmm_cli.factor_cache"]),
     ("stages", ["bmm_cli.taskvec", "bmm_cli.activations", "bmm_cli.gram", "bmm_cli.anchor",
-                "bmm_cli.default_params", "bmm_cli.solve", "bmm_cli.sample"]),
+                "bmm_cli.default_params", "bmm_cli.solve", "bmm_cli.sample", "bmm_cli.plan"]),
     ("options", ["bmm_cli.options"]),
     ("search", ["bmm_cli.search", "bmm_cli.search.*"]),
     ("pipeline", ["bmm_cli.merge"]),

@@ -113,6 +113,12 @@ def test_plan_and_refusals(lora_family, tmp_path):
     assert r["lora"]["1"] == {"adapter": str(plain.resolve()), "ranks": [4], "solvable_modules": 15,
                               "other_tensors": []}
     assert r["lora"]["2"]["solvable_modules"] == 9 and r["lora"]["2"]["other_tensors"] == ["lm_head.weight"]
+    # the time estimate reads the base's solvable tensors and the adapters' factors, not dense expert tensors
+    factors = 0
+    for ad in (plain, rs):
+        with safe_open(str(ad / "adapter_model.safetensors"), "pt") as f:
+            factors += sum(f.get_tensor(k).nbytes for k in f.keys() if ".lora_" in k)  # noqa: SIM118
+    assert r["time"]["read_bytes"] == 4 * r["solvable_parameters"] + factors
     human = bmm("plan", "--base", base, "-e", plain, rs).stdout
     assert "expert 1: rank 4 on 15 of 21 solvable modules" in human
     p = bmm("merge", "--base", plain, "-e", dense, "--out", tmp_path / "o", check=False)
