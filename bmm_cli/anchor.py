@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, lora
 from .anchors import AnchorMethod, ModuleInput, get_method, options_dict, parse_options
 from .arch import Block
 from .device import resolve_device
@@ -163,10 +163,12 @@ def _open_external(external: str, base: Checkpoint) -> Checkpoint:
     return ext
 
 
-def _module_u0(m: AnchorMethod, o, state, dev, ref, taus: torch.Tensor, base: torch.Tensor, grams, ext) -> torch.Tensor:
+def _module_u0(m: AnchorMethod, o, state, dev, ref, taus: torch.Tensor, base: torch.Tensor, grams, ext,
+               experts) -> torch.Tensor:
     """U0 of one solvable module from its [T, d_out, d_in] task vectors, as the stage stores it (fp32, CPU)."""
     inp = ModuleInput(key=ref.key, taus=taus, base=base, grams=grams,
-                      external=to_linear(ref, ext.get(ref.key)).float() if ext is not None else None)
+                      external=to_linear(ref, ext.get(ref.key)).float() if ext is not None else None,
+                      ranks=lora.rank_bounds(experts, ref.key))
     return m.module(inp, o, state, dev).float().cpu().contiguous()
 
 
@@ -186,7 +188,8 @@ def _anchor_block(proj: Project, blk: Block, m: AnchorMethod, o, state, stage: S
     out = {}
     for ref in blk.modules:
         g = greader(ref.key) if greader is not None else None
-        out[ref.key] = _module_u0(m, o, state, dev, ref, proj.taus(blk, ref, reader), proj.base_linear(ref), g, ext)
+        out[ref.key] = _module_u0(m, o, state, dev, ref, proj.taus(blk, ref, reader), proj.base_linear(ref), g, ext,
+                                  proj.experts)
     stage.write(blk.shard, out)
 
 
@@ -328,7 +331,7 @@ def anchor_direct(
         base_v, taus = taus_of(key)
         ref = refs.get(key)
         if ref is not None:
-            u0 = _module_u0(m, o, state, dev, ref, taus, base_v, None, ext)
+            u0 = _module_u0(m, o, state, dev, ref, taus, base_v, None, ext, es)
             writer.add(key, from_linear(ref, base_v + u0))
         else:
             v = _other_full(m, o, state, others, key, base_v, taus, ext, cut)

@@ -355,6 +355,16 @@ class LoraCheckpoint:
             return None
         return self.adapter.task_vector(key, self.base.get(key))
 
+    def rank_bound(self, key: str) -> int | None:
+        """``rank(ΔW)`` of one base tensor as the adapter defines it: its LoRA rank, 0 when the adapter leaves it
+        alone, None when it is a saved full tensor or an embedding."""
+        if key in self.adapter.full:
+            return None
+        m = self.adapter.modules.get(key)
+        if m is None:
+            return 0 if key not in self.adapter.touched() else None
+        return None if m.embedding else m.rank
+
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         m = self.adapter.modules.get(key)
         if m is None or m.embedding or key in self.adapter.full:
@@ -373,6 +383,13 @@ class LoraCheckpoint:
 
     def close(self) -> None:
         self.base.close()
+
+
+def rank_bounds(experts, key: str) -> tuple[int | None, ...] | None:
+    """Per expert, the exact bound on the rank of its task vector of ``key`` a LoRA expert gives
+    (:meth:`LoraCheckpoint.rank_bound`; None for a full expert); None when no expert gives one."""
+    out = tuple(e.rank_bound(key) if isinstance(e, LoraCheckpoint) else None for e in experts)
+    return None if all(r is None for r in out) else out
 
 
 def open_expert(spec: str, base, *, role: str = "expert"):

@@ -52,9 +52,13 @@ def lora_family(tmp_path_factory):
     return base, [root / "plain", root / "rs", dense], full
 
 
-def _tensors(d):
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
+def _tensors_of(path):
+    with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+
+
+def _tensors(d):
+    return _tensors_of(d / "model.safetensors")
 
 
 def test_lora_experts_merge_as_their_full_models(lora_family, tmp_path):
@@ -200,3 +204,45 @@ def test_adapter_output_is_budgeted_as_an_adapter(lora_family, tmp_path, tmpfs):
     p = bmm("merge", "--base", base, "-e", plain, rs, "--anchor", "ta", "--work", tmp_path / "w",
             "--out", mnt / "model", check=False)
     assert p.returncode == 2 and "the merged model" in p.stderr and not (mnt / "model").exists(), p.stderr
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso-c", "iso-cts"])
+def test_svd_anchors_of_lora_experts_keep_only_their_ranks(lora_family, tmp_path, method):
+    """The anchor stage tells the SVD anchors each LoRA expert's rank: U0 of every module equals the anchor of the
+    exact (float64) products B·A, not of their float32 rounding; the direct path (anchor --materialize from
+    --base/--experts) gets the same bounds."""
+    from bmm_cli.anchor import anchor
+    from bmm_cli.anchors import ModuleInput, get_method
+    from bmm_cli.lora import LoraCheckpoint
+    from bmm_cli.store import Checkpoint
+    from bmm_cli.taskvec import taskvec
+
+    base, (plain, rs, _), _ = lora_family
+    work = tmp_path / "w"
+    taskvec(str(base), [str(plain), str(rs)], work)
+    anchor(work, method)
+    u0 = {}
+    for f in sorted((work / f"anchor-{method}").glob("block-*.safetensors")):
+        u0.update(_tensors_of(f))
+    b = Checkpoint.open(base)
+    es = [LoraCheckpoint.open(b, plain), LoraCheckpoint.open(b, rs)]
+    m = get_method(method)
+    checked = 0
+    for key, got in u0.items():
+        exact = []
+        for e in es:
+            f = e.factors(key)
+            exact.append(torch.zeros(got.shape, dtype=torch.float64) if f is None else f[0].double() @ f[1].double())
+        exact = torch.stack(exact)
+        if not exact.any():
+            continue
+        want = m.module(ModuleInput(key, exact, exact[0]), None, None, "cpu")
+        assert float((got.double() - want).norm() / want.norm()) < 1e-5, key
+        checked += 1
+    assert checked == 21  # every solvable module: plain adapts 15, rs 9, together all 21
+    out = tmp_path / "direct"
+    bmm("anchor", "--base", base, "-e", plain, rs, "--method", method, "--materialize", out)
+    bmm("anchor", "-w", work, "--method", method, "--materialize", tmp_path / "staged")
+    staged = _tensors(tmp_path / "staged")  # the direct path reads W_t = W_pre + ΔW: rounding apart, the same
+    for k, a in _tensors(out).items():
+        torch.testing.assert_close(a, staged[k], rtol=1e-5, atol=1e-6, msg=k)

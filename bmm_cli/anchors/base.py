@@ -35,6 +35,10 @@ class ModuleInput:
     base: torch.Tensor  # [d_out, d_in]  W_pre
     grams: torch.Tensor | None = None  # [T, d_in, d_in] data-assisted Grams G_t (mean x x^T per task), RegMean only
     external: torch.Tensor | None = None  # [d_out, d_in] weight of an external merged checkpoint ("external")
+    # per task, a bound on rank(τ_t) known exactly (a LoRA expert's r; 0 where it leaves the module alone) or None;
+    # the SVD anchors keep no more directions: an fp32 product B·A has rounding in its null space, which they would
+    # otherwise keep as directions (None: no bound known for any task)
+    ranks: tuple[int | None, ...] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -116,6 +120,7 @@ class AnchorMethod:
             base=inp.base.to(device=dev, dtype=cdt),
             grams=None if inp.grams is None else inp.grams.to(device=dev, dtype=cdt),
             external=None if inp.external is None else inp.external.to(device=dev, dtype=cdt),
+            ranks=inp.ranks,
         )
         check_finite(inp.key, moved.taus)
         if moved.grams is not None:

@@ -28,7 +28,9 @@ fp32 SVD whose smallest wanted value falls below fp32 resolution is redone in fl
 keep every direction even with s_min/s_max ~ 1e-5, so on full-rank inputs the result is the reference's at every
 size; only truly rank-deficient sums (an expert equal to the base in a module, exactly low-rank updates) lose
 their null space, whose singular vectors are arbitrary (the reference would give them the flattened value). The
-mean is then over the kept values.
+mean is then over the kept values. LoRA experts give the rank bound exactly (``ModuleInput.ranks``): the float32
+product ``B·A`` has rounding in its null space above the float64 threshold, so ISO-C keeps at most Σ r_t directions
+of the sum, and ISO-CTS at most that many common ones and r_t (less what the common subspace covers) per task.
 
 Speed: ISO-CTS takes R_t's k_t leading triplets by a guarded Rayleigh-Ritz step (``_spectral``), and since every
 U_t is orthogonal to U_c, ``U_cts⊥ = [polar(U_1 … U_T), U_c]``: one small polar factor instead of a full one.
@@ -38,6 +40,7 @@ Other tensors: ``W_pre + mean τ``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +51,16 @@ from .base import AnchorMethod, ModuleInput, check_range, opt
 from .ta import check_lam
 
 
-def iso_c_merge(taus: torch.Tensor) -> torch.Tensor:
-    """``mean(S)·U Vᵀ`` of ``Σ τ_t`` over all r directions (no α); only numerically-null directions dropped."""
+def total_rank(ranks: Sequence[int | None] | None) -> int | None:
+    """A bound on rank(Σ τ_t) from per-task bounds (LoRA ranks): their sum, or None unless every task has one."""
+    return None if ranks is None or any(r is None for r in ranks) else sum(ranks)  # type: ignore[arg-type]
+
+
+def iso_c_merge(taus: torch.Tensor, ranks: Sequence[int | None] | None = None) -> torch.Tensor:
+    """``mean(S)·U Vᵀ`` of ``Σ τ_t`` over all r directions (no α); only numerically-null directions dropped, and
+    with ``ranks`` (every task's rank bound known) no more than their sum."""
     m = taus.sum(dim=0)
-    u, s, vh = leading_triplets(m)
+    u, s, vh = leading_triplets(m, total_rank(ranks))
     if s.numel() == 0:
         return torch.zeros_like(m)
     return s.mean() * (u @ vh)
@@ -75,25 +84,30 @@ def _polar_with_common(u_tasks: torch.Tensor, u_c: torch.Tensor) -> torch.Tensor
     return torch.cat([polar_factor(u_tasks), u_c], dim=1)
 
 
-def iso_cts_merge(taus: torch.Tensor, common_frac: float = 0.8, split: str = "round") -> torch.Tensor:
+def iso_cts_merge(taus: torch.Tensor, common_frac: float = 0.8, split: str = "round",
+                  ranks: Sequence[int | None] | None = None) -> torch.Tensor:
     """``mean(s)·U_cts⊥ V_cts⊥ᵀ`` (no α), see the module docstring. In float64 (residuals included) when an fp32
-    pass meets a singular value below fp32 resolution."""
+    pass meets a singular value below fp32 resolution. ``ranks``: per task a known bound on rank(τ_t) or None."""
     try:
-        return _iso_cts(taus, common_frac, split)
+        return _iso_cts(taus, common_frac, split, ranks)
     except NeedFloat64:
-        return _iso_cts(taus.double(), common_frac, split).to(taus.dtype)
+        return _iso_cts(taus.double(), common_frac, split, ranks).to(taus.dtype)
 
 
-def _iso_cts(taus: torch.Tensor, common_frac: float, split: str) -> torch.Tensor:
+def _iso_cts(taus: torch.Tensor, common_frac: float, split: str, ranks) -> torch.Tensor:
     T, d_out, d_in = taus.shape
     k_t, k_c = iso_cts_split(d_out, d_in, T, common_frac, split)
+    total = total_rank(ranks)
     m = taus.sum(dim=0)
-    u_c, s_c, v_c = leading_triplets(m, k_c, fallback=False)
+    u_c, s_c, v_c = leading_triplets(m, k_c if total is None else min(k_c, total), fallback=False)
     us, ss, vs = [], [], []
     for t in range(T):
         tau = taus[t]
         resid = tau - u_c @ (u_c.T @ tau)
-        ut, st, vht = leading_triplets(resid, k_t, scale=spectral_norm_estimate(tau), ritz=True, fallback=False)
+        k = k_t
+        if ranks is not None and ranks[t] is not None:  # the residual lies in τ_t's span, less what U_c covers of Σ
+            k = min(k, ranks[t], total - u_c.shape[1]) if total is not None else min(k, ranks[t])
+        ut, st, vht = leading_triplets(resid, k, scale=spectral_norm_estimate(tau), ritz=True, fallback=False)
         us.append(ut)
         ss.append(st)
         vs.append(vht)
@@ -130,7 +144,7 @@ class IsoC(AnchorMethod):
         check_lam(self.name, opts.alpha)
 
     def _module(self, inp: ModuleInput, opts: IsoCOptions, state: Any, device: torch.device) -> torch.Tensor:
-        return opts.alpha * iso_c_merge(inp.taus)
+        return opts.alpha * iso_c_merge(inp.taus, inp.ranks)
 
 
 class IsoCTS(AnchorMethod):
@@ -143,4 +157,4 @@ class IsoCTS(AnchorMethod):
         check_range(self.name, "common_frac", opts.common_frac, 0.0, 1.0, False, True)
 
     def _module(self, inp: ModuleInput, opts: IsoCTSOptions, state: Any, device: torch.device) -> torch.Tensor:
-        return opts.alpha * iso_cts_merge(inp.taus, opts.common_frac, opts.split)
+        return opts.alpha * iso_cts_merge(inp.taus, opts.common_frac, opts.split, inp.ranks)

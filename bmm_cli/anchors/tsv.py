@@ -13,7 +13,9 @@ so the result is the same. When ``T·r`` exceeds ``d_out`` (or ``d_in``) the sta
 factor has orthonormal rows instead of columns (the nearest partial isometry); ``U0`` stays well defined.
 Triplets whose singular value is a numerical zero decided in float64 (``s <= s_max(τ_t)·max(d)·eps_fp64``, see
 ``_spectral``; only exactly rank-deficient τ_t) are dropped before stacking: their vectors are an arbitrary basis
-of a null space and would only perturb the orthogonalization (the reference keeps them). The leading triplets come
+of a null space and would only perturb the orthogonalization (the reference keeps them). A LoRA expert's task
+vector ``B·A`` has rank at most r, but its float32 product has rounding in the null space, above that float64
+threshold: such a task contributes at most r triplets (``ModuleInput.ranks``). The leading triplets come
 from a guarded Rayleigh-Ritz step on the Gram's leading eigenvectors when r is well below min(d), else from the
 SVD in its faster orientation.
 Other tensors: ``W_pre + mean τ``.
@@ -21,6 +23,7 @@ Other tensors: ``W_pre + mean τ``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +39,15 @@ def tsv_rank(d_out: int, d_in: int, num_tasks: int) -> int:
     return max(1, min(d_out, d_in) // num_tasks)
 
 
-def tsv_merge(taus: torch.Tensor) -> torch.Tensor:
-    """``U⊥ diag(S) V⊥ᵀ`` for one stack ``taus [T, d_out, d_in]`` (no α)."""
+def tsv_merge(taus: torch.Tensor, ranks: Sequence[int | None] | None = None) -> torch.Tensor:
+    """``U⊥ diag(S) V⊥ᵀ`` for one stack ``taus [T, d_out, d_in]`` (no α). ``ranks``: per task a known bound on
+    rank(τ_t) (a LoRA expert's r) or None; no more triplets are kept from that task."""
     T, d_out, d_in = taus.shape
     r = tsv_rank(d_out, d_in, T)
     us, ss, vs = [], [], []
     for t in range(T):
-        u, s, vh = leading_triplets(taus[t], r, ritz=True)
+        k = r if ranks is None or ranks[t] is None else min(r, ranks[t])
+        u, s, vh = leading_triplets(taus[t], k, ritz=True)
         us.append(u)
         ss.append(s)
         vs.append(vh)
@@ -68,4 +73,4 @@ class TSV(AnchorMethod):
         check_lam(self.name, opts.alpha)
 
     def _module(self, inp: ModuleInput, opts: TSVOptions, state: Any, device: torch.device) -> torch.Tensor:
-        return opts.alpha * tsv_merge(inp.taus)
+        return opts.alpha * tsv_merge(inp.taus, inp.ranks)

@@ -10,7 +10,7 @@ import torch
 from bmm_cli.anchors import ModuleInput, get_method, parse_options
 from bmm_cli.anchors.iso import iso_cts_split
 
-from ._util import polar, randn
+from ._util import lora_stack, polar, randn
 
 
 def _run(name, taus, opts=()):
@@ -131,3 +131,18 @@ def test_iso_cts_round_split_matches_reference_code(gen):
         expected, _, _ = _reference_iso_cts(taus, 0.6, split)
         got = _run("iso-cts", taus, ["common_frac=0.6", f"split={split}"])
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["iso-c", "iso-cts"])
+@pytest.mark.parametrize("T, d_out, d_in, r", [(2, 32, 32, 4), (3, 24, 40, 3), (4, 48, 20, 4), (2, 16, 16, 6)])
+def test_lora_rank_bounds_give_the_exact_low_rank_result(gen, name, T, d_out, d_in, r):
+    """Float32 LoRA products have rounding in their null space; flattening the spectrum would lift those directions
+    to the mean singular value. With the rank bounds the result is the exact float64 stack's (rank <= Σ r_t)."""
+    exact, fp32 = lora_stack(gen, T, d_out, d_in, r)
+    m = get_method(name)
+    want = m.module(ModuleInput("w", exact, exact[0]), None, None, "cpu")
+    got = m.module(ModuleInput("w", fp32, fp32[0], ranks=(r,) * T), None, None, "cpu").double()
+    blind = m.module(ModuleInput("w", fp32, fp32[0]), None, None, "cpu").double()
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert int((torch.linalg.svdvals(got) > 1e-6 * float(want.norm())).sum()) <= min(T * r, d_out, d_in)
+    assert float((blind - want).norm() / want.norm()) > 0.1  # what the bound fixes

@@ -9,7 +9,7 @@ from bmm_cli.anchors import ModuleInput, get_method, parse_options
 from bmm_cli.anchors._spectral import polar_factor
 from bmm_cli.anchors.tsv import tsv_rank
 
-from ._util import polar, randn
+from ._util import lora_stack, polar, randn
 
 
 def _reference_tsv(taus):
@@ -106,3 +106,28 @@ def test_rank_deficient_tasks_drop_null_directions(gen):
 def test_other_is_base_plus_mean(gen):
     b, tv = randn(gen, 4, 3), randn(gen, 5, 4, 3)
     torch.testing.assert_close(get_method("tsv").other("emb", b, tv, None, None), b + tv.mean(0), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("T, d_out, d_in, r", [(2, 32, 32, 4), (3, 24, 40, 3), (4, 48, 20, 4)])
+def test_lora_rank_bounds_give_the_exact_low_rank_result(gen, T, d_out, d_in, r):
+    """A float32 LoRA product B·A has rounding in its null space, above the float64 null threshold: given each
+    task's rank (``ModuleInput.ranks``) TSV keeps only its true directions and matches the exact float64 stack."""
+    exact, fp32 = lora_stack(gen, T, d_out, d_in, r)
+    m = get_method("tsv")
+    want = m.module(ModuleInput("w", exact, exact[0]), None, None, "cpu")
+    got = m.module(ModuleInput("w", fp32, fp32[0], ranks=(r,) * T), None, None, "cpu").double()
+    blind = m.module(ModuleInput("w", fp32, fp32[0]), None, None, "cpu").double()
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert float((blind - want).norm() / want.norm()) > 0.1  # what the bound fixes
+
+
+def test_rank_bounds_mix_lora_untouched_and_full_experts(gen):
+    """Bounds per task: a LoRA expert (r), one that leaves the module alone (0) and a full expert (None)."""
+    exact, fp32 = lora_stack(gen, 3, 24, 24, 3)
+    dense = randn(gen, 24, 24) * 1e-3
+    exact[1], fp32[1] = 0, 0
+    exact[2], fp32[2] = dense, dense.float()
+    m = get_method("tsv")
+    want = m.module(ModuleInput("w", exact, exact[0]), None, None, "cpu")
+    got = m.module(ModuleInput("w", fp32, fp32[0], ranks=(3, 0, None)), None, None, "cpu").double()
+    assert float((got - want).norm() / want.norm()) < 1e-5
