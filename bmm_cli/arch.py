@@ -282,6 +282,11 @@ def is_excluded(key: str, exclude: re.Pattern | None) -> bool:
     return exclude is not None and exclude.search(key) is not None
 
 
+def key_preview(keys: Sequence[str], n: int = 8) -> str:
+    """The first ``n`` keys, comma-separated, with `` ...`` when there are more (for one-line notes)."""
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
 def build_plan(shapes: Iterable[tuple[str, tuple[int, ...]]], *, source: str = "model", fused: bool = False,
                hidden: int | None = None, exclude: Sequence[str] | None = None) -> Plan:
     """The module map of a checkpoint from its ``(key, shape)`` pairs.

@@ -109,6 +109,7 @@ def plan(
     """Check the inputs and show which tensors BMM solves, per block and group, and which it leaves to the anchor,
     the disk each stage of a merge will write and a rough estimate of its time on this machine."""
     from . import budget, timing
+    from .arch import key_preview
     from .plan import plan as run
 
     res = run(base, experts, blocks=blocks, anchor=anchor, gram=gram, dtype=dtype, work=work, exclude=exclude)
@@ -143,7 +144,7 @@ def plan(
             lines += [f"  {k}" for k in r["unknown"]]
         if r["excluded"]:
             lines.append(f"excluded     {len(r['excluded'])} tensors (--exclude) keep the base's value: "
-                         + ", ".join(r["excluded"][:8]) + (" ..." if len(r["excluded"]) > 8 else ""))
+                         + key_preview(r["excluded"]))
         d = r["disk"]
         lines.append(f"disk of `bmm merge --anchor {d['anchor']} --gram {d['gram']}` (work directory per stage, "
                      "then the output; --work puts the stages on another disk):")

@@ -19,6 +19,7 @@ from . import budget
 from .activations import check_calibration
 from .anchor import anchor as run_anchor
 from .anchor import vocab_cut
+from .arch import key_preview
 from .errors import InputError
 from .gram import gram as run_gram
 from .gram import parse_calib
@@ -149,7 +150,7 @@ def merge(base: str, experts: list[str], out: Path, *, options: MergeOptions | N
     unsolved = unsolved_note(b, plan, options.anchor.others)
     if plan.excluded:
         info(f"bmm: note: --exclude leaves {len(plan.excluded)} tensor(s) at the base's value: "
-             + ", ".join(plan.excluded[:8]) + (" ..." if len(plan.excluded) > 8 else ""))
+             + key_preview(plan.excluded))
     adapter = (budget.adapter_bytes(plan, b.meta, es, anchor=method.name, rank=options.rank, dtype=o.dtype)
                if options.out_format == "peft" else None)
     budget.check_disk(budget.for_merge(plan, b.meta, len(es), anchor=method.name, gram=gram,
