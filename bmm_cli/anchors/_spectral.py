@@ -32,11 +32,33 @@ class NeedFloat64(Exception):
 
 
 def svd_thin(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.svd(m, full_matrices=False)`` computed in the faster tall orientation."""
-    if m.shape[0] >= m.shape[1]:
-        return torch.linalg.svd(m, full_matrices=False)
-    u, s, vh = torch.linalg.svd(m.T, full_matrices=False)
-    return vh.T, s, u.T
+    """``torch.linalg.svd(m, full_matrices=False)`` computed in the faster tall orientation, and computed again
+    when LAPACK's divide and conquer does not converge (:func:`_svd_retry`)."""
+    tall = m.shape[0] >= m.shape[1]
+    x = m if tall else m.T
+    try:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = _svd_retry(x)
+    return (u, s, vh) if tall else (vh.T, s, u.T)
+
+
+def _svd_retry(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of ``x`` after ``gesdd`` failed to converge. In float32 that happens on clustered spectra, such as
+    the polar stacks of nearly orthonormal vectors (an ISO-CTS merge of SmolLM2-135M experts, one thread, met it):
+    the same SVD in float64, and if that fails too, LAPACK's QR-iteration driver ``gesvd``. Back in ``x.dtype``."""
+    x64 = x.double()
+    try:
+        got = torch.linalg.svd(x64, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.device.type == "cuda":
+            got = torch.linalg.svd(x64, full_matrices=False, driver="gesvd")
+        else:
+            import scipy.linalg
+
+            u, s, vh = scipy.linalg.svd(x64.numpy(), full_matrices=False, lapack_driver="gesvd", check_finite=False)
+            got = tuple(torch.from_numpy(a) for a in (u, s, vh))
+    return tuple(a.to(x.dtype) for a in got)
 
 
 def polar_factor(m: torch.Tensor) -> torch.Tensor:
@@ -90,7 +112,7 @@ def _ritz(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if not bool(lamk - lam_out > err / _RITZ_ANGLE):
         return None
     w = w[:, n_got - k - p :].flip(1)
-    u, s, zh = torch.linalg.svd(x @ w, full_matrices=False)
+    u, s, zh = svd_thin(x @ w)
     u, s, vh = u[:, :k], s[:k], zh[:k] @ w.T
     return (u, s, vh) if tall else (vh.T, s, u.T)
 
