@@ -1,6 +1,6 @@
 """Decoder benchmark data and experts: SmolLM2-135M base, one fully fine-tuned expert per text domain.
 
-    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 32] [--batch 8] [--results FILE] \\
+    python3 bench/decoder_experts.py [--domains python,perl,man,rst] [--steps 50] [--batch 8] [--results FILE] \\
         [--data-only]
 
 Every transformer-block parameter is trained (all linear weights and norms; the tied 49k×576 token embedding,
@@ -93,7 +93,7 @@ def train_expert(cache: Path, domain: str, steps: int, batch: int, lr: float, se
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--domains", help="comma-separated subset of python,perl,man,rst")
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)

