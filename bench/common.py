@@ -68,7 +68,12 @@ ROW_SUFFIXES = ("-search-rel", "-search", "-const")  # bmm-<gram>-<anchor><suffi
 
 
 def default_of(name: str) -> str | None:
-    """bmm-<gram>-<anchor>-{const,search,search-rel} -> bmm-<gram>-<anchor> (the default merge it is compared to)."""
+    """bmm-<gram>-<anchor>-{const,search,search-rel} and the λ-rule rows bmm-<gram>+<rule>-<anchor>
+    -> bmm-<gram>-<anchor> (the default merge it is compared to)."""
+    if name.startswith("bmm-") and "+" in name:
+        head, _, rest = name.partition("+")
+        anchor = rest.partition("-")[2]
+        return f"{head}-{anchor}" if anchor else None
     for suffix in ROW_SUFFIXES:
         if name.startswith("bmm-") and name.endswith(suffix):
             return name[: -len(suffix)]

@@ -19,10 +19,11 @@ low effective rank), so N overstates the information and the evidence λ comes o
 task vectors' own directions more than they warrant. A factor on λ is the same correction as a smaller N, applied
 uniformly. On the decoder benchmark (SmolLM2-135M, four experts; bench/evidence_study.py on the validation windows,
 bench/results/evidence_study.json) factors 3, 10 and 30 all beat factor 1 for the anchors TA, TIES, TSV and ISO-CTS,
-and 10 is the best or within noise of the best for each. On its test windows (bench/results/decoder.json) factor 10
-gains +0.03 to +0.06 gap closed over factor 1 for every anchor (3.7-7.6 paired SE) and puts every data-free default
-above its anchor (TSV +0.032 ± 0.007). On MiniLM (bench/results/minilm-free-factor.json) factors 10 and 1 are equal
-within a paired SE of 0.004 for TA, TIES and TSV.
+and 10 is the best or within noise of the best for each. On the test windows of its 50-step experts
+(bench/results/decoder.json, rows bmm-free+x1-*) factor 10 gains over factor 1 with TSV (+0.017 ± 0.003 gap closed:
+factor 1 leaves the TSV merge at its anchor), ISO-CTS (+0.029 ± 0.004) and TIES (+0.006 ± 0.004), loses with TA
+(-0.015 ± 0.005, both factors above the TA anchor), and puts every data-free default above its anchor. On MiniLM
+(bench/results/minilm-free-factor.json) factors 10 and 1 are equal within a paired SE of 0.004 for TA, TIES and TSV.
 
 ε = 0.5 weighs the data-free and data-assisted statistics of ``--gram hybrid`` evenly.
 """

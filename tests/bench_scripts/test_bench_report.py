@@ -14,6 +14,8 @@ from bench.report import paired_acc_se
     ("bmm-data-tsv-const", "anchor-tsv", "bmm-data-tsv"),
     ("bmm-hybrid-tsv-search", "anchor-tsv", "bmm-hybrid-tsv"),
     ("bmm-free-tsv-search-rel", "anchor-tsv", "bmm-free-tsv"),
+    ("bmm-free+x1-iso-cts", "anchor-iso-cts", "bmm-free-iso-cts"),
+    ("bmm-free+fp64+aa-ta", "anchor-ta", "bmm-free-ta"),
     ("anchor-ties", None, None),
 ])
 def test_row_names(name, anchor, default):
