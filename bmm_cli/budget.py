@@ -34,6 +34,7 @@ _ALIASES = {"fp64": "float64", "f64": "float64", "fp32": "float32", "f32": "floa
             "fp16": "float16", "f16": "float16", "half": "float16"}
 HEADER_ENTRY = 64  # bytes of one safetensors header entry beside the tensor's name
 FILE_HEADER = 64  # the header's length prefix, braces and __metadata__
+SMALL_FILES = 1 << 14  # an output's small files beside its tensors (index, config, model card, marker, recipe)
 MANIFEST = 1024  # stage.json: fixed part
 MANIFEST_PER_SHARD = 160  # stage.json: one entry per shard
 PLAN_PER_MODULE = 160  # the taskvec stage keeps the module plan in its manifest

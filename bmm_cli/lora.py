@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import atomic
-from .budget import check_free
+from .budget import HEADER_ENTRY, SMALL_FILES, check_free
 from .errors import InputError
 
 CONFIG_NAME = "adapter_config.json"
@@ -509,7 +509,7 @@ def write_peft_adapter(out: str | Path, updates: list[ModuleUpdate], *, rank: in
         "init_lora_weights": True, "inference_mode": True,
     }
     # the tensors, a header entry each, and room for the config, card and recipe
-    need = sum(t.numel() * t.element_size() for t in tensors.values()) + 64 * len(tensors) + (1 << 14)
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + HEADER_ENTRY * len(tensors) + SMALL_FILES
     check_free(out, need, what="the adapter", option="--out")
     tmp = out.parent / f".{out.name}.bmm-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -235,10 +235,10 @@ def write_sample(i: int, mods: list[Module], src: Sources, map_ckpt: Checkpoint,
                          copy_from=src.proj.base.root, force=force, inputs=src.proj.inputs(),
                          plan_id=json.dumps([plan_id, i]), check_space=False)
     changed = {m.ref.key for m in mods}
-    linked = 0 if writer.current else link_unchanged(writer, map_ckpt.root, changed)
+    linked = 0
     if not writer.current:
+        linked = link_unchanged(writer, map_ckpt.root, changed)
         writer.check_space()  # what is left to write: the linked shards take no space
-    if not writer.current:
         drawn = {m.ref.key: m for m in mods}
         for sh in writer.shards:
             if sh.name in writer.done:

@@ -149,19 +149,17 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s / 86400:.1f} days"
 
 
-def for_merge(plan, meta, num_tasks: int, *, anchor: str, gram: str, search: bool = False,
-              device: str = "cpu", input_bytes: int | None = None) -> dict:
+def for_merge(plan, meta, num_tasks: int, *, anchor: str, gram: str, input_bytes: int, search: bool = False,
+              device: str = "cpu") -> dict:
     """What ``bmm plan`` reports: seconds per stage of ``bmm merge`` (and of a search's cache) on ``device``, with
-    the measured rates (JSON-ready). ``input_bytes``: what one pass over the solvable modules reads (default: the
-    base's and ``num_tasks`` full experts' tensors)."""
+    the measured rates (JSON-ready). ``input_bytes``: what one pass over the solvable modules reads
+    (:func:`bmm_cli.plan.read_bytes`)."""
     mods, _, _ = plan_modules(plan, meta)
-    read = (sum(int(meta[ref.key].nbytes) for ref in plan.modules) * (num_tasks + 1) if input_bytes is None
-            else input_bytes)
     r = calibrate(device)
-    secs = estimate(mods, num_tasks, anchor=anchor, gram=gram, search=search, input_bytes=read, rates=r)
+    secs = estimate(mods, num_tasks, anchor=anchor, gram=gram, search=search, input_bytes=input_bytes, rates=r)
     merge_s = [v for k, v in secs.items() if not k.startswith("factors-")]
     total = None if any(v is None for v in merge_s) else sum(merge_s)  # type: ignore[arg-type]
-    return {"seconds": secs, "merge_total": total, "device": r.device, "threads": r.threads, "read_bytes": read,
+    return {"seconds": secs, "merge_total": total, "device": r.device, "threads": r.threads, "read_bytes": input_bytes,
             "rates": {"gemm64_flops": r.gemm64, "eigh64_n3_per_s": r.eigh64, "svd32_mn2_per_s": r.svd32,
                       "elementwise_per_s": r.elementwise}}
 

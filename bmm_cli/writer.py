@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import atomic, faults
-from .budget import FILE_HEADER, HEADER_ENTRY, check_free
+from .budget import FILE_HEADER, HEADER_ENTRY, SMALL_FILES, check_free
 from .errors import InputError, NumericError
 from .progress import info
 from .store import (
@@ -34,8 +34,6 @@ from .store import (
     looks_like_hub_id,
     read_header,
 )
-
-SMALL_FILES = 1 << 14  # the index, model card and marker, in the disk check
 
 
 def parse_size(text: str | int) -> int:
@@ -293,12 +291,16 @@ class ModelWriter:
         with its header, the files copied from the base and the small files. Returns those bytes."""
         need = SMALL_FILES + sum(FILE_HEADER + sum(self._sized[k] + len(k) + HEADER_ENTRY for k in sh.keys)
                                  for sh in self.shards if sh.name not in self.done)
-        if self.copy_from is not None:
-            files = [self.copy_from / n for n in COPY_PATTERNS]
-            files += [p for g in COPY_GLOBS for p in self.copy_from.glob(g)]
-            need += sum(p.stat().st_size for p in set(files) if p.is_file())
+        need += sum(p.stat().st_size for p in set(self._copied_files()))
         check_free(self.out, need, what="the merged model", option="--out")
         return need
+
+    def _copied_files(self) -> list[Path]:
+        """The base's files the output carries (``COPY_PATTERNS`` in order, then ``COPY_GLOBS``), those present."""
+        if self.copy_from is None:
+            return []
+        named = [p for p in (self.copy_from / n for n in COPY_PATTERNS) if p.is_file()]
+        return named + sorted({p for g in COPY_GLOBS for p in self.copy_from.glob(g) if p.is_file()})
 
     def _is_current(self) -> bool:
         """``out`` is a complete bmm output written with this plan (its marker records the plan hash, every shard
@@ -370,16 +372,11 @@ class ModelWriter:
             index = {"metadata": {"total_size": total},
                      "weight_map": {k: sh.name for sh in self.shards for k in sh.keys}}
             atomic.write_json(self.staging / INDEX_NAME, index)
-        if self.copy_from is not None:
-            for name in COPY_PATTERNS:
-                src = self.copy_from / name
-                if src.is_file():
-                    data = src.read_bytes()
-                    if name == "config.json":
-                        data = config_with_dtype(data, self.float_dtype(), source=src)
-                    atomic.write_bytes(self.staging / name, data)
-            for src in sorted({p for g in COPY_GLOBS for p in self.copy_from.glob(g) if p.is_file()}):
-                atomic.write_bytes(self.staging / src.name, src.read_bytes())
+        for src in self._copied_files():
+            data = src.read_bytes()
+            if src.name == "config.json":
+                data = config_with_dtype(data, self.float_dtype(), source=src)
+            atomic.write_bytes(self.staging / src.name, data)
         copy_sentence_transformers(self.copy_from, self.staging)
         if finish is not None:
             finish(self.staging)
